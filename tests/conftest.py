@@ -26,3 +26,17 @@ def synth_panel():
     "30 random-walk stocks over three years that cover all three splits."
     from tradellm.data import synthetic_panel
     return synthetic_panel(n_days=1100, symbols=tuple(f'S{i:02d}' for i in range(30)), start='2021-01-04', seed=7)
+
+
+@pytest.fixture(scope='session')
+def late_panel():
+    "Like `synth_panel`, plus symbols listed late (S00 in train, S01 near the end of train, S02 in val, S03 in test)
+    and suspended days (S04, S05, S06 miss a few bars inside train, val and test)."
+    import numpy as np
+    from tradellm.data import Panel, synthetic_panel
+    p = synthetic_panel(n_days=1100, symbols=tuple(f'S{i:02d}' for i in range(30)), start='2021-01-04', seed=8,
+                        first_day={'S00': 200, 'S01': 700, 'S02': 800, 'S03': 930})
+    fields = {f: getattr(p, f).copy() for f in ('open', 'high', 'low', 'close', 'volume')}
+    for sym, days in (('S04', [400, 401, 402]), ('S05', [850]), ('S06', [1000, 1040])):
+        for a in fields.values(): a[days, p.symbols.index(sym)] = np.nan
+    return Panel(p.dates, p.symbols, **fields, source='synthetic late listings and gaps')

@@ -40,7 +40,7 @@ class MarketView:
     market: np.ndarray  # (n, len(MARKET_FEATURES)) float64
     labels: list  # per stock, the label of each labelled indicator
     shares: np.ndarray  # (n,) whole shares held
-    avg_cost: np.ndarray  # (n,) average price paid per share held
+    avg_cost: np.ndarray  # (n,) average price paid per share held, costs included
     cash: float
     equity: float
     capital: float
@@ -49,10 +49,11 @@ class MarketView:
     def feature(self, name, i=None):
         "One named value, e.g. `view.feature('rsi', 0)` or `view.feature('cash')`."
         if name in MARKET_FEATURES: return float(self.market[i, MARKET_FEATURES.index(name)])
-        return float(self._position(i)[POSITION_FEATURES.index(name)] if name in POSITION_FEATURES else self._globals()[GLOBAL_FEATURES.index(name)])
+        if name in POSITION_FEATURES: return float(self._position(i)[POSITION_FEATURES.index(name)])
+        return float(self._globals()[GLOBAL_FEATURES.index(name)])
 
     def _position(self, i):
-        close = self.market[i, 0]
+        close = float(self.market[i, 0])
         sh, ac = float(self.shares[i]), float(self.avg_cost[i])
         pnl = (close / ac - 1) * 100 if sh > 0 and ac > 0 else 0.0
         return (sh, ac, pnl, sh * close / self.equity * 100 if self.equity > 0 else 0.0)
@@ -72,11 +73,13 @@ def feature_names(task) -> list:
 # %% ../nbs/04_env.ipynb #c011
 _LABELLED = ('rsi', 'macd_hist', 'bb_pctb', 'trend', 'volume_ratio', 'volatility', 'momentum')
 
+_LINE = ("%s: close %.2f (%+.2f%%) | RSI %.1f %s | MACD %.2f signal %.2f hist %+.2f %s | %%B %.2f %s | "
+         "trend %+.2f%% %s | volume x%.2f %s | volatility %.1f%% %s | momentum %+.2f%% %s")
+
 def _market_line(sym, m, lab):
+    "One stock's market line: values in `MARKET_FEATURES` order, labels in `_LABELLED` order."
     c, ch, rsi, macd, sig, hist, pctb, trend, vr, vol, mom = m
-    return (f"{sym}: close {c:.2f} ({ch:+.2f}%) | RSI {rsi:.1f} {lab[0]} | MACD {macd:.2f} signal {sig:.2f} "
-            f"hist {hist:+.2f} {lab[1]} | %B {pctb:.2f} {lab[2]} | trend {trend:+.2f}% {lab[3]} | "
-            f"volume x{vr:.2f} {lab[4]} | volatility {vol:.1f}% {lab[5]} | momentum {mom:+.2f}% {lab[6]}")
+    return _LINE % (sym, c, ch, rsi, lab[0], macd, sig, hist, lab[1], pctb, lab[2], trend, lab[3], vr, lab[4], vol, lab[5], mom, lab[6])
 
 def render_text(view:MarketView, task_name:str='', market_lines:list|None=None) -> str:
     "The text observation of `view`."
@@ -100,6 +103,16 @@ def render_text(view:MarketView, task_name:str='', market_lines:list|None=None) 
     return '\n'.join(out)
 
 # %% ../nbs/04_env.ipynb #c013
+def _panel_features(panel):
+    "The (days, symbols, MARKET_FEATURES) array and ISO dates of a panel, computed once and kept on it."
+    cached = getattr(panel, '_env_features', None)
+    if cached is None:
+        ind = compute_indicators(panel)
+        feat = np.stack([panel.close] + [ind[f] for f in MARKET_FEATURES[1:]], -1)
+        cached = (feat, [d.date().isoformat() for d in panel.dates])
+        panel._env_features = cached
+    return cached
+
 class TradingEnv(gym.Env):
     "A daily stock-trading environment with text or numeric observations and text actions."
     metadata = {'render_modes': ['ansi']}
@@ -115,7 +128,7 @@ class TradingEnv(gym.Env):
         if render_mode not in (None, 'ansi'): raise ValueError(f"render_mode must be None or 'ansi', got {render_mode!r}")
         self.task, self.split, self.obs_mode, self.render_mode = get_task(task), split, obs_mode, render_mode
         self.panel = data if isinstance(data, Panel) else load_panel(data)
-        self._ind = compute_indicators(self.panel)
+        self._feat, self._iso = _panel_features(self.panel)
         self._find_windows()
         n = self.task.n_stocks
         self.feature_names = feature_names(self.task)
@@ -163,18 +176,25 @@ class TradingEnv(TradingEnv):
             cols = self.np_random.choice(full, size=self.task.n_stocks, replace=False)
             cols = sorted(cols.tolist(), key=lambda c: self.panel.symbols[c])
         self._start, self._cols = int(self._starts[k]), list(cols)
-        t = self.task
-        idx = np.arange(self._start, self._start + t.days + 1)
+        t, a, b = self.task, self._start, self._start + self.task.days + 1
         self.symbols = tuple(self.panel.symbols[c] for c in cols)
-        self._dates = [d.date().isoformat() for d in self.panel.dates[idx]]
-        self._open = self.panel.open[np.ix_(idx, self._cols)]
-        self._close = self.panel.close[np.ix_(idx, self._cols)]
-        self._market = np.stack([self._close] + [self._ind[f][np.ix_(idx, self._cols)] for f in MARKET_FEATURES[1:]], -1)
-        self._labels = self._label_window()
+        self._dates = self._iso[a:b]
+        self._open = self.panel.open[a:b][:, self._cols]
+        self._close = self.panel.close[a:b][:, self._cols]
+        self._market = self._feat[a:b][:, self._cols]  # (days + 1, n, features)
         ch = self._market[:, :, 1]
-        blocked = ((ch < 0).mean(1) > REGIME_FALL_SHARE) | (ch.mean(1) < REGIME_MEAN_CHANGE)
-        self._blocked = blocked if t.regime_gate else np.zeros(len(idx), bool)
-        self._lines = {}
+        up, down, mean = (ch > 0).sum(1), (ch < 0).sum(1), ch.mean(1)
+        blocked = ((down / t.n_stocks) > REGIME_FALL_SHARE) | (mean < REGIME_MEAN_CHANGE) if t.regime_gate else np.zeros(b - a, bool)
+        self._blocked = blocked
+        # numeric rows of the whole window: market values and the day's globals now, the portfolio's at each step
+        nm, n = self._market.shape[1] * self._market.shape[2], t.n_stocks
+        rows = np.zeros((b - a, nm + 4 * n + len(GLOBAL_FEATURES)), np.float32)
+        rows[:, :nm] = np.nan_to_num(self._market, nan=0.0, posinf=0.0, neginf=0.0).reshape(b - a, nm)
+        g = nm + 4 * n
+        rows[:, g], rows[:, g + 1] = np.arange(1, b - a + 1), t.days - np.arange(b - a)
+        rows[:, g + 5], rows[:, g + 6], rows[:, g + 7], rows[:, g + 8] = up, down, np.nan_to_num(mean), blocked
+        self._rows, self._nm, self._g = rows, nm, g
+        self._labels, self._lines = None, {}
         self.pf = Portfolio(self.symbols, t.capital, t.cost, t.slippage, t.max_position, t.max_trades)
         self._k, self._done, self.actions = 0, False, []
         self._default = self.symbols[0] if t.n_stocks == 1 else None
@@ -200,8 +220,11 @@ class TradingEnv(TradingEnv):
         return cols
 
     def _label_window(self):
-        cols = [LABELS[f](self._market[:, :, MARKET_FEATURES.index(f)]) for f in _LABELLED]
-        return np.stack([np.asarray(c, dtype=object) for c in cols], -1)  # (days + 1, n, labels)
+        "Labels of the whole window, made once per episode when first needed: (days + 1, n, labels)."
+        if self._labels is None:
+            cols = [LABELS[f](self._market[:, :, MARKET_FEATURES.index(f)]) for f in _LABELLED]
+            self._labels = np.stack([np.asarray(c, dtype=object) for c in cols], -1).tolist()
+        return self._labels
 
 # %% ../nbs/04_env.ipynb #c017
 class TradingEnv(TradingEnv):
@@ -249,23 +272,29 @@ class TradingEnv(TradingEnv):
     def view(self) -> MarketView:
         "The structured observation of the current day (what rule agents read)."
         k, pf = self._k, self.pf
-        return MarketView(k, self.task.days, self._dates[k], self.symbols, self._market[k], self._labels[k],
+        return MarketView(k, self.task.days, self._dates[k], self.symbols, self._market[k], self._label_window()[k],
                           pf.shares.copy(), pf.avg_cost(), pf.cash, pf.equity_history[-1], pf.capital, bool(self._blocked[k]))
 
     def _observation(self):
-        v = self.view
-        if self.obs_mode == 'text':
-            k = self._k
-            if k not in self._lines:
-                self._lines[k] = [_market_line(s, v.market[i].tolist(), v.labels[i]) for i, s in enumerate(self.symbols)]
-            return render_text(v, self.task.name, self._lines[k])
-        return self._vector(v)
+        if self.obs_mode == 'numeric': return self._vector()
+        v, k = self.view, self._k
+        if k not in self._lines:
+            self._lines[k] = [_market_line(s, v.market[i].tolist(), v.labels[i]) for i, s in enumerate(self.symbols)]
+        return render_text(v, self.task.name, self._lines[k])
 
-    def _vector(self, v):
-        n = len(v.symbols)
-        pos = np.array([v._position(i) for i in range(n)], dtype=np.float64).reshape(n, len(POSITION_FEATURES))
-        out = np.concatenate([v.market.ravel(), pos.ravel(), np.asarray(v._globals(), dtype=np.float64)])
-        return np.nan_to_num(out, nan=0.0, posinf=0.0, neginf=0.0).astype(np.float32)
+    def _vector(self):
+        "The numeric observation, built straight from the window and the portfolio (same values as `view`)."
+        k, pf = self._k, self.pf
+        out = self._rows[k].copy()
+        equity, g = pf.equity_history[-1], self._g
+        sh = pf.shares
+        if sh.any():
+            n, held, close = len(sh), sh > 0, self._close[k]
+            avg = np.divide(pf.cost_basis, sh, out=np.zeros(n), where=held)
+            pnl = np.divide(close, avg, out=np.ones(n), where=held) - 1
+            out[self._nm:g] = np.stack([sh, avg, pnl * 100, sh * close / equity * 100], 1).ravel()
+        out[g + 2], out[g + 3], out[g + 4] = pf.cash, equity, (equity / pf.capital - 1) * 100
+        return out
 
     def render(self):
         "The text observation of the current day ('ansi' mode)."
