@@ -4,7 +4,10 @@
 
 # %% ../nbs/00_data.ipynb #c003
 from __future__ import annotations
-import argparse, json, os, sys
+import argparse
+import json
+import os
+import sys
 from dataclasses import dataclass, field, asdict
 from pathlib import Path
 import numpy as np
@@ -237,7 +240,10 @@ def _standardise(df:pd.DataFrame, symbol:str, where:str='') -> pd.DataFrame:
         msg = (f"{symbol}: {len(bad)} unparseable {'date' if len(bad) == 1 else 'dates'} in column '{date_col}' of {where}, "
                f"first {raw!r} on data row {bad[0] + 1}; expected YYYY-MM-DD")
         raise DataError(msg, [Problem(symbol, None, 'unparseable_date', msg, 'error')])
-    out = {f: pd.to_numeric(df[f], errors='coerce').to_numpy(dtype=np.float64, na_value=np.nan) for f in FIELDS}
+    out = {}
+    for f in FIELDS:
+        col = df[f] if pd.api.types.is_numeric_dtype(df[f]) else pd.to_numeric(df[f], errors='coerce')
+        out[f] = col.to_numpy(dtype=np.float64, na_value=np.nan)
     return pd.DataFrame(out, index=pd.DatetimeIndex(dates.to_numpy(), name='date').as_unit('ns'))
 
 # %% ../nbs/00_data.ipynb #c019
@@ -248,9 +254,12 @@ def panel_from_frames(frames:dict, # symbol -> DataFrame of daily bars (date ind
                      ) -> Panel:
     "Validate per-symbol frames and align them by date into a `Panel`."
     if not frames: raise DataError("no symbols: pass a dict {symbol: DataFrame of daily bars}")
+    return _build_panel({sym: _standardise(df, sym) for sym, df in frames.items()}, source, strict, validate)
+
+def _build_panel(frames:dict, source:str, strict:bool, validate:bool=True) -> Panel:
+    "Validate standardised bars (see `_standardise`) and align them."
     clean, problems = {}, []
-    for sym, df in frames.items():
-        bars = _standardise(df, sym)
+    for sym, bars in frames.items():
         if validate:
             bars, found = validate_bars(bars, sym)
             problems += found
@@ -395,7 +404,7 @@ def load_panel(data=None, # folder/file of per-symbol CSV or parquet files, a `P
     if errors:
         raise DataError(f"{folder}: {_plural(len(errors), 'file')} cannot be used:\n  " + "\n  ".join(map(str, errors)),
                         [p for e in errors for p in e.problems])
-    panel = panel_from_frames(frames, source=str(folder), strict=strict)
+    panel = _build_panel(frames, str(folder), strict)
     if cache:
         while len(_PANELS) >= _MAX_CACHED: _PANELS.pop(next(iter(_PANELS)))
         _PANELS[key] = panel

@@ -65,7 +65,7 @@ def _indicator_frames(close: pd.DataFrame, volume: pd.DataFrame) -> dict:
     rsi_ewm = dict(alpha=1 / RSI_WINDOW, adjust=False, min_periods=RSI_WINDOW + 1)
     avg_gain, avg_loss = gain.ewm(**rsi_ewm).mean(), loss.ewm(**rsi_ewm).mean()
     total = avg_gain + avg_loss
-    rsi = (100 * avg_gain / total.where(total > 0)).where(~(total == 0), 50.0)
+    rsi = (100 * (avg_gain / total.where(total > 0))).where(~(total == 0), 50.0)  # gain/total <= 1 exactly
 
     macd = _ema(close, MACD_FAST) - _ema(close, MACD_SLOW)
     signal = _ema(macd, MACD_SIGNAL)
@@ -162,7 +162,7 @@ def max_reference_error(panel: Panel,  # the panel to check
             if both.any(): worst = max(worst, float(np.abs(ours[both] - theirs[both]).max()))
     return worst
 
-# %% ../nbs/01_indicators.ipynb #c035
+# %% ../nbs/01_indicators.ipynb #c037
 RSI_OVERSOLD, RSI_OVERBOUGHT = 30.0, 70.0
 BB_NEAR = 0.2  # %B within this of a band is "near" it
 VOLUME_LOW, VOLUME_HIGH = 0.5, 1.5
