@@ -21,6 +21,8 @@ if ! git diff --quiet -- nbs; then
   echo "notebooks carry outputs or metadata: run nbdev_clean and commit" >&2; git diff --stat -- nbs >&2; exit 1
 fi
 
+python scripts/make_readme.py --check
+
 echo "== 3/6 ruff"
 ruff check tradellm tests benchmarks
 

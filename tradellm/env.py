@@ -19,8 +19,8 @@ from .tasks import (ENV_VERSION, TaskSpec, get_task, score_episode, buy_and_hold
                             REGIME_FALL_SHARE, REGIME_MEAN_CHANGE)
 
 # %% auto #0
-__all__ = ['MARKET_FEATURES', 'POSITION_FEATURES', 'GLOBAL_FEATURES', 'CHARSET', 'MarketView', 'feature_names', 'render_text',
-           'TradingEnv', 'demo_panel']
+__all__ = ['MARKET_FEATURES', 'POSITION_FEATURES', 'GLOBAL_FEATURES', 'OBS_BOUND', 'CHARSET', 'MarketView', 'feature_names',
+           'render_text', 'TradingEnv', 'demo_panel']
 
 # %% ../nbs/04_env.ipynb #c006
 MARKET_FEATURES = ('close', 'change', 'rsi', 'macd', 'macd_signal', 'macd_hist', 'bb_pctb', 'trend',
@@ -28,6 +28,7 @@ MARKET_FEATURES = ('close', 'change', 'rsi', 'macd', 'macd_signal', 'macd_hist',
 POSITION_FEATURES = ('shares', 'avg_cost', 'pnl_pct', 'weight_pct')
 GLOBAL_FEATURES = ('day', 'days_left', 'cash', 'equity', 'return_pct', 'stocks_up', 'stocks_down',
                    'mean_change', 'buy_blocked')
+OBS_BOUND = 1e12  # numeric observations lie in [-OBS_BOUND, OBS_BOUND] (money is in rupees)
 CHARSET = ''.join(chr(c) for c in range(32, 127)) + '\n'  # what text observations (and actions) are made of
 
 @dataclass
@@ -134,7 +135,7 @@ class TradingEnv(gym.Env):
         self.feature_names = feature_names(self.task)
         self.action_space = spaces.Text(max_length=4096, min_length=0, charset=CHARSET)
         if obs_mode == 'text': self.observation_space = spaces.Text(max_length=1000 + 500 * n, min_length=1, charset=CHARSET)
-        else: self.observation_space = spaces.Box(-np.inf, np.inf, shape=(len(self.feature_names),), dtype=np.float32)
+        else: self.observation_space = spaces.Box(-OBS_BOUND, OBS_BOUND, shape=(len(self.feature_names),), dtype=np.float32)
         self.env_version, self.task_version = ENV_VERSION, self.task.version
         self.pf = None
 
@@ -189,7 +190,7 @@ class TradingEnv(TradingEnv):
         # numeric rows of the whole window: market values and the day's globals now, the portfolio's at each step
         nm, n = self._market.shape[1] * self._market.shape[2], t.n_stocks
         rows = np.zeros((b - a, nm + 4 * n + len(GLOBAL_FEATURES)), np.float32)
-        rows[:, :nm] = np.nan_to_num(self._market, nan=0.0, posinf=0.0, neginf=0.0).reshape(b - a, nm)
+        rows[:, :nm] = np.clip(np.nan_to_num(self._market, nan=0.0, posinf=0.0, neginf=0.0), -OBS_BOUND, OBS_BOUND).reshape(b - a, nm)
         g = nm + 4 * n
         rows[:, g], rows[:, g + 1] = np.arange(1, b - a + 1), t.days - np.arange(b - a)
         rows[:, g + 5], rows[:, g + 6], rows[:, g + 7], rows[:, g + 8] = up, down, np.nan_to_num(mean), blocked
@@ -223,7 +224,7 @@ class TradingEnv(TradingEnv):
         "Labels of the whole window, made once per episode when first needed: (days + 1, n, labels)."
         if self._labels is None:
             cols = [LABELS[f](self._market[:, :, MARKET_FEATURES.index(f)]) for f in _LABELLED]
-            self._labels = np.stack([np.asarray(c, dtype=object) for c in cols], -1).tolist()
+            self._labels = tuple(tuple(map(tuple, day)) for day in np.stack([np.asarray(c, dtype=object) for c in cols], -1).tolist())
         return self._labels
 
 # %% ../nbs/04_env.ipynb #c017
@@ -272,7 +273,7 @@ class TradingEnv(TradingEnv):
     def view(self) -> MarketView:
         "The structured observation of the current day (what rule agents read)."
         k, pf = self._k, self.pf
-        return MarketView(k, self.task.days, self._dates[k], self.symbols, self._market[k], self._label_window()[k],
+        return MarketView(k, self.task.days, self._dates[k], self.symbols, self._market[k].copy(), self._label_window()[k],
                           pf.shares.copy(), pf.avg_cost(), pf.cash, pf.equity_history[-1], pf.capital, bool(self._blocked[k]))
 
     def _observation(self):

@@ -21,7 +21,9 @@ class Order:
     fraction: float  # in (0, 1]
     text: str = ''  # the line it was read from
 
-    def __str__(self): return f"{self.side} {self.symbol} {self.fraction:g}"
+    def __str__(self):
+        try: return f"{self.side} {self.symbol} {self.fraction:g}"
+        except (TypeError, ValueError): return f"{self.side} {self.symbol} {self.fraction!r}"
 
 @dataclass
 class ParsedAction:
@@ -44,6 +46,8 @@ _VERB = re.compile(r"^[\s>*\-•\d.)(\[\]#]*(?:(?:action|answer|order|orders|dec
                    re.IGNORECASE | re.DOTALL)
 _NUM = re.compile(r"^[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:e[+-]?\d+)?%?$|^[+-]?(?:nan|inf|infinity)%?$", re.IGNORECASE)
 _HOLD = ParsedAction(orders=[], errors=[], hold=True, answer='HOLD')
+_SIZE_WORDS = {'ALL': 1.0, 'EVERYTHING': 1.0, 'HALF': 0.5}  # words read as sizes
+_FILLER = frozenset('A AN THE OF SHARE SHARES STOCK STOCKS CASH NOW TODAY MY IT AT WITH MORE SOME POSITION ORDER AND OR'.split())
 
 def _strip_think(text):
     low = text.lower()
@@ -94,20 +98,29 @@ def parse_action(text, # the agent's answer
             continue
         toks = [t.strip(' ,:()[]{}"\'`*').rstrip('.') for t in rest.split()[:8]]
         toks = [t for t in toks if t]
-        sym, size, bad_sym, size_err = None, None, None, None
+        syms, sizes, unknown, bad_sizes = [], [], [], []
         for t in toks:
             u = t.upper().removesuffix('.NS')
-            if sym is None and u in known: sym = known[u]
-            elif size is None and size_err is None and _NUM.match(t): size, size_err = _size(t)
-            elif sym is None and bad_sym is None and re.fullmatch(r"[A-Za-z][A-Za-z0-9&\-_]*", t) and t.upper() not in ('OF', 'SHARES', 'CASH', 'STOCK', 'ALL'):
-                bad_sym = t
-        if size_err:
-            errors.append(f"{line!r}: {size_err}")
+            if u in known: syms.append(known[u])
+            elif u in _SIZE_WORDS: sizes.append((_SIZE_WORDS[u], None))
+            elif _NUM.match(t): sizes.append(_size(t))
+            elif any(ch.isnumeric() for ch in t): bad_sizes.append(t)
+            elif re.fullmatch(r"[A-Za-z][A-Za-z0-9&\-_]*", t) and u not in _FILLER: unknown.append(t)
+        if bad_sizes:
+            errors.append(f"{line!r}: size {bad_sizes[0]!r} is not a number; write a fraction like 0.5 or 50%")
             continue
+        if len(set(syms)) > 1 or len(sizes) > 1:
+            errors.append(f"{line!r}: one order per line; separate orders with ';' or a new line")
+            continue
+        if sizes and sizes[0][1]:
+            errors.append(f"{line!r}: {sizes[0][1]}")
+            continue
+        size = sizes[0][0] if sizes else None
+        sym = syms[0] if syms else None
         if sym is None:
-            if bad_sym is not None and default_symbol is None:
+            if unknown:
                 shown = ', '.join(list(known.values())[:12]) + (', ...' if len(known) > 12 else '')
-                errors.append(f"{line!r}: unknown symbol {bad_sym!r}; this episode trades {shown}")
+                errors.append(f"{line!r}: unknown symbol {unknown[0]!r}; this episode trades {shown}")
                 continue
             if default_symbol is None:
                 errors.append(f"{line!r}: no symbol given; write e.g. '{verb} {next(iter(known.values()), 'SYMBOL')} 0.5'")
@@ -226,6 +239,9 @@ def execute(pf:Portfolio, # the portfolio, changed in place
             f = Fill(str(order), order.side, order.symbol, 'rejected', reason=f"beyond the daily limit of {pf.max_trades} orders")
         elif i is None:
             f = Fill(str(order), order.side, order.symbol, 'rejected', reason=f"{order.symbol} is not in this episode")
+        elif order.side not in ('BUY', 'SELL') or not (isinstance(order.fraction, (int, float)) and 0 < order.fraction <= 1):
+            f = Fill(str(order), str(order.side), order.symbol, 'rejected',
+                     reason=f"invalid order: side must be BUY or SELL and the fraction in (0, 1], got {order.side} {order.fraction!r}")
         elif order.side == 'BUY' and not buy_allowed:
             f = Fill(str(order), 'BUY', order.symbol, 'rejected', reason="regime gate: most stocks fell, BUY orders are refused today")
         elif order.side == 'BUY': f = _buy(pf, i, order, float(open_prices[i]), equity_open)
