@@ -5,7 +5,6 @@
 # %% ../nbs/04_env.ipynb #c003
 from __future__ import annotations
 import copy
-import math
 from dataclasses import dataclass
 import numpy as np
 import pandas as pd
@@ -105,12 +104,13 @@ def render_text(view:MarketView, task_name:str='', market_lines:list|None=None) 
 
 # %% ../nbs/04_env.ipynb #c013
 def _panel_features(panel):
-    "The (days, symbols, MARKET_FEATURES) array and ISO dates of a panel, computed once and kept on it."
+    "The panel's (days, symbols, MARKET_FEATURES) array, its float32 copy for numeric observations, and ISO dates; made once per panel."
     cached = getattr(panel, '_env_features', None)
     if cached is None:
         ind = compute_indicators(panel)
         feat = np.stack([panel.close] + [ind[f] for f in MARKET_FEATURES[1:]], -1)
-        cached = (feat, [d.date().isoformat() for d in panel.dates])
+        feat32 = np.clip(np.nan_to_num(feat, nan=0.0, posinf=0.0, neginf=0.0), -OBS_BOUND, OBS_BOUND).astype(np.float32)
+        cached = (feat, feat32, [d.date().isoformat() for d in panel.dates])
         panel._env_features = cached
     return cached
 
@@ -129,7 +129,7 @@ class TradingEnv(gym.Env):
         if render_mode not in (None, 'ansi'): raise ValueError(f"render_mode must be None or 'ansi', got {render_mode!r}")
         self.task, self.split, self.obs_mode, self.render_mode = get_task(task), split, obs_mode, render_mode
         self.panel = data if isinstance(data, Panel) else load_panel(data)
-        self._feat, self._iso = _panel_features(self.panel)
+        self._feat, self._feat32, self._iso = _panel_features(self.panel)
         self._find_windows()
         n = self.task.n_stocks
         self.feature_names = feature_names(self.task)
@@ -190,7 +190,7 @@ class TradingEnv(TradingEnv):
         # numeric rows of the whole window: market values and the day's globals now, the portfolio's at each step
         nm, n = self._market.shape[1] * self._market.shape[2], t.n_stocks
         rows = np.zeros((b - a, nm + 4 * n + len(GLOBAL_FEATURES)), np.float32)
-        rows[:, :nm] = np.clip(np.nan_to_num(self._market, nan=0.0, posinf=0.0, neginf=0.0), -OBS_BOUND, OBS_BOUND).reshape(b - a, nm)
+        rows[:, :nm] = self._feat32[a:b][:, self._cols].reshape(b - a, nm)
         g = nm + 4 * n
         rows[:, g], rows[:, g + 1] = np.arange(1, b - a + 1), t.days - np.arange(b - a)
         rows[:, g + 5], rows[:, g + 6], rows[:, g + 7], rows[:, g + 8] = up, down, np.nan_to_num(mean), blocked
@@ -288,12 +288,13 @@ class TradingEnv(TradingEnv):
         k, pf = self._k, self.pf
         out = self._rows[k].copy()
         equity, g = pf.equity_history[-1], self._g
-        sh = pf.shares
-        if sh.any():
-            n, held, close = len(sh), sh > 0, self._close[k]
-            avg = np.divide(pf.cost_basis, sh, out=np.zeros(n), where=held)
-            pnl = np.divide(close, avg, out=np.ones(n), where=held) - 1
-            out[self._nm:g] = np.stack([sh, avg, pnl * 100, sh * close / equity * 100], 1).ravel()
+        shares = pf.shares.tolist()
+        if any(shares):  # position features of the stocks held (plain floats: few stocks are held at once)
+            close, basis, j = self._close[k].tolist(), pf.cost_basis.tolist(), self._nm
+            for i, sh in enumerate(shares):
+                if sh:
+                    avg, c = basis[i] / sh, close[i]
+                    out[j + 4 * i:j + 4 * i + 4] = (sh, avg, (c / avg - 1) * 100, sh * c / equity * 100)
         out[g + 2], out[g + 3], out[g + 4] = pf.cash, equity, (equity / pf.capital - 1) * 100
         return out
 

@@ -6,7 +6,7 @@
 from __future__ import annotations
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 import numpy as np
 
 # %% auto #0
@@ -164,6 +164,7 @@ class Portfolio:
         self.max_position, self.max_trades = float(max_position), int(max_trades)
         self.cash = float(capital)
         self.shares = np.zeros(len(self.symbols), dtype=np.int64)
+        self._shares_f = np.zeros(len(self.symbols))  # the same counts as float64, for a fast dot product
         self.cost_basis = np.zeros(len(self.symbols))  # money paid for the shares held (fill price + cost)
         self.equity_history = [float(capital)]  # equity at each close, starting with the capital
         self.fills = []  # (day index, Fill) of every order, rejected ones included
@@ -173,7 +174,7 @@ class Portfolio:
 
     def equity(self, prices) -> float:
         "Cash plus shares valued at `prices` (one per symbol)."
-        return self.cash + float(self.shares @ prices)
+        return self.cash + float(self._shares_f.dot(prices))
 
     def avg_cost(self) -> np.ndarray:
         "Average price paid per share held, costs included (0 where nothing is held)."
@@ -200,6 +201,7 @@ def _buy(pf, i, order, open_price, equity_open):
         if n <= 0: return Fill(str(order), 'BUY', order.symbol, 'rejected', price=price, reason='cash too small for one share')
     pf.cash -= gross + fee
     pf.shares[i] += n
+    pf._shares_f[i] = pf.shares[i]
     pf.cost_basis[i] += gross + fee
     pf.total_cost += fee
     pf.trades += 1
@@ -218,6 +220,7 @@ def _sell(pf, i, order, open_price):
     pf.cash += gross - fee
     pf.cost_basis[i] *= (held - n) / held
     pf.shares[i] -= n
+    pf._shares_f[i] = pf.shares[i]
     pf.total_cost += fee
     pf.trades += 1
     return Fill(str(order), 'SELL', order.symbol, 'filled', n, price, fee)
