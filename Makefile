@@ -9,6 +9,8 @@ BIN := $(VENV)/bin
 DATA ?= $(if $(wildcard ../shared/data/nifty68),../shared/data/nifty68,data/prices)
 EPISODES ?= 50
 OUT ?= results
+# --no-llm: the rule agents only (about two minutes on two cores); --llm adds SmolLM2 (hours on a CPU: use a GPU)
+LEADERBOARD_FLAGS ?= --no-llm
 
 .PHONY: setup leaderboard test bench docs clean-nbs export
 
@@ -26,7 +28,7 @@ setup: $(VENV)/.installed
 
 leaderboard: setup
 	@if [ ! -d "$(DATA)" ]; then $(BIN)/tradellm data fetch --out "$(DATA)"; fi
-	$(BIN)/tradellm leaderboard --data "$(DATA)" --episodes $(EPISODES) --out $(OUT)
+	$(BIN)/tradellm leaderboard --data "$(DATA)" --episodes $(EPISODES) --out $(OUT) $(LEADERBOARD_FLAGS)
 
 test: setup
 	PATH="$(abspath $(BIN)):$$PATH" bash scripts/test.sh

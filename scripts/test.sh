@@ -31,11 +31,11 @@ nbdev_test --n_workers 2
 
 echo "== 5/6 pytest (fast), with coverage"
 rm -f .coverage
-python -m pytest -q -m "not slow and not gpu" --cov=tradellm --cov-report= -p no:cacheprovider
+python -m pytest -q -m "not slow and not gpu" --cov=tradellm --cov-report= --cov-fail-under=0 -p no:cacheprovider
 
 echo "== 6/6 pytest (slow: tiny training runs), coverage appended"
 set +e
-python -m pytest -q -m "slow and not gpu" --cov=tradellm --cov-append --cov-report= -p no:cacheprovider
+python -m pytest -q -m "slow and not gpu" --cov=tradellm --cov-append --cov-report= --cov-fail-under=0 -p no:cacheprovider
 rc=$?
 set -e
 if [ $rc -ne 0 ] && [ $rc -ne 5 ]; then exit $rc; fi   # 5: no slow test collected

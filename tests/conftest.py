@@ -30,8 +30,8 @@ def synth_panel():
 
 @pytest.fixture(scope='session')
 def late_panel():
-    "Like `synth_panel`, plus symbols listed late (S00 in train, S01 near the end of train, S02 in val, S03 in test)
-    and suspended days (S04, S05, S06 miss a few bars inside train, val and test)."
+    """Like `synth_panel`, plus symbols listed late (S00 in train, S01 near the end of train, S02 in val, S03 in test)
+    and suspended days (S04, S05, S06 miss a few bars inside train, val and test)."""
     import numpy as np
     from tradellm.data import Panel, synthetic_panel
     p = synthetic_panel(n_days=1100, symbols=tuple(f'S{i:02d}' for i in range(30)), start='2021-01-04', seed=8,

@@ -83,6 +83,12 @@ def test_bad_sizes_become_hold_with_a_reason(size, why):
     assert got == [] and len(errors) == 1 and why in errors[0] and 'INFY' in errors[0]
 
 
+@pytest.mark.parametrize('text', ['BUY INFY 0.1 TCS 0.2', 'BUY INFY 0.5 0.3', 'SELL INFY TCS'])
+def test_two_orders_on_one_line_are_an_error(text):
+    got, errors = orders(text)
+    assert got == [] and len(errors) == 1 and 'one order per line' in errors[0]
+
+
 def test_one_bad_line_does_not_spoil_the_others():
     got, errors = orders('BUY INFY 0.5\nBUY TCS 7\nSELL M&M 0.2')
     assert got == ['BUY INFY 0.5', 'SELL M&M 0.2'] and len(errors) == 1 and "TCS 7" in errors[0]

@@ -53,3 +53,7 @@ def main(argv:list|None=None, # arguments after `tradellm` (default: sys.argv[1:
         return 2
     rc = getattr(mod, func)(rest)
     return int(rc or 0)
+
+# %% ../nbs/12_cli.ipynb #c009
+#| eval: false
+if __name__ == '__main__': sys.exit(main())

