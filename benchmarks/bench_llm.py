@@ -68,7 +68,8 @@ def main(argv=None):
         logs = agent.episode_logs()
         res[mode] = {'seconds': round(secs, 1), 'generate_calls': st['generate_calls'],
                      'episodes_per_minute': round(a.episodes * days / task_days / (secs / 60), 3),
-                     'prompt_tokens': st['prompt_tokens'], 'generated_tokens': st['generated_tokens'],
+                     'prompt_tokens': st['prompt_tokens'], 'cached_prompt_tokens': st['cached_prompt_tokens'],
+                     'generated_tokens': st['generated_tokens'],
                      'tokens_per_second': round((st['prompt_tokens'] + st['generated_tokens']) / secs, 1),
                      'prompt_tokens_per_second': round(st['prompt_tokens'] / secs, 1),
                      'generated_tokens_per_second': round(st['generated_tokens'] / secs, 1),

@@ -9,14 +9,13 @@ import hashlib
 import importlib.util
 import json
 import math
-import os
 import sys
 import time
 from collections import Counter
 from pathlib import Path
 import numpy as np
 
-from .data import SPLITS, DataError, Panel, load_panel, project_root
+from .data import SPLITS, DataError, Panel, load_panel
 from .env import TradingEnv
 from .market import parse_action
 from .tasks import ENV_VERSION
@@ -362,22 +361,14 @@ def to_prompt_completion(ds, # a `Dataset` with a `messages` column ending in th
                   remove_columns=ds.column_names, keep_in_memory=True)  # in memory: no cache files in the dataset folder
 
 # %% ../nbs/09_sft.ipynb #c037
-def _tracking_uri() -> str:
-    uri = os.environ.get('MLFLOW_TRACKING_URI')
-    if uri: return uri
-    root = project_root() or Path.cwd()
-    (root / 'data').mkdir(parents=True, exist_ok=True)
-    return f"sqlite:///{(root / 'data' / 'mlflow.db').resolve()}"
-
-def _mlflow_callback(run_id:str|None):
+def _mlflow_callback(run):
     "A `TrainerCallback` that logs every trainer log line (loss, learning rate, ...) to the MLflow run."
     from transformers import TrainerCallback
     class MLflowLoss(TrainerCallback):
         def on_log(self, args, state, control, logs=None, **kw):
-            if run_id is None or not logs: return
-            import mlflow
+            if not logs: return
             m = {k: float(v) for k, v in logs.items() if isinstance(v, (int, float)) and math.isfinite(v)}
-            if m: mlflow.log_metrics(m, step=int(state.global_step))
+            if m: run.log_metrics(m, step=int(state.global_step))
     return MLflowLoss()
 
 # %% ../nbs/09_sft.ipynb #c038
@@ -483,21 +474,15 @@ def train_sft(model:str='smollm2', # 'smollm2', a model folder or a hub id (an i
                   eval_examples=0 if val is None else val.num_rows,
                   seed=seed, device='cuda' if cuda else 'cpu', dataset=str(Path(data).resolve()), dataset_fingerprint=fingerprint,
                   resumed_from=None if last is None else str(last))
-    run_id = None
-    if track:
-        import mlflow
-        mlflow.set_tracking_uri(_tracking_uri())
-        mlflow.set_experiment('tradellm-sft')
-        run_id = mlflow.start_run(run_name=f"sft {Path(str(model)).name} r{lora_rank}").info.run_id
-        mlflow.log_params(config)
-        mlflow.set_tags({'stage': 'sft', 'env_version': ENV_VERSION, 'prompt_version': _prompt_version(),
-                         'dataset_fingerprint': fingerprint})
+    from tradellm.evaluate import check_tracking, tracked_run
+    uri, experiment = check_tracking() if track else (None, None)
+    tags = {'stage': 'sft', 'env_version': ENV_VERSION, 'prompt_version': _prompt_version(), 'dataset_fingerprint': fingerprint}
+    with tracked_run(uri, experiment, run_name=f"sft {Path(str(model)).name} r{lora_rank}", tags=tags, params=config) as run:
         card = Path(data) / 'data_card.json'
-        if card.exists(): mlflow.log_artifact(str(card))
-    try:
+        if card.exists(): run.log_artifact(card)
         trainer = SFTTrainer(model=lm, args=args, train_dataset=to_prompt_completion(train),
                              eval_dataset=None if val is None else to_prompt_completion(val), processing_class=tok,
-                             peft_config=peft_config, callbacks=[_mlflow_callback(run_id)])
+                             peft_config=peft_config, callbacks=[_mlflow_callback(run)])
         t0 = time.time()
         result = trainer.train(resume_from_checkpoint=str(last) if last else None)
         seconds = time.time() - t0
@@ -506,18 +491,12 @@ def train_sft(model:str='smollm2', # 'smollm2', a model folder or a hub id (an i
         if val is not None: metrics['eval_loss'] = float(trainer.evaluate()['eval_loss'])
         trainer.model.save_pretrained(str(out))
         tok.save_pretrained(str(out))
-        summary = {'adapter': str(out), 'base_model': str(model), **metrics, 'config': config, 'mlflow_run_id': run_id,
+        summary = {'adapter': str(out), 'base_model': str(model), **metrics, 'config': config, 'mlflow_run_id': run.run_id,
                    'sft_data_version': SFT_DATA_VERSION, 'env_version': ENV_VERSION, 'prompt_version': _prompt_version(),
                    'agent_spec': f"llm:{model}+{out}"}
         (out / 'tradellm_sft.json').write_text(json.dumps(summary, indent=1))
-        if run_id:
-            import mlflow
-            mlflow.log_metrics({k: v for k, v in metrics.items()})
-            mlflow.log_artifact(str(out / 'tradellm_sft.json'))
-    finally:
-        if run_id:
-            import mlflow
-            mlflow.end_run()
+        run.log_metrics(metrics)
+        run.log_artifact(out / 'tradellm_sft.json')
     return summary
 
 # %% ../nbs/09_sft.ipynb #c041
@@ -600,13 +579,14 @@ def cli_sft(argv:list|None=None, # arguments after `tradellm sft`
     p.add_argument('--json', action='store_true', help='print the training summary as JSON')
     a = p.parse_args(argv)
     from tradellm.llm import ModelError
+    from tradellm.evaluate import TrackingError
     try:
         res = train_sft(a.model, a.data, a.out, a.epochs, a.max_steps, a.lora_rank, a.lora_alpha, lr=a.lr, batch_size=a.batch_size,
                         grad_accum=a.grad_accum, max_length=a.max_length, limit=a.limit, eval_examples=a.eval_examples,
                         gradient_checkpointing=a.gradient_checkpointing,
                         qlora=a.qlora, backend=a.backend, resume=a.resume, save_steps=a.save_steps, seed=a.seed,
                         track=not a.no_mlflow, progress=not a.json)
-    except (SFTError, DataError, ModelError) as e: return _fail('sft', e)
+    except (SFTError, DataError, ModelError, TrackingError) as e: return _fail('sft', e)
     if a.json: print(json.dumps(res, indent=1))
     else:
         print(f"adapter saved to {res['adapter']}: {res['steps']} steps in {res['train_seconds']:.0f}s, train loss "
