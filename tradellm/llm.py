@@ -19,9 +19,9 @@ from .tasks import TaskSpec, get_task, REGIME_FALL_SHARE, REGIME_MEAN_CHANGE, WE
 
 # %% auto #0
 __all__ = ['SMOLLM2', 'SMOLLM2_WHEEL', 'SMOLLM2_PIN', 'SMOLLM2_FOLDER', 'INSTALL_SMOLLM2', 'CHATML_TEMPLATE', 'PROMPT_VERSION',
-           'ModelError', 'model_cache_dir', 'smollm2_gguf', 'default_model_available', 'convert_smollm2', 'load_model',
-           'system_prompt', 'build_messages', 'Generation', 'generate_batch', 'generate', 'completion_issue',
-           'LLMAgent', 'make_llm_agent']
+           'ADAPTER_MAX_NEW_TOKENS', 'ModelError', 'model_cache_dir', 'smollm2_gguf', 'default_model_available',
+           'convert_smollm2', 'load_model', 'system_prompt', 'build_messages', 'Generation', 'generate_batch',
+           'generate', 'completion_issue', 'LLMAgent', 'make_llm_agent']
 
 # %% ../nbs/07_llm.ipynb #c006
 SMOLLM2 = 'smollm2'  # the name of the default model
@@ -461,6 +461,8 @@ class LLMAgent(Agent):
         self._day += 1
         return texts
 
+ADAPTER_MAX_NEW_TOKENS = 192  # SFT answers (a <think> block, then the orders) run to ~140 tokens: leave room
+
 def make_llm_agent(model:str|Path=SMOLLM2, # 'smollm2', a folder or a hub id
                    adapter:str|Path|None=None, # a PEFT adapter folder
                    device:str|None=None, # None: CUDA when present, else CPU
@@ -468,4 +470,5 @@ def make_llm_agent(model:str|Path=SMOLLM2, # 'smollm2', a folder or a hub id
                   ) -> LLMAgent:
     "Load `model` (+ `adapter`) and wrap it in an `LLMAgent`: what `make_agent('llm:MODEL[+ADAPTER]')` calls."
     lm, tok = load_model(model, adapter, device)
+    if adapter is not None: kwargs.setdefault('max_new_tokens', ADAPTER_MAX_NEW_TOKENS)
     return LLMAgent(lm, tok, **kwargs)
