@@ -509,7 +509,7 @@ def train_grpo(model:str='smollm2', # 'smollm2', a folder written by save_pretra
         if getattr(run, 'client', None) is not None: run.log_artifact(out / 'grpo.json')
     return summary
 
-# %% ../nbs/10_grpo.ipynb #c040
+# %% ../nbs/10_grpo.ipynb #c041
 def _parser():
     p = argparse.ArgumentParser(prog='tradellm grpo', description='GRPO fine-tuning with the environment as the reward: each '
                                 'completion is executed in its own copy of the environment and scored over a short horizon.')
@@ -560,7 +560,7 @@ def cli_grpo(argv:list) -> int:
               f"evaluate: tradellm evaluate --agents llm:{s['model']}+{s['adapter_out']} --task {s['task']} --split val")
     return 0
 
-# %% ../nbs/10_grpo.ipynb #c043
+# %% ../nbs/10_grpo.ipynb #c044
 def compare_agents(agents:list, # the reference first: specs like 'llm:smollm2', 'llm:smollm2+SFT', 'llm:smollm2+GRPO', or `Agent`s
                    task:str='easy', # task
                    splits=('val', 'test'), # splits to evaluate on
