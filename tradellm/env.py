@@ -45,6 +45,7 @@ class MarketView:
     equity: float
     capital: float
     buy_blocked: bool  # the regime gate refuses BUY orders today (hard task)
+    breadth: tuple|None = None  # (stocks up, stocks down, mean change) when already computed
 
     def feature(self, name, i=None):
         "One named value, e.g. `view.feature('rsi', 0)` or `view.feature('cash')`."
@@ -59,9 +60,12 @@ class MarketView:
         return (sh, ac, pnl, sh * close / self.equity * 100 if self.equity > 0 else 0.0)
 
     def _globals(self):
-        ch = self.market[:, 1]
+        if self.breadth is None:
+            ch = self.market[:, 1]
+            self.breadth = (int((ch > 0).sum()), int((ch < 0).sum()), float(ch.mean()))
+        up, down, mean = self.breadth
         return (self.day + 1, self.days - self.day, self.cash, self.equity, (self.equity / self.capital - 1) * 100,
-                int((ch > 0).sum()), int((ch < 0).sum()), float(ch.mean()), float(self.buy_blocked))
+                up, down, mean, float(self.buy_blocked))
 
 # %% ../nbs/04_env.ipynb #c008
 def feature_names(task) -> list:
@@ -113,6 +117,20 @@ def _panel_features(panel):
         cached = (feat, feat32, [d.date().isoformat() for d in panel.dates])
         panel._env_features = cached
     return cached
+
+def _panel_labels(panel, feat):
+    "The text label of each labelled indicator on every day and symbol of a panel, made once and kept on it."
+    cached = getattr(panel, '_env_labels', None)
+    if cached is None:
+        cached = np.stack([np.asarray(LABELS[f](feat[:, :, MARKET_FEATURES.index(f)]), dtype=object) for f in _LABELLED], -1)
+        panel._env_labels = cached
+    return cached
+
+def _panel_lines(panel) -> dict:
+    "Memo of market lines by (day, column): a line depends only on the panel, so episodes that share days share them."
+    lines = getattr(panel, '_env_lines', None)
+    if lines is None: lines = panel._env_lines = {}
+    return lines
 
 class TradingEnv(gym.Env):
     "A daily stock-trading environment with text or numeric observations and text actions."
@@ -187,6 +205,7 @@ class TradingEnv(TradingEnv):
         up, down, mean = (ch > 0).sum(1), (ch < 0).sum(1), ch.mean(1)
         blocked = ((down / t.n_stocks) > REGIME_FALL_SHARE) | (mean < REGIME_MEAN_CHANGE) if t.regime_gate else np.zeros(b - a, bool)
         self._blocked = blocked
+        self._breadth = list(zip(up.tolist(), down.tolist(), mean.tolist()))
         # numeric rows of the whole window: market values and the day's globals now, the portfolio's at each step
         nm, n = self._market.shape[1] * self._market.shape[2], t.n_stocks
         rows = np.zeros((b - a, nm + 4 * n + len(GLOBAL_FEATURES)), np.float32)
@@ -195,7 +214,7 @@ class TradingEnv(TradingEnv):
         rows[:, g], rows[:, g + 1] = np.arange(1, b - a + 1), t.days - np.arange(b - a)
         rows[:, g + 5], rows[:, g + 6], rows[:, g + 7], rows[:, g + 8] = up, down, np.nan_to_num(mean), blocked
         self._rows, self._nm, self._g = rows, nm, g
-        self._labels, self._lines = None, {}
+        self._labels = None
         self.pf = Portfolio(self.symbols, t.capital, t.cost, t.slippage, t.max_position, t.max_trades)
         self._k, self._done, self.actions = 0, False, []
         self._default = self.symbols[0] if t.n_stocks == 1 else None
@@ -221,10 +240,10 @@ class TradingEnv(TradingEnv):
         return cols
 
     def _label_window(self):
-        "Labels of the whole window, made once per episode when first needed: (days + 1, n, labels)."
+        "Labels of the window (days + 1, n, labels), sliced from the panel's labels (made once per panel) when first needed."
         if self._labels is None:
-            cols = [LABELS[f](self._market[:, :, MARKET_FEATURES.index(f)]) for f in _LABELLED]
-            self._labels = tuple(tuple(map(tuple, day)) for day in np.stack([np.asarray(c, dtype=object) for c in cols], -1).tolist())
+            a, b = self._start, self._start + self.task.days + 1
+            self._labels = tuple(tuple(map(tuple, day)) for day in _panel_labels(self.panel, self._feat)[a:b][:, self._cols].tolist())
         return self._labels
 
 # %% ../nbs/04_env.ipynb #c017
@@ -274,14 +293,18 @@ class TradingEnv(TradingEnv):
         "The structured observation of the current day (what rule agents read)."
         k, pf = self._k, self.pf
         return MarketView(k, self.task.days, self._dates[k], self.symbols, self._market[k].copy(), self._label_window()[k],
-                          pf.shares.copy(), pf.avg_cost(), pf.cash, pf.equity_history[-1], pf.capital, bool(self._blocked[k]))
+                          pf.shares.copy(), pf.avg_cost(), pf.cash, pf.equity_history[-1], pf.capital, bool(self._blocked[k]),
+                          self._breadth[k])
 
     def _observation(self):
         if self.obs_mode == 'numeric': return self._vector()
-        v, k = self.view, self._k
-        if k not in self._lines:
-            self._lines[k] = [_market_line(s, v.market[i].tolist(), v.labels[i]) for i, s in enumerate(self.symbols)]
-        return render_text(v, self.task.name, self._lines[k])
+        v, k, memo, t = self.view, self._k, _panel_lines(self.panel), self._start + self._k
+        lines = []
+        for i, c in enumerate(self._cols):
+            line = memo.get((t, c))
+            if line is None: line = memo[(t, c)] = _market_line(self.symbols[i], self._market[k, i].tolist(), v.labels[i])
+            lines.append(line)
+        return render_text(v, self.task.name, lines)
 
     def _vector(self):
         "The numeric observation, built straight from the window and the portfolio (same values as `view`)."
