@@ -610,6 +610,16 @@ def test_cli_fetch_uses_yfinance(tmp_path, capsys, monkeypatch):
     rc, out, err = run_cli(['fetch', '--symbols', 'INFY', 'BAD', '--out', str(tmp_path / 'p'), '--start', '2024-01-01',
                             '--end', '2024-01-20'], capsys)
     assert rc == 1 and '1 already complete, 1 failed' in out and 'BAD:' in err
+    assert 'none of the' not in err  # some symbols came: no network hint
+
+
+def test_cli_fetch_says_what_to_do_when_nothing_downloads(tmp_path, capsys, monkeypatch):
+    "A closed network (yfinance returns empty frames for every ticker) gets a hint, not only per-symbol lines."
+    yfinance = pytest.importorskip('yfinance')
+    monkeypatch.setattr(yfinance, 'download', FakeYahoo(fail={'INFY.NS', 'TCS.NS'}))
+    rc, _, err = run_cli(['fetch', '--symbols', 'INFY,TCS', '--out', str(tmp_path / 'p'), '--start', '2024-01-01',
+                          '--end', '2024-01-20'], capsys)
+    assert rc == 1 and 'none of the 2 symbols could be downloaded' in err and '--data PATH' in err
 
 
 def test_cli_check_real_data(real_data_dir, capsys):

@@ -636,6 +636,10 @@ def cli_data(argv:list|None=None, # arguments after `tradellm data`
             print(f"{r['out']}: {len(r['fetched'])} fetched, {len(r['updated'])} updated, "
                   f"{len(r['skipped'])} already complete, {len(r['failed'])} failed")
             for sym, why in r['failed'].items(): print(f"  {sym}: {why}", file=sys.stderr)
+        if r['failed'] and not (r['fetched'] or r['updated'] or r['skipped']):
+            print(f"tradellm data fetch: none of the {len(r['failed'])} symbols could be downloaded. If this machine cannot "
+                  f"reach Yahoo Finance (no network, a proxy), fetch on one that can and copy the folder, then pass "
+                  f"--data PATH or set TRADELLM_DATA.", file=sys.stderr)
         return 1 if r['failed'] else 0
     try: panel = load_panel(args.path, symbols=symbols, strict=args.strict, cache=False)
     except DataError as e:
