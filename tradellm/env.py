@@ -18,8 +18,8 @@ from .tasks import (ENV_VERSION, TaskSpec, get_task, score_episode, buy_and_hold
                             REGIME_FALL_SHARE, REGIME_MEAN_CHANGE)
 
 # %% auto #0
-__all__ = ['MARKET_FEATURES', 'POSITION_FEATURES', 'GLOBAL_FEATURES', 'OBS_BOUND', 'CHARSET', 'MarketView', 'feature_names',
-           'render_text', 'TradingEnv', 'demo_panel']
+__all__ = ['MARKET_FEATURES', 'POSITION_FEATURES', 'GLOBAL_FEATURES', 'OBS_BOUND', 'CHARSET', 'position_values', 'MarketView',
+           'feature_names', 'render_text', 'TradingEnv', 'demo_panel']
 
 # %% ../nbs/04_env.ipynb #c006
 MARKET_FEATURES = ('close', 'change', 'rsi', 'macd', 'macd_signal', 'macd_hist', 'bb_pctb', 'trend',
@@ -27,6 +27,11 @@ MARKET_FEATURES = ('close', 'change', 'rsi', 'macd', 'macd_signal', 'macd_hist',
 POSITION_FEATURES = ('shares', 'avg_cost', 'pnl_pct', 'weight_pct')
 GLOBAL_FEATURES = ('day', 'days_left', 'cash', 'equity', 'return_pct', 'stocks_up', 'stocks_down',
                    'mean_change', 'buy_blocked')
+
+def position_values(shares:float, avg_cost:float, close:float, equity:float) -> tuple:
+    "One holding's `POSITION_FEATURES`: shares, average cost, unrealised P&L % and weight % of equity."
+    pnl = (close / avg_cost - 1) * 100 if shares > 0 and avg_cost > 0 else 0.0
+    return (shares, avg_cost, pnl, shares * close / equity * 100 if equity > 0 else 0.0)
 OBS_BOUND = 1e12  # numeric observations lie in [-OBS_BOUND, OBS_BOUND] (money is in rupees)
 CHARSET = ''.join(chr(c) for c in range(32, 127)) + '\n'  # what text observations (and actions) are made of
 
@@ -54,10 +59,7 @@ class MarketView:
         return float(self._globals()[GLOBAL_FEATURES.index(name)])
 
     def _position(self, i):
-        close = float(self.market[i, 0])
-        sh, ac = float(self.shares[i]), float(self.avg_cost[i])
-        pnl = (close / ac - 1) * 100 if sh > 0 and ac > 0 else 0.0
-        return (sh, ac, pnl, sh * close / self.equity * 100 if self.equity > 0 else 0.0)
+        return position_values(float(self.shares[i]), float(self.avg_cost[i]), float(self.market[i, 0]), self.equity)
 
     def _globals(self):
         if self.breadth is None:
@@ -297,7 +299,10 @@ class TradingEnv(TradingEnv):
                           self._breadth[k])
 
     def _observation(self):
-        if self.obs_mode == 'numeric': return self._vector()
+        return self._vector() if self.obs_mode == 'numeric' else self._text()
+
+    def _text(self):
+        "The text observation, with each market line taken from (or added to) the panel's memo."
         v, k, memo, t = self.view, self._k, _panel_lines(self.panel), self._start + self._k
         lines = []
         for i, c in enumerate(self._cols):
@@ -315,15 +320,13 @@ class TradingEnv(TradingEnv):
         if any(shares):  # position features of the stocks held (plain floats: few stocks are held at once)
             close, basis, j = self._close[k].tolist(), pf.cost_basis.tolist(), self._nm
             for i, sh in enumerate(shares):
-                if sh:
-                    avg, c = basis[i] / sh, close[i]
-                    out[j + 4 * i:j + 4 * i + 4] = (sh, avg, (c / avg - 1) * 100, sh * c / equity * 100)
+                if sh: out[j + 4 * i:j + 4 * i + 4] = position_values(sh, basis[i] / sh, close[i], equity)
         out[g + 2], out[g + 3], out[g + 4] = pf.cash, equity, (equity / pf.capital - 1) * 100
         return out
 
     def render(self):
         "The text observation of the current day ('ansi' mode)."
-        if self.render_mode == 'ansi': return render_text(self.view, self.task.name)
+        if self.render_mode == 'ansi': return self._text()
 
     def snapshot(self) -> dict:
         "The whole mutable state of the episode, for `restore` (GRPO scores completions from copies of one state)."
