@@ -254,6 +254,23 @@ def test_sigterm_marks_the_run_failed(data_dir, mlflow_uri, tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_sigterm_inside_any_tracked_run_marks_it_failed(mlflow_uri):
+    "SFT, GRPO and PPO log through `tracked_run` without the evaluate CLI: a killed training run still ends FAILED."
+    script = textwrap.dedent(f"""
+        import time
+        from tradellm.evaluate import check_tracking, tracked_run
+        uri, exp = check_tracking({mlflow_uri!r})
+        with tracked_run(uri, exp, run_name='killed', tags={{'agent': 'killed-training'}}):
+            print('running', flush=True); time.sleep(60)
+    """)
+    p = subprocess.Popen([sys.executable, '-c', script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    assert p.stdout.readline().strip() == 'running'
+    p.send_signal(signal.SIGTERM)
+    _, err = p.communicate(timeout=60)
+    assert p.returncode != 0 and 'Terminated' in err
+    assert [r.info.status for r in runs_of(mlflow_uri, agent='killed-training')] == ['FAILED']
+
+
 def test_output_folder_checks(tmp_path):
     f = tmp_path / 'file'
     f.write_text('x')

@@ -270,10 +270,14 @@ def test_reward_of_a_completion_does_not_depend_on_its_group(held_state, comps):
 def test_cli_help_and_bad_input(capsys):
     with pytest.raises(SystemExit) as e: cli_grpo(['--help'])
     assert e.value.code == 0 and '--group-size' in capsys.readouterr().out
-    assert cli_grpo(['--steps', '0', '--no-mlflow']) == 2
+    assert cli_grpo(['--steps', '0', '--no-mlflow', '--fresh-lora']) == 2
     assert 'steps must be a whole number >= 1' in capsys.readouterr().err
-    assert cli_grpo(['--group-size', '1', '--no-mlflow']) == 2
-    assert cli_grpo(['--horizon', '0', '--no-mlflow']) == 2
+    assert cli_grpo(['--group-size', '1', '--no-mlflow', '--fresh-lora']) == 2
+    assert cli_grpo(['--horizon', '0', '--no-mlflow', '--fresh-lora']) == 2
+    capsys.readouterr()
+    assert cli_grpo(['--adapter', '/nonexistent/sft', '--no-mlflow']) == 2  # GRPO starts from SFT: say how to get one
+    err = capsys.readouterr().err
+    assert 'no SFT adapter at /nonexistent/sft' in err and 'tradellm sft --data' in err and '--fresh-lora' in err
 
 
 @pytest.fixture(scope='module')
@@ -328,9 +332,14 @@ def test_train_grpo_end_to_end_with_a_tiny_model(tiny_model, panel, tmp_path, mo
     # resume: one more step from checkpoint-2
     s2 = _tiny_train(tiny_model, panel, out, steps=3, resume=True)
     assert s2['steps_done'] == 3 and s2['steps_run'] == 1 and s2['resumed_from'].endswith('checkpoint-2')
-    # the SFT path: continue a saved adapter (here the one just trained), with a KL term against its frozen copy
+    assert json.loads((out / 'adapter' / 'tradellm_adapter.json').read_text())['prompt_style'] == 'full'
+    # the SFT path: continue a saved adapter (here the one just trained, marked as trained on compact prompts),
+    # with a KL term against its frozen copy; the prompts take the adapter's style, and the new adapter keeps it
+    from tradellm.llm import adapter_prompt_style, write_adapter_meta
+    write_adapter_meta(s['adapter_out'], prompt_style='compact', stage='sft')
     s3 = _tiny_train(tiny_model, panel, tmp_path / 'b', steps=1, adapter=s['adapter_out'], beta=0.04)
     assert s3['adapter'] == s['adapter_out'] and s3['lora_r'] is None and s3['steps_done'] == 1
+    assert s3['prompt_style'] == 'compact' and adapter_prompt_style(tmp_path / 'b' / 'adapter') == 'compact'
     assert (tmp_path / 'b' / 'adapter' / 'adapter_config.json').is_file() and not (tmp_path / 'b' / 'adapter' / 'ref').exists()
 
 
@@ -350,7 +359,7 @@ def test_tiny_grpo_smollm2_cli(panel, tmp_path, monkeypatch, capsys):
     save_panel(panel, data)
     out = tmp_path / 'grpo'
     rc = cli_grpo(['--model', 'smollm2', '--steps', '2', '--group-size', '2', '--max-completion-length', '16', '--prompts', '4',
-                   '--lora-r', '4', '--threads', '1', '--data', str(data), '--out', str(out), '--no-mlflow', '--json'])
+                   '--lora-r', '4', '--threads', '1', '--data', str(data), '--out', str(out), '--no-mlflow', '--json', '--fresh-lora'])
     assert rc == 0
     s = json.loads(capsys.readouterr().out)
     assert s['steps_done'] == 2 and s['model'] == 'smollm2' and (out / 'adapter' / 'adapter_config.json').is_file()

@@ -77,8 +77,8 @@ def test_dataset_folder_card_and_fingerprint(sft_dir):
     assert (ds['train'].num_rows, ds['validation'].num_rows) == (150, 30)
     assert ds['train'][0]['messages'][0]['role'] == 'system'
     from tradellm.llm import system_prompt
-    assert ds['train'][0]['messages'][0]['content'] == system_prompt('easy')
-    assert ds['train'][-1]['messages'][0]['content'] == system_prompt('medium')
+    assert ds['train'][0]['messages'][0]['content'] == system_prompt('easy', 'compact')  # the default style
+    assert ds['train'][-1]['messages'][0]['content'] == system_prompt('medium', 'compact')
     saved = json.loads((out / 'data_card.json').read_text())
     tr = saved['splits']['train']
     assert tr['by_task'] == {'easy': 60, 'medium': 90}
@@ -89,6 +89,40 @@ def test_dataset_folder_card_and_fingerprint(sft_dir):
     assert '| easy | 60 |' in (out / 'README.md').read_text()
     assert card['fingerprint'] == dataset_fingerprint(out)
     assert len(card['fingerprint']) == 16
+    assert saved['prompt_style'] == 'compact' and saved['teacher']['buy_below'] == 35.0 and saved['hold_share'] is None
+
+
+def test_hold_share_keeps_every_trade_and_draws_the_holds(synth_panel):
+    "With hold_share the examples are every trade of the episodes played plus seeded HOLD days, each replayable."
+    teacher = RSIAgent(buy_below=45, trend_veto=-2.0)
+    rows = rule_examples('easy', 'train', 40, seed=1, data=synth_panel, agent=teacher, hold_share=0.5, progress=False)
+    assert len(rows) == 40
+    kinds = [r['decision'] for r in rows]
+    assert kinds.count('HOLD') == 20 and len(rows) - kinds.count('HOLD') == 20
+    assert rows == rule_examples('easy', 'train', 40, seed=1, data=synth_panel, agent=teacher, hold_share=0.5, progress=False)
+    env = TradingEnv('easy', 'train', 'text', synth_panel)
+    for r in rows[::7]:  # replay: the observation and the teacher's action on that day are the example's
+        obs, _ = env.reset(seed=r['seed'])
+        for _ in range(r['day']): obs, *_ = env.step(teacher.decide(env.view, 1.0, 1)[0])
+        assert obs == r['messages'][1]['content'] and teacher.decide(env.view, 1.0, 1)[0] == r['action']
+    assert [(r['seed'], r['day']) for r in rows] == sorted((r['seed'], r['day']) for r in rows)  # in play order
+
+
+def test_hold_share_errors_name_the_fix(synth_panel):
+    never = RSIAgent(buy_below=0.0)  # never buys, so never trades
+    with pytest.raises(DataError, match='rarely trades.*--hold-share.*--buy-below'):
+        rule_examples('easy', 'train', 10, data=synth_panel, agent=never, hold_share=0.5, max_decisions=200, progress=False)
+    with pytest.raises(ValueError, match='hold_share must be in'): rule_examples('easy', 'train', 10, data=synth_panel, hold_share=1.0)
+    with pytest.raises(ValueError, match='unknown style'): rule_examples('easy', 'train', 10, data=synth_panel, style='short')
+
+
+def test_mostly_hold_data_carries_a_warning(tmp_path, synth_panel):
+    card = build_sft_dataset(tmp_path / 'd', easy_steps=40, medium_steps=0, val_fraction=0, data=synth_panel, progress=False,
+                             agent=RSIAgent(buy_below=0.0), style='full')
+    assert card['warnings'] and '--hold-share' in card['warnings'][0]
+    assert '**Warning:**' in (tmp_path / 'd' / 'README.md').read_text()
+    from tradellm.llm import system_prompt
+    assert load_sft_dataset(tmp_path / 'd')['train'][0]['messages'][0]['content'] == system_prompt('easy', 'full')
 
 
 def test_same_seed_same_examples_other_seed_other_ones(synth_panel):
@@ -100,11 +134,12 @@ def test_same_seed_same_examples_other_seed_other_ones(synth_panel):
 
 
 def test_wording_varies(synth_panel):
-    rows = rule_examples('easy', 'train', 200, seed=0, data=synth_panel, system='S', progress=False)
-    thinks = [r['messages'][2]['content'].split('</think>')[0] for r in rows]
-    # strip the numbers: what is left is the wording
-    shapes = {re.sub(r'[-+]?[\d,]+(\.\d+)?', '#', t) for t in thinks}
-    assert len(shapes) >= 12
+    for style, least in (('full', 12), ('compact', 6)):  # compact: the reasons alone, without opening and closing lines
+        rows = rule_examples('easy', 'train', 200, seed=0, data=synth_panel, system='S', progress=False, style=style)
+        thinks = [r['messages'][2]['content'].split('</think>')[0] for r in rows]
+        # strip the numbers: what is left is the wording
+        shapes = {re.sub(r'[-+]?[\d,]+(\.\d+)?', '#', t) for t in thinks}
+        assert len(shapes) >= least, style
 
 
 def _view(rsi, trend, shares=0, avg=0.0, close=100.0, blocked=False, symbols=('INFY',)):
@@ -120,27 +155,32 @@ def _view(rsi, trend, shares=0, avg=0.0, close=100.0, blocked=False, symbols=('I
 
 @settings(max_examples=150, deadline=None)
 @given(rsi=st.floats(5, 95), trend=st.floats(-5, 5), held=st.booleans(), pnl=st.floats(-8, 8),
-       blocked=st.booleans(), seed=st.integers(0, 2**31), many=st.booleans())
-def test_reasoning_never_contradicts_the_action(rsi, trend, held, pnl, blocked, seed, many):
+       blocked=st.booleans(), seed=st.integers(0, 2**31), many=st.booleans(), veto=st.sampled_from([0.0, -1.0, -2.5]),
+       concise=st.booleans())
+def test_reasoning_never_contradicts_the_action(rsi, trend, held, pnl, blocked, seed, many, veto, concise):
     "The numbers a sentence quotes sit on the side of the threshold that the action says."
     syms = ('AAA', 'BBB', 'CCC', 'DDD') if many else ('INFY',)
     v = _view(rsi, trend, 10 if held else 0, 100.0, 100.0 * (1 + pnl / 100), blocked, syms)
-    agent = RSIAgent()
+    agent = RSIAgent(trend_veto=veto)
     action, decisions = agent.decide(v)
-    think = explain(v, action, decisions, np.random.default_rng(seed))
+    think = explain(v, action, decisions, np.random.default_rng(seed), sft._rule_params(agent), concise=concise)
     orders = parse_action(action, syms, syms[0] if len(syms) == 1 else None).orders
-    if orders: assert all(str(o) in think for o in orders)
-    else: assert re.search(r'hold|HOLD|No order', think)
+    if orders and not concise: assert all(str(o) in think for o in orders)
+    elif not concise: assert re.search(r'hold|HOLD|No order', think)
+    if orders: assert all(o.symbol in think for o in orders)
     rule = decisions[0]['rule']
     shown = sft._fmt(rsi, 1, lines=(35.0, 65.0))  # the RSI as the observation prints it (a decimal more at a line)
     if rule in ('rsi_oversold', 'rsi_overbought', 'bearish_trend_veto', 'no_signal', 'regime_gate'): assert shown in think
-    if rule == 'rsi_oversold': assert float(shown) < 35 and trend >= 0 and not blocked
+    if rule == 'rsi_oversold': assert float(shown) < 35 and trend >= veto and not blocked
+    if rule == 'rsi_oversold' and veto == 0: assert 'not bearish' in think or 'does not veto' in think
+    if rule == 'rsi_oversold' and veto != 0: assert 'bearish' not in think
     if rule == 'rsi_overbought': assert float(shown) > 65
     if rule == 'no_signal': assert float(shown) >= 35 and 'no' in think.lower()
     pnls = [float(x) for x in re.findall(r'([-+]\d+\.\d+)%', think)]
     if rule == 'take_profit': assert any(p >= 3 for p in pnls) and 'take-profit' in think
     if rule == 'stop_loss': assert any(p <= -3 for p in pnls) and 'stop' in think
-    if rule == 'bearish_trend_veto': assert 'bearish' in think or 'veto' in think
+    if rule == 'bearish_trend_veto': assert trend < veto and ('bearish' in think or 'veto' in think)
+    if rule == 'bearish_trend_veto' and veto != 0: assert f"{veto:+g}%" in think or 'veto' in think.lower()
     if rule == 'regime_gate': assert 'gate' in think or 'blocked' in think or 'refused' in think
 
 

@@ -92,12 +92,14 @@ class RSIAgent(Agent):
                  sell_above:float=65.0, # ...sell a held one when RSI is above this
                  take_profit:float=3.0, # sell when the position is up this many percent
                  stop_loss:float=3.0, # sell when the position is down this many percent
+                 trend_veto:float=0.0, # an oversold stock is not bought while its trend (%) is below this (0: any bearish trend)
                 ):
         self.buy_below, self.sell_above, self.take_profit, self.stop_loss = buy_below, sell_above, take_profit, stop_loss
+        self.trend_veto = trend_veto
         self.last_decisions = []  # per env, the decisions of the last `act`
 
     def config(self): return dict(name=self.name, buy_below=self.buy_below, sell_above=self.sell_above,
-                                  take_profit=self.take_profit, stop_loss=self.stop_loss)
+                                  take_profit=self.take_profit, stop_loss=self.stop_loss, trend_veto=self.trend_veto)
 
 # %% ../nbs/05_agents.ipynb #c016
 class RSIAgent(RSIAgent):
@@ -117,7 +119,7 @@ class RSIAgent(RSIAgent):
                 d['rule'] = rule
                 if rule != 'hold_position': d.update(decision='SELL', fraction=1.0); sells.append(d)
             elif rsi < self.buy_below:  # NaN RSI compares False: no signal
-                if trend < 0: d['rule'] = 'bearish_trend_veto'
+                if trend < self.trend_veto: d['rule'] = 'bearish_trend_veto'
                 elif view.buy_blocked: d['rule'] = 'regime_gate'
                 else: d.update(decision='BUY', rule='rsi_oversold'); buys.append(d)
             decisions.append(d)
@@ -152,7 +154,7 @@ class RSIAgent(RSIAgent):
             self.last_decisions.append(decisions)
         return out
 
-# %% ../nbs/05_agents.ipynb #c032
+# %% ../nbs/05_agents.ipynb #c034
 class RandomAgent(Agent):
     "A seeded random trader: one random order (or HOLD) a day per episode."
     name = 'random'
@@ -186,7 +188,7 @@ class RandomAgent(Agent):
             out.append(f"{side} {env.symbols[choices[int(pick * len(choices))]]} {frac:g}")
         return out
 
-# %% ../nbs/05_agents.ipynb #c039
+# %% ../nbs/05_agents.ipynb #c041
 BASELINES = ('do_nothing', 'buy_and_hold', 'rsi', 'random')
 
 def make_agent(spec:str, # 'do_nothing', 'buy_and_hold', 'rsi', 'random[:SEED]', 'ppo:PATH' or 'llm:MODEL[+ADAPTER]'

@@ -239,7 +239,7 @@ def tracked_run(uri:str|None, # tracking URI; None: no tracking (a stand-in that
                 tags:dict|None=None, # run tags
                 params:dict|None=None, # run params
                ):
-    "An MLflow run that ends FINISHED when the block completes and FAILED when anything (Ctrl-C too) escapes it."
+    "An MLflow run that ends FINISHED when the block completes and FAILED when anything (Ctrl-C, SIGTERM too) escapes it."
     if uri is None:
         yield _Run()
         return
@@ -250,7 +250,7 @@ def tracked_run(uri:str|None, # tracking URI; None: no tracking (a stand-in that
     rid = run.info.run_id
     try:
         if params: client.log_batch(rid, params=[Param(k, str(v)[:6000]) for k, v in params.items()], tags=[RunTag('mlflow.runName', run_name)])
-        yield _Run(client, rid)
+        with _sigterm_raises(): yield _Run(client, rid)  # a killed training run ends FAILED, not RUNNING forever
     except BaseException:
         with contextlib.suppress(Exception): client.set_terminated(rid, 'FAILED')
         raise

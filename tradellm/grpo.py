@@ -22,9 +22,9 @@ from .market import parse_action
 from .tasks import ENV_VERSION, get_task
 
 # %% auto #0
-__all__ = ['POLICIES', 'STATE_COLUMNS', 'SCALES', 'state_row', 'rebuild_state', 'prompt_rows', 'StateCache', 'GRPOEnvConfig',
-           'completion_text', 'format_score', 'risk_scale', 'equity_after', 'columns', 'TradingReward',
-           'TradingToolEnv', 'default_out', 'train_grpo', 'cli_grpo', 'compare_agents']
+__all__ = ['POLICIES', 'STATE_COLUMNS', 'SCALES', 'DEFAULT_SFT_ADAPTER', 'state_row', 'rebuild_state', 'prompt_rows',
+           'StateCache', 'GRPOEnvConfig', 'completion_text', 'format_score', 'risk_scale', 'equity_after', 'columns',
+           'TradingReward', 'TradingToolEnv', 'default_out', 'train_grpo', 'cli_grpo', 'compare_agents']
 
 # %% ../nbs/10_grpo.ipynb #c006
 POLICIES = ('mixed', 'rsi', 'random', 'do_nothing')
@@ -35,12 +35,13 @@ def _state_id(task, split, seed, start, symbols, actions) -> str:
     key = json.dumps([task, split, seed, start, list(symbols), list(actions)])
     return hashlib.sha1(key.encode()).hexdigest()[:16]
 
-def _messages(task, observation, system=None) -> list:
+def _messages(task, observation, system=None, style='full') -> list:
     from tradellm.llm import build_messages
-    return build_messages(task, observation, system)
+    return build_messages(task, observation, system, style)
 
 def state_row(env:TradingEnv, # an env reset with a seed (and maybe stepped): the state to describe
-              system:str|None=None, # a system prompt instead of `tradellm.llm.system_prompt(task)`
+              system:str|None=None, # a system prompt instead of `tradellm.llm.system_prompt(task, style)`
+              style:str='full', # the system prompt's style: 'full', or 'compact' for adapters trained on it
              ) -> dict:
     "The prompt row of `env`'s current state: the chat, and what rebuilds the state (`rebuild_state`)."
     if env.pf is None: raise ValueError("the env has not been reset: call env.reset(seed=...) first")
@@ -48,7 +49,7 @@ def state_row(env:TradingEnv, # an env reset with a seed (and maybe stepped): th
     obs = env._observation() if env.obs_mode == 'text' else _text_observation(env)
     actions = [str(a) for a in env.actions]
     start, symbols = env._dates[0], list(env.symbols)
-    return dict(prompt=_messages(env.task, obs, system), task=env.task.name, split=env.split, seed=env._seed,
+    return dict(prompt=_messages(env.task, obs, system, style), task=env.task.name, split=env.split, seed=env._seed,
                 start=start, symbols=symbols, day=env._k, actions=json.dumps(actions),
                 state_id=_state_id(env.task.name, env.split, env._seed, start, symbols, actions))
 
@@ -82,7 +83,8 @@ def prompt_rows(task:str='easy', # 'easy', 'medium' or 'hard'
                 horizon:int=5, # days after the prompt the reward looks at: the day drawn leaves room for them
                 policy:str='mixed', # who trades up to the prompt's day: 'mixed', 'rsi', 'random' or 'do_nothing'
                 data=None, # a loaded `Panel` or a folder of prices (default: the data lookup)
-                system:str|None=None, # a system prompt instead of `tradellm.llm.system_prompt(task)`
+                system:str|None=None, # a system prompt instead of `tradellm.llm.system_prompt(task, style)`
+                style:str='full', # the system prompt's style ('compact' for adapters trained on it)
                ) -> list:
     "`n` prompt rows: seeded episodes stopped on a random day, traded up to it by a behaviour policy."
     t = get_task(task)
@@ -98,7 +100,7 @@ def prompt_rows(task:str='easy', # 'easy', 'medium' or 'hard'
         agent = _behaviour(policy, i, seed)
         agent.reset([env])
         for _ in range(day): obs, *_ = env.step(agent.act([env], [obs])[0])
-        rows.append(state_row(env, system))
+        rows.append(state_row(env, system, style))
     return rows
 
 # %% ../nbs/10_grpo.ipynb #c012
@@ -443,6 +445,7 @@ def train_grpo(model:str='smollm2', # 'smollm2', a folder written by save_pretra
                dtype=None, # model dtype (None: `load_model`'s default)
                gradient_checkpointing:bool=False, # trade compute for memory (TRL's default is on; small models do not need it)
                progress:bool=True, # a progress bar over steps
+               prompt_style:str|None=None, # system prompt style (None: the adapter's, from its tradellm_adapter.json; 'full' without one)
               ) -> dict:
     "Fine-tune with GRPO, the environment as the reward; returns a summary (also written to OUT/grpo.json)."
     for name, v, lo in (('steps', steps, 1), ('group_size', group_size, 2), ('max_completion_length', max_completion_length, 1),
@@ -461,8 +464,9 @@ def train_grpo(model:str='smollm2', # 'smollm2', a folder written by save_pretra
     from trl import GRPOConfig, GRPOTrainer
     from tqdm.auto import tqdm
     from tradellm.evaluate import check_tracking, tracked_run
-    from tradellm.llm import PROMPT_VERSION
-    rows = prompt_rows(t.name, prompts, 'train', seed, cfg.horizon, policy, panel)
+    from tradellm.llm import PROMPT_VERSION, adapter_prompt_style, write_adapter_meta
+    if prompt_style is None: prompt_style = adapter_prompt_style(adapter) if adapter is not None else 'full'
+    rows = prompt_rows(t.name, prompts, 'train', seed, cfg.horizon, policy, panel, style=prompt_style)
     reward = TradingReward(cfg, states=StateCache(panel))
     lm, tok, peft_config = _load_policy(model, adapter, device, dtype, lora_r, lora_alpha)
     args = GRPOConfig(output_dir=str(ck_dir), max_steps=int(steps), per_device_train_batch_size=group_size * prompts_per_step,
@@ -474,7 +478,7 @@ def train_grpo(model:str='smollm2', # 'smollm2', a folder written by save_pretra
     params = dict(model=str(model), adapter=None if adapter is None else str(adapter), task=t.name, steps=steps,
                   group_size=group_size, horizon=cfg.horizon, max_completion_length=max_completion_length, prompts=prompts,
                   prompts_per_step=prompts_per_step, learning_rate=learning_rate, beta=beta, temperature=temperature,
-                  lora_r=None if adapter else lora_r, policy=policy, seed=seed, resumed_from=None if last is None else str(last),
+                  lora_r=None if adapter else lora_r, policy=policy, seed=seed, prompt_style=prompt_style, resumed_from=None if last is None else str(last),
                   **{f'reward.{k}': v for k, v in asdict(cfg).items()})
     tags = dict(kind='grpo', task=t.name, env_version=ENV_VERSION, task_version=t.version, prompt_version=PROMPT_VERSION)
     uri, exp = check_tracking() if track else (None, None)
@@ -491,6 +495,8 @@ def train_grpo(model:str='smollm2', # 'smollm2', a folder written by save_pretra
         bar.close()
         trainer.model.save_pretrained(out / 'adapter', selected_adapters=['default'])  # not TRL's frozen 'ref' copy
         tok.save_pretrained(out / 'adapter')
+        write_adapter_meta(out / 'adapter', prompt_style=prompt_style, stage='grpo', base_model=str(model),
+                           started_from=None if adapter is None else str(adapter), prompt_version=PROMPT_VERSION)
         hist = reward.history
         times = cb.step_times
         summary = dict(params, out=str(out), adapter_out=str(out / 'adapter'), steps_done=int(trainer.state.global_step),
@@ -510,11 +516,18 @@ def train_grpo(model:str='smollm2', # 'smollm2', a folder written by save_pretra
     return summary
 
 # %% ../nbs/10_grpo.ipynb #c041
+DEFAULT_SFT_ADAPTER = 'sft_adapter'  # `tradellm sft`'s default output folder
+
 def _parser():
     p = argparse.ArgumentParser(prog='tradellm grpo', description='GRPO fine-tuning with the environment as the reward: each '
                                 'completion is executed in its own copy of the environment and scored over a short horizon.')
     p.add_argument('--model', default='smollm2', help="'smollm2' (default), a model folder, or a hub id")
-    p.add_argument('--adapter', default=None, help='SFT adapter folder to continue (recommended); default: a fresh LoRA')
+    p.add_argument('--adapter', default=DEFAULT_SFT_ADAPTER,
+                   help=f'SFT adapter folder to continue (default {DEFAULT_SFT_ADAPTER}, where `tradellm sft` writes)')
+    p.add_argument('--fresh-lora', action='store_true',
+                   help='start a new LoRA on the base model instead of an SFT adapter (zero-shot answers rarely parse)')
+    p.add_argument('--prompt-style', default=None, choices=['full', 'compact'],
+                   help="system prompt style (default: the adapter's own; 'full' with --fresh-lora)")
     p.add_argument('--task', default='easy', choices=['easy', 'medium', 'hard'])
     p.add_argument('--steps', type=int, default=50, help='optimizer steps (default 50)')
     p.add_argument('--group-size', type=int, default=4, help='completions per prompt (default 4)')
@@ -542,15 +555,22 @@ def _parser():
 def cli_grpo(argv:list) -> int:
     "`tradellm grpo ...`"
     a = _parser().parse_args(argv)
+    from tradellm.llm import ModelError
+    adapter = None if a.fresh_lora else a.adapter
     try:
+        if adapter is not None and not (Path(adapter) / 'adapter_config.json').is_file():
+            raise FileNotFoundError(f"no SFT adapter at {adapter}: GRPO starts from one, since zero-shot answers rarely parse and "
+                                    "every group would earn the same reward. Run `tradellm sft --data DIR` first (it writes "
+                                    f"{DEFAULT_SFT_ADAPTER}), pass --adapter DIR, or --fresh-lora to start from the base model anyway")
         cfg = GRPOEnvConfig(horizon=a.horizon, trade_weight=a.trade_weight, format_weight=a.format_weight, scale=a.scale)
         if a.threads:
             import torch
             torch.set_num_threads(a.threads)
-        s = train_grpo(a.model, a.adapter, a.task, a.out, a.steps, a.group_size, a.horizon, a.max_completion_length, a.prompts,
+        s = train_grpo(a.model, adapter, a.task, a.out, a.steps, a.group_size, a.horizon, a.max_completion_length, a.prompts,
                        a.prompts_per_step, a.lr, a.beta, lora_r=a.lora_r, env_config=cfg, seed=a.seed, save_steps=a.save_steps,
-                       resume=a.resume, track=not a.no_mlflow, data=a.data, device=a.device, progress=not a.json)
-    except (ValueError, FileNotFoundError, DataError) as e:
+                       resume=a.resume, track=not a.no_mlflow, data=a.data, device=a.device, progress=not a.json,
+                       prompt_style=a.prompt_style)
+    except (ValueError, FileNotFoundError, DataError, ModelError) as e:
         print(f"tradellm grpo: {e}", file=sys.stderr)
         return 2
     if a.json: print(json.dumps(s, indent=1))

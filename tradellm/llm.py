@@ -19,9 +19,10 @@ from .tasks import TaskSpec, get_task, REGIME_FALL_SHARE, REGIME_MEAN_CHANGE, WE
 
 # %% auto #0
 __all__ = ['SMOLLM2', 'SMOLLM2_WHEEL', 'SMOLLM2_PIN', 'SMOLLM2_FOLDER', 'INSTALL_SMOLLM2', 'CHATML_TEMPLATE', 'PROMPT_VERSION',
-           'ADAPTER_MAX_NEW_TOKENS', 'ModelError', 'model_cache_dir', 'smollm2_gguf', 'default_model_available',
-           'convert_smollm2', 'load_model', 'system_prompt', 'build_messages', 'Generation', 'generate_batch',
-           'generate', 'completion_issue', 'LLMAgent', 'make_llm_agent']
+           'PROMPT_STYLES', 'ADAPTER_MAX_NEW_TOKENS', 'ADAPTER_META', 'ModelError', 'model_cache_dir', 'smollm2_gguf',
+           'default_model_available', 'convert_smollm2', 'load_model', 'system_prompt', 'build_messages', 'Generation',
+           'generate_batch', 'generate', 'completion_issue', 'LLMAgent', 'adapter_prompt_style', 'write_adapter_meta',
+           'make_llm_agent']
 
 # %% ../nbs/07_llm.ipynb #c006
 SMOLLM2 = 'smollm2'  # the name of the default model
@@ -208,14 +209,31 @@ def _with_adapter(lm, adapter):
     return PeftModel.from_pretrained(lm, str(p))
 
 # %% ../nbs/07_llm.ipynb #c018
-PROMPT_VERSION = '1.0.0'
+PROMPT_VERSION = '1.1.0'  # 1.1.0 added the 'compact' style; the 'full' text is that of 1.0.0
+PROMPT_STYLES = ('full', 'compact')
 
 def _pct(x): return f"{x * 100:g}%"
 
+def _check_style(style):
+    if style not in PROMPT_STYLES: raise ValueError(f"unknown prompt style {style!r}: use one of {', '.join(PROMPT_STYLES)}")
+    return style
+
+def _compact_prompt(t:TaskSpec) -> str:
+    "A few lines for fine-tuned models: the format and the hard limits, not the whole rule book (~70 tokens instead of ~400)."
+    stocks = 'one NSE stock' if t.n_stocks == 1 else f'{t.n_stocks} NSE stocks'
+    limits = [f"at most {t.max_trades} order{'s' if t.max_trades > 1 else ''} a day"]
+    if t.max_position < 1: limits.append(f"at most {_pct(t.max_position)} of equity per stock")
+    if t.cost or t.slippage: limits.append(f"costs {_pct(t.cost)} + slippage {_pct(t.slippage)}")
+    return (f"You trade {stocks} daily for {t.days} days (task '{t.name}'), long only; orders fill at the next open; "
+            + '; '.join(limits) + ".\nThink briefly inside <think>...</think>, then write your orders, one per line: "
+            "BUY SYMBOL FRACTION (of cash), SELL SYMBOL FRACTION (of shares), or HOLD.")
+
 def system_prompt(task:str|TaskSpec, # the task (name or `TaskSpec`)
+                  style:str='full', # 'full': every rule, for zero-shot models; 'compact': format and limits, for fine-tuned ones
                  ) -> str:
     "The system prompt: the task's rules and how to answer."
     t = get_task(task)
+    if _check_style(style) == 'compact': return _compact_prompt(t)
     stocks = 'one NSE stock' if t.n_stocks == 1 else f'{t.n_stocks} NSE stocks'
     costs = ('Trades cost nothing and fill without slippage.' if not t.cost and not t.slippage else
              f"Each trade costs {_pct(t.cost)} of its value, and fills move {_pct(t.slippage)} against you (slippage).")
@@ -249,15 +267,16 @@ def system_prompt(task:str|TaskSpec, # the task (name or `TaskSpec`)
 
 def build_messages(task:str|TaskSpec, # the task the observation comes from
                    observation:str, # the text observation of one day
-                   system:str|None=None, # a system prompt to use instead of `system_prompt(task)`
+                   system:str|None=None, # a system prompt to use instead of `system_prompt(task, style)`
+                   style:str='full', # the `system_prompt` style ('full' or 'compact')
                   ) -> list[dict]:
     "The chat for one decision: the system prompt, then the observation as the user turn."
     if not isinstance(observation, str):
         raise TypeError(f"observation must be text (a TradingEnv made with obs_mode='text'), got {type(observation).__name__}")
-    return [{'role': 'system', 'content': system_prompt(task) if system is None else system},
+    return [{'role': 'system', 'content': system_prompt(task, style) if system is None else system},
             {'role': 'user', 'content': observation}]
 
-# %% ../nbs/07_llm.ipynb #c024
+# %% ../nbs/07_llm.ipynb #c026
 @dataclass
 class Generation:
     "What one batched `generate` call produced."
@@ -364,7 +383,7 @@ def generate(model, tok, # from `load_model`
     "One completion per chat, from one batched, left-padded `generate` call."
     return generate_batch(model, tok, batch_of_messages, max_new_tokens, temperature, seed, reuse_prefix).texts
 
-# %% ../nbs/07_llm.ipynb #c030
+# %% ../nbs/07_llm.ipynb #c032
 def _non_latin_share(text) -> float:
     letters = [c for c in text if c.isalpha()]
     return sum(ord(c) > 0x24F for c in letters) / len(letters) if letters else 0.0
@@ -384,7 +403,7 @@ def completion_issue(text:str, # the raw completion
     if not stopped: return 'endless', 'hit max_new_tokens without a readable answer: ' + detail
     return 'unreadable', detail
 
-# %% ../nbs/07_llm.ipynb #c034
+# %% ../nbs/07_llm.ipynb #c036
 class LLMAgent(Agent):
     "A language model trading many episodes in lockstep: one batched `generate` per day."
     obs_mode = 'text'
@@ -396,8 +415,9 @@ class LLMAgent(Agent):
                  temperature:float=0.0, # 0: greedy; above 0: seeded sampling
                  seed:int=0, # sampling seed (day d of a run samples with seed + d)
                  batch_size:int|None=None, # chats per generate call (None: all envs at once; 1: one at a time)
-                 system:str|None=None, # a system prompt to use instead of `system_prompt(task)`
+                 system:str|None=None, # a system prompt to use instead of `system_prompt(task, prompt_style)`
                  reuse_prefix:bool=True, # reuse the system prompt's key/value cache (same answers, less work)
+                 prompt_style:str='full', # the system prompt's style: 'full' (zero-shot) or 'compact' (what SFT adapters learn)
                 ):
         if batch_size is not None and batch_size < 1: raise ValueError(f"batch_size must be None or at least 1, got {batch_size}")
         self.model, self.tok = model, tok
@@ -406,7 +426,7 @@ class LLMAgent(Agent):
         if self.source.get('kind') == 'folder': m = Path(m).name  # a short row label; config() keeps the path
         self.name = name or f"llm:{m}" + (f"+{Path(self.source['adapter']).name}" if self.source.get('adapter') else '')
         self.max_new_tokens, self.temperature, self.seed, self.batch_size, self.system = max_new_tokens, temperature, seed, batch_size, system
-        self.reuse_prefix = reuse_prefix
+        self.reuse_prefix, self.prompt_style = reuse_prefix, _check_style(prompt_style)
         self.completions, self._active, self._episodes, self._day = [], [], [], 0
         self.stats = dict(generate_calls=0, prompt_tokens=0, cached_prompt_tokens=0, generated_tokens=0, seconds=0.0)
 
@@ -414,7 +434,7 @@ class LLMAgent(Agent):
         "What defines the agent (logged to MLflow)."
         return {'name': self.name, 'model': self.source.get('model'), 'adapter': self.source.get('adapter'),
                 'prompt_version': PROMPT_VERSION, 'max_new_tokens': self.max_new_tokens, 'temperature': self.temperature,
-                'seed': self.seed, 'custom_system_prompt': self.system is not None, 'reuse_prefix': self.reuse_prefix,
+                'seed': self.seed, 'prompt_style': self.prompt_style, 'custom_system_prompt': self.system is not None, 'reuse_prefix': self.reuse_prefix,
                 'device': self.source.get('device'), 'dtype': self.source.get('dtype')}
 
     def reset(self, envs):
@@ -433,7 +453,7 @@ class LLMAgent(Agent):
         "One action per env: all envs' chats go through batched `generate` calls."
         if len(envs) != len(observations): raise ValueError(f"{len(envs)} envs but {len(observations)} observations")
         if len(self._active) != len(envs): self.reset(envs)
-        chats = [build_messages(e.task, o, self.system) for e, o in zip(envs, observations)]
+        chats = [build_messages(e.task, o, self.system, self.prompt_style) for e, o in zip(envs, observations)]
         size = self.batch_size or max(1, len(chats))
         gens = []
         for k in range(0, len(chats), size):
@@ -462,13 +482,34 @@ class LLMAgent(Agent):
         return texts
 
 ADAPTER_MAX_NEW_TOKENS = 192  # SFT answers (a <think> block, then the orders) run to ~140 tokens: leave room
+ADAPTER_META = 'tradellm_adapter.json'  # written beside an adapter by the SFT and GRPO stages
+
+def adapter_prompt_style(adapter:str|Path, # a PEFT adapter folder
+                        ) -> str:
+    "The prompt style an adapter was trained with (its `tradellm_adapter.json`; 'full' for adapters made elsewhere)."
+    f = Path(adapter).expanduser() / ADAPTER_META
+    if not f.is_file(): return 'full'
+    try: style = json.loads(f.read_text()).get('prompt_style', 'full')
+    except (ValueError, AttributeError) as e: raise ModelError(f"{f}: not readable JSON ({e}); delete it to use the full prompt") from None
+    if style not in PROMPT_STYLES: raise ModelError(f"{f}: unknown prompt_style {style!r} (this tradellm knows {', '.join(PROMPT_STYLES)}): upgrade tradellm")
+    return style
+
+def write_adapter_meta(adapter:str|Path, # the adapter folder just saved
+                       **meta, # prompt_style, stage, base model, ...
+                      ) -> Path:
+    "Record how an adapter must be prompted (read back by `adapter_prompt_style`)."
+    f = Path(adapter) / ADAPTER_META
+    f.write_text(json.dumps(meta, indent=1))
+    return f
 
 def make_llm_agent(model:str|Path=SMOLLM2, # 'smollm2', a folder or a hub id
                    adapter:str|Path|None=None, # a PEFT adapter folder
                    device:str|None=None, # None: CUDA when present, else CPU
-                   **kwargs, # passed on to `LLMAgent` (max_new_tokens, temperature, seed, batch_size, name, system)
+                   **kwargs, # passed on to `LLMAgent` (max_new_tokens, temperature, seed, batch_size, name, system, prompt_style)
                   ) -> LLMAgent:
-    "Load `model` (+ `adapter`) and wrap it in an `LLMAgent`: what `make_agent('llm:MODEL[+ADAPTER]')` calls."
+    "Load `model` (+ `adapter`, prompted the way it was trained) and wrap it in an `LLMAgent`: what `make_agent('llm:MODEL[+ADAPTER]')` calls."
+    if adapter is not None:
+        kwargs.setdefault('prompt_style', adapter_prompt_style(_check_adapter(adapter)))
+        kwargs.setdefault('max_new_tokens', ADAPTER_MAX_NEW_TOKENS)
     lm, tok = load_model(model, adapter, device)
-    if adapter is not None: kwargs.setdefault('max_new_tokens', ADAPTER_MAX_NEW_TOKENS)
     return LLMAgent(lm, tok, **kwargs)

@@ -26,7 +26,7 @@ __all__ = ['SFT_DATA_VERSION', 'explain', 'rule_examples', 'data_card', 'build_s
            'cli_sft_data', 'cli_sft']
 
 # %% ../nbs/09_sft.ipynb #c006
-SFT_DATA_VERSION = '1.0.0'  # bump when the example format or the reasoning templates change
+SFT_DATA_VERSION = '1.1.0'  # bump when the example format or the reasoning templates change (1.1.0: veto line, compact style)
 
 _OPENERS = ["Day {day} of {days}.", "Day {day}/{days}, return so far {ret:+.2f}%.", "Day {day} of {days}; checking the rules.",
             "{date}, day {day}.", "Rules check, day {day}/{days}."]
@@ -37,9 +37,9 @@ _GATE = ["The regime gate is shut today (most stocks fell), so no BUY can go thr
 
 # rule -> (condition on the values, wordings); {fr} is the size in words
 _RULES = {
-    'rsi_oversold': (lambda v: v['rsi_v'] < v['buy'] and v['trend_v'] >= 0, [
-        "{sym}: RSI {rsi} is under the buy line of {buy:g} and the trend is {trend_lab} ({trend}%), not bearish. Buy {fr}.",
-        "{sym} is oversold by the rule: RSI {rsi} < {buy:g}, with EMA10 {above} EMA30 (trend {trend}%). No veto, so buy {fr}.",
+    'rsi_oversold': (lambda v: v['rsi_v'] < v['buy'] and v['trend_v'] >= v['veto'], [
+        "{sym}: RSI {rsi} is under the buy line of {buy:g} and the trend ({trend}%) is {no_veto}. Buy {fr}.",
+        "{sym} is oversold by the rule: RSI {rsi} < {buy:g}, with the trend at {trend}%, {no_veto}. No veto, so buy {fr}.",
         "RSI on {sym} has dropped to {rsi} ({rsi_lab}), below {buy:g}, and the trend ({trend}%) does not veto it: buy {fr}."]),
     'take_profit': (lambda v: v['pnl_v'] >= v['tp'], [
         "{sym}: the position is up {pnl}%, at or past the +{tp:g}% take-profit. Sell it all.",
@@ -53,10 +53,10 @@ _RULES = {
         "{sym}: RSI {rsi} is above the sell line of {sell:g} while I hold it (P&L {pnl}%). Sell into the strength.",
         "{sym} is overbought by the rule (RSI {rsi} > {sell:g}); the position is at {pnl}%. Sell it all.",
         "RSI on {sym} has climbed to {rsi} ({rsi_lab}), past {sell:g}: take the position off (P&L {pnl}%)."]),
-    'bearish_trend_veto': (lambda v: v['rsi_v'] < v['buy'] and v['trend_v'] < 0, [
-        "{sym}: RSI {rsi} is under {buy:g}, which would be a buy, but the trend is bearish ({trend}%). The veto holds: no buy.",
-        "{sym} looks oversold (RSI {rsi}) but EMA10 is below EMA30 (bearish trend, {trend}%), so I do not catch the falling knife.",
-        "RSI {rsi} on {sym} is a buy signal, vetoed by the bearish trend of {trend}%. Wait."]),
+    'bearish_trend_veto': (lambda v: v['rsi_v'] < v['buy'] and v['trend_v'] < v['veto'], [
+        "{sym}: RSI {rsi} is under {buy:g}, which would be a buy, but the trend ({trend}%) is {veto_hit}. The veto holds: no buy.",
+        "{sym} looks oversold (RSI {rsi}) but its trend of {trend}% is {veto_hit}, so I do not catch the falling knife.",
+        "RSI {rsi} on {sym} is a buy signal, vetoed by the trend of {trend}%. Wait."]),
     'regime_gate': (lambda v: v['rsi_v'] < v['buy'], [
         "{sym}: RSI {rsi} is under {buy:g}, but buying is blocked today by the regime gate. Wait.",
         "{sym} would be a buy (RSI {rsi}), yet the gate refuses BUY orders today."]),
@@ -83,9 +83,9 @@ _QUIET = ["No entry on {n} stocks: RSI from {lo} to {hi}, none under {buy:g}.",
 _KEEP = ["Keep {names}: no take-profit, stop or overbought RSI.",
          "{names} stay: each is inside the -{sl:g}%/+{tp:g}% band with RSI not above {sell:g}.",
          "No exit signal on {names}."]
-_VETOES = ["Oversold but vetoed by a bearish trend: {names}.",
-           "RSI under {buy:g} on {names}, but each trend is bearish, so no buy.",
-           "Bearish-trend veto on {names}: no buys."]
+_VETOES = ["Oversold but vetoed by the trend: {names}.",
+           "RSI under {buy:g} on {names}, but each trend is {veto_hit}, so no buy.",
+           "Trend veto on {names}: no buys."]
 _GROUPED = {'hold_position': _KEEP, 'bearish_trend_veto': _VETOES, 'no_signal': _QUIET}  # summarised on days with many stocks
 _CLOSE_ORDERS = ["So the orders are:", "Decision:", "That gives these orders:", "Action:"]
 _CLOSE_HOLD = ["No rule fires, so I hold.", "Nothing to do today: HOLD.", "All quiet by the rules; hold.",
@@ -99,6 +99,12 @@ def _fmt(x:float, digits:int, sign:bool=False, lines=()) -> str:
     while d < digits + 3 and any(round(x, d) == t and x != t for t in lines): d += 1
     return f"{x:+.{d}f}" if sign else f"{x:.{d}f}"
 
+def _veto_words(rules:dict) -> dict:
+    "The thresholds, and how the trend veto reads: 'bearish' at the design's line of 0%, the line itself elsewhere."
+    v = rules['veto']
+    return dict(rules, no_veto='not bearish' if v == 0 else f"not under the veto line of {v:+g}%",
+                veto_hit='bearish' if v == 0 else f"under the veto line of {v:+g}%")
+
 def _size_words(side:str, fraction:float) -> str:
     if side == 'SELL': return 'the whole position' if fraction >= 1 else f"{fraction:.0%} of the shares"
     return 'with all the cash' if fraction >= 1 else f"with {fraction:.0%} of the cash"
@@ -108,9 +114,9 @@ def _values(view, i:int, rules:dict, fraction:float, side:str) -> dict:
     rsi, trend, pnl = view.feature('rsi', i), view.feature('trend', i), view.feature('pnl_pct', i)
     b, s, tp, sl = rules['buy'], rules['sell'], rules['tp'], rules['sl']
     lab = view.labels[i]
-    return dict(sym=view.symbols[i], rsi_v=rsi, trend_v=trend, pnl_v=pnl, buy=b, sell=s, tp=tp, sl=sl,
-                rsi=_fmt(rsi, 1, lines=(b, s)), trend=_fmt(trend, 2, True, (0.0,)), pnl=_fmt(pnl, 2, True, (tp, -sl)),
-                rsi_lab=lab[0], trend_lab=lab[3], above='above' if trend > 0 else 'level with',
+    return dict(sym=view.symbols[i], rsi_v=rsi, trend_v=trend, pnl_v=pnl, **_veto_words(rules),
+                rsi=_fmt(rsi, 1, lines=(b, s)), trend=_fmt(trend, 2, True, (0.0, rules['veto'])), pnl=_fmt(pnl, 2, True, (tp, -sl)),
+                rsi_lab=lab[0],
                 shares=int(view.shares[i]), avg=f"{view.feature('avg_cost', i):.2f}", close=f"{view.feature('close', i):.2f}",
                 fr=_size_words(side, fraction))
 
@@ -118,23 +124,25 @@ def _values(view, i:int, rules:dict, fraction:float, side:str) -> dict:
 def _rule_params(agent) -> dict:
     "The thresholds of an RSI agent (the design's defaults where it has none)."
     g = lambda k, d: float(getattr(agent, k, d))
-    return dict(buy=g('buy_below', 35.0), sell=g('sell_above', 65.0), tp=g('take_profit', 3.0), sl=g('stop_loss', 3.0))
+    return dict(buy=g('buy_below', 35.0), sell=g('sell_above', 65.0), tp=g('take_profit', 3.0), sl=g('stop_loss', 3.0),
+                veto=g('trend_veto', 0.0))
 
 def explain(view, # the day's `MarketView`
             action:str, # the rule agent's action text
             decisions:list, # its decision dicts, one per stock (`RSIAgent.decide`)
             rng:np.random.Generator, # picks the wordings
-            rules:dict|None=None, # thresholds {buy, sell, tp, sl} (default: the design's 35/65/3/3)
+            rules:dict|None=None, # thresholds {buy, sell, tp, sl, veto} (default: the design's 35/65/3/3/0)
+            concise:bool=False, # only the reasons (no opening day line, no closing restatement of the orders)
            ) -> str:
     "The reasoning for one day: why each stock was bought, sold or left, in words drawn by `rng`."
-    rules = rules or _rule_params(None)
+    rules = {'veto': 0.0, **(rules or _rule_params(None))}
     syms = list(view.symbols)
     parsed = parse_action(action, syms, syms[0] if len(syms) == 1 else None)
     orders = {o.symbol: o for o in parsed.orders}
     by_sym = {d.get('symbol'): d for d in decisions}
     pick = lambda options: options[int(rng.integers(len(options)))]
     g = view._globals()
-    lines = [pick(_OPENERS).format(day=g[0], days=view.days, date=view.date, ret=g[4])]
+    lines = [] if concise else [pick(_OPENERS).format(day=g[0], days=view.days, date=view.date, ret=g[4])]
     if view.buy_blocked: lines.append(pick(_GATE))
     said, groups = [], {r: [] for r in _GROUPED}
     for i, sym in enumerate(syms):
@@ -158,18 +166,19 @@ def explain(view, # the day's `MarketView`
             continue
         if rule == 'no_signal':
             lo, hi = min(group, key=lambda v: v['rsi_v']), max(group, key=lambda v: v['rsi_v'])
-            lines.append(pick(options).format(n=len(group), lo=lo['rsi'], hi=hi['rsi'], **rules))
+            lines.append(pick(options).format(n=len(group), lo=lo['rsi'], hi=hi['rsi'], **_veto_words(rules)))
             continue
         names = ', '.join(f"{v['sym']} ({v['pnl']}%)" if rule == 'hold_position' else f"{v['sym']} (RSI {v['rsi']})" for v in group)
-        lines.append(pick(options).format(names=names, **rules))
+        lines.append(pick(options).format(names=names, **_veto_words(rules)))
+    if concise: return ' '.join(lines)
     lines.append(pick(_CLOSE_ORDERS) + ' ' + ', '.join(map(str, parsed.orders)) + '.' if parsed.orders else pick(_CLOSE_HOLD))
     return ' '.join(lines)
 
 # %% ../nbs/09_sft.ipynb #c017
-def _system_prompt(task) -> str:
-    "The LLM agent's system prompt for `task`."
+def _system_prompt(task, style:str='compact') -> str:
+    "The LLM agent's system prompt for `task` in `style`."
     from tradellm.llm import system_prompt
-    return system_prompt(task)
+    return system_prompt(task, style)
 
 def _prompt_version() -> str:
     try:
@@ -187,39 +196,59 @@ def rule_examples(task:str='easy', # 'easy', 'medium' or 'hard'
                   seed:int=0, # episode k uses env seed `seed + k`
                   data=None, # a folder of prices or a loaded `Panel` (default: the data lookup)
                   agent=None, # the rule agent (default: `RSIAgent()`)
-                  system:str|None=None, # the system prompt (default: `tradellm.llm.system_prompt(task)`)
+                  system:str|None=None, # the system prompt (default: `tradellm.llm.system_prompt(task, style)`)
                   progress:bool=True, # show a progress bar
+                  style:str='compact', # 'compact': short system prompt and reasons only; 'full': the zero-shot prompt, longer reasoning
+                  hold_share:float|None=None, # keep HOLD days at most this share of the examples (None: as the rule decides)
+                  max_decisions:int|None=None, # give up after this many decisions (default: 400 x `steps` when `hold_share` is set)
                  ) -> list:
     "One chat example per decision of the rule agent over seeded episodes of `task` in `split`."
     from tqdm.auto import tqdm
+    from tradellm.llm import PROMPT_STYLES
+    if style not in PROMPT_STYLES: raise ValueError(f"unknown style {style!r}: use one of {', '.join(PROMPT_STYLES)}")
+    if hold_share is not None and not 0 <= hold_share < 1:
+        raise ValueError(f"hold_share must be in [0, 1) (the share of HOLD examples to keep) or None, got {hold_share}")
     if agent is None:
         from tradellm.agents import RSIAgent
         agent = RSIAgent()
     env = TradingEnv(task, split, 'text', data)
     spec = env.task
-    system = _system_prompt(spec.name) if system is None else system
+    system = _system_prompt(spec.name, style) if system is None else system
     rules = _rule_params(agent)
-    out, k = [], 0
-    bar = tqdm(total=steps, desc=f'{spec.name} {split}', disable=not progress, leave=False)
-    while len(out) < steps:
+    # with hold_share: collect every trade and every HOLD until there are enough trades, then draw the HOLDs
+    want_trades = steps if hold_share is None else math.ceil(steps * (1 - hold_share))
+    limit = max_decisions or (400 * steps if hold_share is not None else None)
+    trades, holds, n, k = [], [], 0, 0
+    bar = tqdm(total=want_trades, desc=f'{spec.name} {split}', disable=not progress, leave=False)
+    while len(trades) < want_trades and (hold_share is not None or len(trades) + len(holds) < steps):
+        if limit is not None and n >= limit:
+            raise DataError(f"{spec.name}/{split}: {len(trades)} trading decisions in {n} days, short of the {want_trades} that "
+                            f"hold_share={hold_share} needs for {steps} examples. The rule agent rarely trades here: lower --hold-share, "
+                            "ask for fewer steps, or use a teacher that trades more (e.g. --buy-below 40 --trend-veto -1)")
         obs, info = env.reset(seed=seed + k)
         if hasattr(agent, 'reset'): agent.reset([env])
         rng = np.random.default_rng([seed % 2**32, k, sum(map(ord, spec.name)), sum(map(ord, split))])
         done = False
-        while not done and len(out) < steps:
+        while not done and len(trades) < want_trades and (hold_share is not None or len(trades) + len(holds) < steps):
             view = env.view
             action, decisions = agent.decide(view, spec.max_position, spec.max_trades)
-            think = explain(view, action, decisions, rng, rules)
-            out.append({'messages': [{'role': 'system', 'content': system}, {'role': 'user', 'content': obs},
-                                     {'role': 'assistant', 'content': f"<think>\n{think}\n</think>\n{action}"}],
-                        'task': spec.name, 'split': split, 'date': view.date, 'seed': seed + k, 'day': view.day,
-                        'symbols': list(env.symbols), 'action': action, 'decision': _decision_label(action, env.symbols),
-                        'rules': [d.get('rule', '') for d in decisions]})
+            think = explain(view, action, decisions, rng, rules, concise=style == 'compact')
+            row = {'messages': [{'role': 'system', 'content': system}, {'role': 'user', 'content': obs},
+                                {'role': 'assistant', 'content': f"<think>\n{think}\n</think>\n{action}"}],
+                   'task': spec.name, 'split': split, 'date': view.date, 'seed': seed + k, 'day': view.day,
+                   'symbols': list(env.symbols), 'action': action, 'decision': _decision_label(action, env.symbols),
+                   'rules': [d.get('rule', '') for d in decisions]}
+            (holds if row['decision'] == 'HOLD' else trades).append((n, row))
             obs, _, done, _, info = env.step(action)
-            bar.update(1)
+            n += 1
+            bar.update(row['decision'] != 'HOLD' if hold_share is not None else 1)
         k += 1
     bar.close()
-    return out
+    if hold_share is not None:
+        m = min(len(holds), steps - len(trades))
+        pick = np.random.default_rng([seed % 2**32, 7, sum(map(ord, spec.name))]).choice(len(holds), m, replace=False)
+        holds = [holds[i] for i in sorted(pick)]
+    return [row for _, row in sorted(trades + holds, key=lambda x: x[0])]
 
 # %% ../nbs/09_sft.ipynb #c023
 def _stats(xs) -> dict:
@@ -246,7 +275,9 @@ def data_card(rows:list, # examples of one split (from `rule_examples`)
 def _card_markdown(card:dict) -> str:
     out = ["# tradellm SFT dataset", "",
            f"Rule agent trajectories with reasoning traces (tradellm sft-data {card['sft_data_version']}, env {card['env_version']}, "
-           f"prompt {card['prompt_version']}, seed {card['seed']}). Conversational `messages` format.", ""]
+           f"prompt {card['prompt_version']}, seed {card['seed']}). Conversational `messages` format.", "",
+           f"Teacher {card.get('teacher')}; prompt style {card.get('prompt_style')}; HOLD share cap {card.get('hold_share')}.", ""]
+    out += [f"**Warning:** {w}" for w in card.get('warnings', [])] + ([""] if card.get('warnings') else [])
     for name, c in card['splits'].items():
         out += [f"## {name} ({c['examples']} examples, {c['episodes']} episodes, {c['dates'][0]} to {c['dates'][1]})" if c['dates']
                 else f"## {name} (empty)", "", "| task | examples | " + " | ".join(('HOLD', 'BUY', 'SELL', 'BUY+SELL')) + " |",
@@ -268,8 +299,11 @@ def build_sft_dataset(out, # folder to write (created; files in it are replaced)
                       val_fraction:float=0.1, # validation examples per task, as a share of its steps (from 'val')
                       seed:int=0, # first env seed (validation episodes use the same seeds on the val split)
                       data=None, # a folder of prices or a loaded `Panel` (default: the data lookup)
-                      system=None, # a system prompt for every task (default: the LLM agent's, per task)
+                      system=None, # a system prompt for every task (default: the LLM agent's, per task, in `style`)
                       progress:bool=True, # show progress bars
+                      style:str='compact', # prompt and reasoning style: 'compact' (fast to train) or 'full'
+                      hold_share:float|None=None, # keep HOLD days at most this share of each task's examples (None: natural)
+                      agent=None, # the teacher (default `RSIAgent()`: the design's rules)
                      ) -> dict:
     "Write the SFT dataset (DatasetDict, JSONL, data card) into `out`; returns the card."
     from datasets import Dataset, DatasetDict
@@ -280,10 +314,14 @@ def build_sft_dataset(out, # folder to write (created; files in it are replaced)
     panel = data if isinstance(data, Panel) else load_panel(data)
     val_split = 'val' if split != 'val' else 'test'
     rows = {'train': [], 'validation': []}
+    if agent is None:
+        from tradellm.agents import RSIAgent
+        agent = RSIAgent()
+    kw = dict(agent=agent, system=system, progress=progress, style=style, hold_share=hold_share)
     for t, n in steps.items():
-        rows['train'] += rule_examples(t, split, n, seed, panel, system=system, progress=progress)
+        rows['train'] += rule_examples(t, split, n, seed, panel, **kw)
         nv = math.ceil(n * val_fraction)
-        if nv: rows['validation'] += rule_examples(t, val_split, nv, seed, panel, system=system, progress=progress)
+        if nv: rows['validation'] += rule_examples(t, val_split, nv, seed, panel, **kw)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     DatasetDict({k: Dataset.from_list(v) for k, v in rows.items() if v}).save_to_disk(str(out))
@@ -292,7 +330,15 @@ def build_sft_dataset(out, # folder to write (created; files in it are replaced)
             for r in v: f.write(json.dumps(r) + '\n')
     card = {'sft_data_version': SFT_DATA_VERSION, 'env_version': ENV_VERSION, 'prompt_version': _prompt_version(),
             'seed': seed, 'steps': steps, 'split': split, 'val_split': val_split, 'val_fraction': val_fraction,
+            'prompt_style': 'custom' if system is not None else style, 'hold_share': hold_share,
+            'teacher': agent.config() if hasattr(agent, 'config') else type(agent).__name__,
             'source': panel.source, 'splits': {k: data_card(v) for k, v in rows.items()}}
+    train = card['splits'].get('train', {})
+    held = sum(a.get('HOLD', 0) for a in train.get('by_action', {}).values()) / max(1, train.get('examples', 0))
+    card['warnings'] = [] if held <= 0.9 else [
+        f"{held:.1%} of the training examples are HOLD: a model fine-tuned on them learns to hold, and GRPO from it sees "
+        "groups with one answer (zero reward spread). For a teacher that trades, pass --hold-share 0.5 (and, where the "
+        "design's rule rarely fires, --buy-below 40 --trend-veto -1)."]
     (out / 'data_card.json').write_text(json.dumps(card, indent=1))
     (out / 'README.md').write_text(_card_markdown(card))
     card['fingerprint'] = dataset_fingerprint(out)
@@ -406,6 +452,12 @@ def _load_for_training(model, backend, qlora, max_length, cuda):
     return lm, tok
 
 # %% ../nbs/09_sft.ipynb #c039
+def _data_prompt_style(data) -> str:
+    "The prompt style a dataset was written in (its card; datasets from before styles existed are 'full')."
+    f = Path(data) / 'data_card.json'
+    try: return json.loads(f.read_text()).get('prompt_style', 'full') if f.is_file() else 'full'
+    except ValueError: return 'full'
+
 def _last_checkpoint(folder:Path):
     ck = [p for p in folder.glob('checkpoint-*') if p.is_dir() and p.name.split('-')[-1].isdigit()]
     return max(ck, key=lambda p: int(p.name.split('-')[-1])) if ck else None
@@ -417,7 +469,7 @@ def train_sft(model:str='smollm2', # 'smollm2', a model folder or a hub id (an i
               max_steps:int|None=None, # stop after this many optimizer steps (overrides epochs)
               lora_rank:int=64, # LoRA rank r
               lora_alpha:int|None=None, # LoRA alpha (default: rank, a scale of 1)
-              lora_dropout:float=0.05,
+              lora_dropout:float=0.0, # dropout on the LoRA input (0: none; it also costs ~8% of a CPU step)
               lr:float=2e-4, # peak learning rate (linear decay, short warm-up)
               batch_size:int|None=None, # examples per device step (default: 4 on CUDA, 1 on CPU)
               grad_accum:int|None=None, # device steps per optimizer step (default: 1 on CUDA, 4 on CPU)
@@ -491,10 +543,14 @@ def train_sft(model:str='smollm2', # 'smollm2', a model folder or a hub id (an i
         if val is not None: metrics['eval_loss'] = float(trainer.evaluate()['eval_loss'])
         trainer.model.save_pretrained(str(out))
         tok.save_pretrained(str(out))
+        style = _data_prompt_style(data)
         summary = {'adapter': str(out), 'base_model': str(model), **metrics, 'config': config, 'mlflow_run_id': run.run_id,
                    'sft_data_version': SFT_DATA_VERSION, 'env_version': ENV_VERSION, 'prompt_version': _prompt_version(),
-                   'agent_spec': f"llm:{model}+{out}"}
+                   'prompt_style': style, 'agent_spec': f"llm:{model}+{out}"}
         (out / 'tradellm_sft.json').write_text(json.dumps(summary, indent=1))
+        from tradellm.llm import write_adapter_meta
+        if style in ('full', 'compact'):  # how the agent must prompt this adapter (a custom system prompt: pass it yourself)
+            write_adapter_meta(out, prompt_style=style, stage='sft', base_model=str(model), prompt_version=_prompt_version())
         run.log_metrics(metrics)
         run.log_artifact(out / 'tradellm_sft.json')
     return summary
@@ -539,12 +595,21 @@ def cli_sft_data(argv:list|None=None, # arguments after `tradellm sft-data`
     p.add_argument('--val-fraction', type=float, default=0.1, help='validation examples per task, share of its steps (default 0.1)')
     p.add_argument('--seed', type=int, default=0, help='first env seed (default 0)')
     p.add_argument('--data', default=None, help='folder of prices (default: $TRADELLM_DATA, then the cache)')
+    p.add_argument('--style', default='compact', choices=['compact', 'full'],
+                   help="compact (default): short system prompt and reasons only, fast to train; full: the zero-shot prompt")
+    p.add_argument('--hold-share', type=float, default=None,
+                   help='keep HOLD days at most this share of the examples, e.g. 0.5 (default: as the rule decides)')
+    p.add_argument('--buy-below', type=float, default=35.0, help="teacher: buy when RSI is below this (default 35, the design's)")
+    p.add_argument('--trend-veto', type=float, default=0.0,
+                   help="teacher: no buy while the trend (%%) is below this (default 0, the design's: any bearish trend)")
     p.add_argument('--json', action='store_true', help='print the data card as JSON')
     p.add_argument('--no-progress', action='store_true', help='no progress bars')
     a = p.parse_args(argv)
+    from tradellm.agents import RSIAgent
     try:
         card = build_sft_dataset(a.out, a.easy_steps, a.medium_steps, a.hard_steps, a.split, a.val_fraction, a.seed, a.data,
-                                 progress=not a.no_progress)
+                                 progress=not a.no_progress, style=a.style, hold_share=a.hold_share,
+                                 agent=RSIAgent(buy_below=a.buy_below, trend_veto=a.trend_veto))
     except (DataError, ValueError, OSError) as e: return _fail('sft-data', e)
     if a.json: print(json.dumps({'out': str(a.out), **card}, indent=1))
     else: print((Path(a.out) / 'README.md').read_text() + f"\nfingerprint {card['fingerprint']}; written to {a.out}")
@@ -557,7 +622,7 @@ def cli_sft(argv:list|None=None, # arguments after `tradellm sft`
                                 'on a dataset from `tradellm sft-data`. The adapter plugs in as llm:MODEL+OUT.')
     p.add_argument('--model', default='smollm2', help="'smollm2' (default), a model folder or a hub id")
     p.add_argument('--data', required=True, help='SFT dataset folder (from tradellm sft-data)')
-    p.add_argument('--out', required=True, help='adapter folder to write')
+    p.add_argument('--out', default='sft_adapter', help='adapter folder to write (default sft_adapter, where `tradellm grpo` looks)')
     p.add_argument('--epochs', type=float, default=1.0, help='passes over the data (default 1)')
     p.add_argument('--max-steps', type=int, default=None, help='stop after this many optimizer steps')
     p.add_argument('--lora-rank', type=int, default=64, help='LoRA rank (default 64)')
