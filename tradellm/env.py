@@ -5,6 +5,7 @@
 # %% ../nbs/04_env.ipynb #c003
 from __future__ import annotations
 import copy
+import math
 from dataclasses import dataclass
 import numpy as np
 import pandas as pd
@@ -157,6 +158,13 @@ class TradingEnv(gym.Env):
         if obs_mode == 'text': self.observation_space = spaces.Text(max_length=1000 + 500 * n, min_length=1, charset=CHARSET)
         else: self.observation_space = spaces.Box(-OBS_BOUND, OBS_BOUND, shape=(len(self.feature_names),), dtype=np.float32)
         self.env_version, self.task_version = ENV_VERSION, self.task.version
+        # numeric rows of a window: market values, then positions, then globals at `_g` (day and days left are fixed)
+        d = self.task.days + 1
+        self._nm = n * len(MARKET_FEATURES)
+        self._g = self._nm + len(POSITION_FEATURES) * n
+        self._rows0 = np.zeros((d, len(self.feature_names)), np.float32)
+        self._rows0[:, self._g], self._rows0[:, self._g + 1] = np.arange(1, d + 1), self.task.days - np.arange(d)
+        self._ungated = np.zeros(d, bool)  # buy_blocked of every day when the task has no regime gate
         self.pf = None
 
     def _find_windows(self):
@@ -172,6 +180,7 @@ class TradingEnv(gym.Env):
             self._full = (cb[s + days + 1] - cb[s - w]) == days + 1 + w
             ok = self._full.sum(1) >= self.task.n_stocks
             self._starts, self._full = s[ok], self._full[ok]
+        self._full_cols = [np.flatnonzero(f) for f in self._full]  # per start: the columns an episode may draw
         if not len(self._starts):
             d = p.dates
             raise DataError(f"no {self.split} window of {days + 1} days with {self.task.n_stocks} stocks that have real bars "
@@ -191,31 +200,31 @@ class TradingEnv(TradingEnv):
         self._seed = seed
         opts = options or {}
         k = self._pick_start(opts.get('start'))
-        full = np.flatnonzero(self._full[k])
+        full, t = self._full_cols[k], self.task
         if opts.get('symbols') is not None: cols = self._pick_symbols(opts['symbols'], full)
+        elif t.n_stocks == 1:  # what `choice(full, 1, replace=False)` draws (one bounded integer), without its overhead
+            cols = [int(full[self.np_random.integers(len(full))])]
         else:
-            cols = self.np_random.choice(full, size=self.task.n_stocks, replace=False)
+            cols = self.np_random.choice(full, size=t.n_stocks, replace=False)
             cols = sorted(cols.tolist(), key=lambda c: self.panel.symbols[c])
         self._start, self._cols = int(self._starts[k]), list(cols)
-        t, a, b = self.task, self._start, self._start + self.task.days + 1
-        self.symbols = tuple(self.panel.symbols[c] for c in cols)
+        a, b = self._start, self._start + t.days + 1
+        self.symbols = tuple([self.panel.symbols[c] for c in cols])
         self._dates = self._iso[a:b]
-        self._open = self.panel.open[a:b][:, self._cols]
-        self._close = self.panel.close[a:b][:, self._cols]
-        self._market = self._feat[a:b][:, self._cols]  # (days + 1, n, features)
+        self._open = self.panel.open[a:b, self._cols]
+        self._close = self.panel.close[a:b, self._cols]
+        self._market = self._feat[a:b, self._cols]  # (days + 1, n, features)
         ch = self._market[:, :, 1]
-        up, down, mean = (ch > 0).sum(1), (ch < 0).sum(1), ch.mean(1)
-        blocked = ((down / t.n_stocks) > REGIME_FALL_SHARE) | (mean < REGIME_MEAN_CHANGE) if t.regime_gate else np.zeros(b - a, bool)
-        self._blocked = blocked
-        self._breadth = list(zip(up.tolist(), down.tolist(), mean.tolist()))
+        up, down, mean = (ch > 0).sum(1), (ch < 0).sum(1), ch.sum(1) / t.n_stocks  # the mean, as `ch.mean(1)` computes it
+        blocked = ((down / t.n_stocks) > REGIME_FALL_SHARE) | (mean < REGIME_MEAN_CHANGE) if t.regime_gate else self._ungated
+        self._blocked, self._blocked_days = blocked, blocked.tolist()
+        self._up_down_mean, self._breadth = (up, down, mean), None  # `_breadth` (tuples per day) is made when a view needs it
         # numeric rows of the whole window: market values and the day's globals now, the portfolio's at each step
-        nm, n = self._market.shape[1] * self._market.shape[2], t.n_stocks
-        rows = np.zeros((b - a, nm + 4 * n + len(GLOBAL_FEATURES)), np.float32)
-        rows[:, :nm] = self._feat32[a:b][:, self._cols].reshape(b - a, nm)
-        g = nm + 4 * n
-        rows[:, g], rows[:, g + 1] = np.arange(1, b - a + 1), t.days - np.arange(b - a)
-        rows[:, g + 5], rows[:, g + 6], rows[:, g + 7], rows[:, g + 8] = up, down, np.nan_to_num(mean), blocked
-        self._rows, self._nm, self._g = rows, nm, g
+        rows, nm, g = self._rows0.copy(), self._nm, self._g
+        rows[:, :nm] = self._feat32[a:b, self._cols].reshape(b - a, nm)
+        rows[:, g + 5], rows[:, g + 6], rows[:, g + 8] = up, down, blocked
+        rows[:, g + 7] = np.nan_to_num(mean) if math.isnan(np.add.reduce(mean)) else mean  # (a sum is NaN when a term is)
+        self._rows = rows
         self._labels = None
         self.pf = Portfolio(self.symbols, t.capital, t.cost, t.slippage, t.max_position, t.max_trades)
         self._k, self._done, self.actions = 0, False, []
@@ -252,30 +261,31 @@ class TradingEnv(TradingEnv):
 class TradingEnv(TradingEnv):
     def step(self, action):
         "Fill `action` at the next day's open; returns `(observation, reward, terminated, truncated, info)`."
-        if self.pf is None: raise RuntimeError("call reset() before step()")
+        pf = self.pf
+        if pf is None: raise RuntimeError("call reset() before step()")
         if self._done: raise RuntimeError("the episode is over: call reset() to start another")
-        if isinstance(action, (list, tuple)) and all(isinstance(o, Order) for o in action):
+        if isinstance(action, str): parsed = parse_action(action, self.symbols, self._default)
+        elif isinstance(action, (list, tuple)) and all(isinstance(o, Order) for o in action):
             parsed = ParsedAction(list(action), [], hold=not action)
         else: parsed = parse_action(action, self.symbols, self._default)
-        k = self._k
-        fills = execute(self.pf, parsed.orders, self._open[k + 1], k + 1, buy_allowed=not self._blocked[k])
-        before = self.pf.equity_history[-1]
-        after = mark(self.pf, self._close[k + 1], k + 1)
+        k = self._k + 1  # the day the orders fill on
+        fills = execute(pf, parsed.orders, self._open[k], k, buy_allowed=not self._blocked_days[k - 1]) if parsed.orders else []
+        before = pf.equity_history[-1]
+        after = mark(pf, self._close[k], k)
         self.actions.append(action if isinstance(action, str) else ';'.join(map(str, parsed.orders)) or 'HOLD')
-        self._k = k + 1
-        self._done = self._k == self.task.days
+        self._k, self._done = k, k == self.task.days
         info = self._info(parsed, fills)
         if self._done:
             info['metrics'] = self.metrics()
             info['score'] = info['metrics']['score']
-        return self._observation(), (after - before) / self.pf.capital, self._done, False, info
+        return self._observation(), (after - before) / pf.capital, self._done, False, info
 
     def _info(self, parsed, fills):
-        pf = self.pf
-        info = {'date': self._dates[self._k], 'day': self._k, 'symbols': list(self.symbols), 'equity': pf.equity_history[-1],
+        pf, k = self.pf, self._k
+        info = {'date': self._dates[k], 'day': k, 'symbols': list(self.symbols), 'equity': pf.equity_history[-1],
                 'cash': pf.cash, 'positions': dict(zip(self.symbols, pf.shares.tolist())),
-                'env_version': ENV_VERSION, 'task_version': self.task.version, 'buy_blocked': bool(self._blocked[self._k]),
-                'orders': [f.as_dict() for f in fills]}
+                'env_version': ENV_VERSION, 'task_version': self.task.version, 'buy_blocked': self._blocked_days[k],
+                'orders': [f.as_dict() for f in fills] if fills else []}
         if parsed is not None:
             info['parse_errors'] = parsed.errors
             info['format_ok'] = parsed.format_ok
@@ -295,8 +305,13 @@ class TradingEnv(TradingEnv):
         "The structured observation of the current day (what rule agents read)."
         k, pf = self._k, self.pf
         return MarketView(k, self.task.days, self._dates[k], self.symbols, self._market[k].copy(), self._label_window()[k],
-                          pf.shares.copy(), pf.avg_cost(), pf.cash, pf.equity_history[-1], pf.capital, bool(self._blocked[k]),
-                          self._breadth[k])
+                          pf.shares.copy(), pf.avg_cost(), pf.cash, pf.equity_history[-1], pf.capital, self._blocked_days[k],
+                          self._breadth_of(k))
+
+    def _breadth_of(self, k):
+        "(stocks up, stocks down, mean change) of window day `k`."
+        if self._breadth is None: self._breadth = list(zip(*(x.tolist() for x in self._up_down_mean)))
+        return self._breadth[k]
 
     def _observation(self):
         return self._vector() if self.obs_mode == 'numeric' else self._text()
@@ -317,10 +332,12 @@ class TradingEnv(TradingEnv):
         out = self._rows[k].copy()
         equity, g = pf.equity_history[-1], self._g
         shares = pf.shares.tolist()
-        if any(shares):  # position features of the stocks held (plain floats: few stocks are held at once)
-            close, basis, j = self._close[k].tolist(), pf.cost_basis.tolist(), self._nm
+        if any(shares):  # position features of the stocks held (plain floats, set one by one: few stocks are held at once)
+            close, basis = self._close[k].tolist(), pf.cost_basis.tolist()
             for i, sh in enumerate(shares):
-                if sh: out[j + 4 * i:j + 4 * i + 4] = position_values(sh, basis[i] / sh, close[i], equity)
+                if sh:
+                    j = self._nm + 4 * i
+                    out[j], out[j + 1], out[j + 2], out[j + 3] = position_values(float(sh), basis[i] / sh, close[i], equity)
         out[g + 2], out[g + 3], out[g + 4] = pf.cash, equity, (equity / pf.capital - 1) * 100
         return out
 

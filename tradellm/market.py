@@ -4,6 +4,7 @@
 
 # %% ../nbs/02_market.ipynb #c003
 from __future__ import annotations
+import functools
 import math
 import re
 from dataclasses import dataclass
@@ -46,10 +47,13 @@ _VERB = re.compile(r"^[\s>*\-•\d.)(\[\]#]*(?:(?:action|answer|order|orders|dec
                    re.IGNORECASE | re.DOTALL)
 _NUM = re.compile(r"^[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:e[+-]?\d+)?%?$|^[+-]?(?:nan|inf|infinity)%?$", re.IGNORECASE)
 _HOLD = ParsedAction(orders=[], errors=[], hold=True, answer='HOLD')
+_LINES = re.compile(r'[\n;]')  # an answer holds one order per line or per ';'
+_PLAIN = re.compile(r"[ \t]*(BUY|SELL|buy|sell)[ \t]+([A-Za-z][A-Za-z0-9&_-]*)[ \t]+([0-9]+(?:\.[0-9]+)?)[ \t]*")  # the usual line, 'BUY INFY 0.5'
 _SIZE_WORDS = {'ALL': 1.0, 'EVERYTHING': 1.0, 'HALF': 0.5}  # words read as sizes
 _FILLER = frozenset('A AN THE OF SHARE SHARES STOCK STOCKS CASH NOW TODAY MY IT AT WITH MORE SOME POSITION ORDER AND OR'.split())
 
 def _strip_think(text):
+    if '<' not in text: return text, None  # no tag at all (the usual case)
     low = text.lower()
     end = low.rfind('</think>')
     if end >= 0: return text[end + len('</think>'):], None
@@ -67,6 +71,11 @@ def _size(tok):
     if v > 1: return None, f"size {tok!r} is above 1: sizes are fractions (0.5 or 50%), not share counts"
     return v, None
 
+@functools.lru_cache(maxsize=256)
+def _known(symbols:tuple) -> dict:
+    "Upper-cased symbol -> symbol, made once per episode's symbols (callers must not change it)."
+    return {s.upper(): s for s in symbols}
+
 # %% ../nbs/02_market.ipynb #c008
 def parse_action(text, # the agent's answer
                  symbols, # the episode's symbols (a symbol outside them is refused)
@@ -82,16 +91,22 @@ def parse_action(text, # the agent's answer
         text = text[-MAX_ACTION_CHARS:]
     answer, err = _strip_think(text)
     if err: return ParsedAction([], [err], answer='')
-    known = {s.upper(): s for s in symbols}
+    known = _known(tuple(symbols))
     orders, hold, seen = [], False, 0
-    for raw in re.split(r'[\n;]', answer):
-        m = _VERB.match(raw)
-        if not m: continue
+    for raw in _LINES.split(answer):
+        plain = _PLAIN.fullmatch(raw)  # the usual shape 'BUY INFY 0.5' (which `_VERB` matches too)
+        if not (plain or _VERB.match(raw)): continue
         seen += 1
         line = raw.strip()[:200]
         if seen > MAX_ORDER_LINES:
             errors.append(f"more than {MAX_ORDER_LINES} order lines; the rest were ignored")
             break
+        if plain:  # a known symbol and a plain size in (0, 1] are read here as the token rules below would read them
+            sym, size = known.get(plain[2].upper()), float(plain[3])
+            if sym is not None and 0 < size <= 1 and plain[3] not in known:
+                orders.append(Order(plain[1].upper(), sym, size, line))
+                continue
+        m = _VERB.match(raw)
         verb, rest = m.group(1).upper(), m.group(2)
         if verb == 'HOLD':
             hold = True
@@ -144,8 +159,8 @@ class Fill:
     cost: float = 0.0  # transaction cost charged
     reason: str = ''  # why it was reduced or rejected
 
-    def as_dict(self): return dict(order=self.order, side=self.side, symbol=self.symbol, status=self.status,
-                                   shares=self.shares, price=self.price, cost=self.cost, reason=self.reason)
+    def as_dict(self): return {'order': self.order, 'side': self.side, 'symbol': self.symbol, 'status': self.status,
+                               'shares': self.shares, 'price': self.price, 'cost': self.cost, 'reason': self.reason}
 
 # %% ../nbs/02_market.ipynb #c015
 class Portfolio:
@@ -185,7 +200,8 @@ def _buy(pf, i, order, open_price, equity_open):
     price = open_price * (1 + pf.slippage)
     unit = price * (1 + pf.cost)
     want = math.floor(order.fraction * pf.cash / unit)
-    room = math.floor(pf.max_position * equity_open / price + 1e-9) - int(pf.shares[i])
+    held = int(pf.shares[i])
+    room = math.floor(pf.max_position * equity_open / price + 1e-9) - held
     n, reason = want, ''
     if room < want:
         n = max(room, 0)
@@ -200,8 +216,7 @@ def _buy(pf, i, order, open_price, equity_open):
         gross, fee = n * price, n * price * pf.cost
         if n <= 0: return Fill(str(order), 'BUY', order.symbol, 'rejected', price=price, reason='cash too small for one share')
     pf.cash -= gross + fee
-    pf.shares[i] += n
-    pf._shares_f[i] = pf.shares[i]
+    pf.shares[i] = pf._shares_f[i] = held + n
     pf.cost_basis[i] += gross + fee
     pf.total_cost += fee
     pf.trades += 1
@@ -219,8 +234,7 @@ def _sell(pf, i, order, open_price):
     fee = gross * pf.cost
     pf.cash += gross - fee
     pf.cost_basis[i] *= (held - n) / held
-    pf.shares[i] -= n
-    pf._shares_f[i] = pf.shares[i]
+    pf.shares[i] = pf._shares_f[i] = held - n
     pf.total_cost += fee
     pf.trades += 1
     return Fill(str(order), 'SELL', order.symbol, 'filled', n, price, fee)
