@@ -708,7 +708,7 @@ def cli_evaluate(argv:list|None=None, # arguments after `tradellm evaluate`
                 ) -> int:
     "`tradellm evaluate`: agents x tasks on a split, N seeded episodes each."
     p = argparse.ArgumentParser(prog='tradellm evaluate', description='Run agents x tasks on a split for N seeded episodes '
-                                '(the same episodes for every agent) and report scores with 95%% bootstrap intervals.')
+                                '(the same episodes for every agent) and report scores with 95% bootstrap intervals.')
     p.add_argument('--agents', default=','.join(BASELINES),
                    help='comma-separated agent specs: do_nothing, buy_and_hold, rsi, random[:SEED], ppo:PATH, llm:MODEL[+ADAPTER] (default: the baselines)')
     p.add_argument('--tasks', default=','.join(TASKS), help='comma-separated tasks (default: %(default)s)')
