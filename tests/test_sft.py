@@ -332,6 +332,23 @@ def test_tiny_sft_end_to_end(tmp_path, synth_panel, tiny_model, monkeypatch):
 
 
 @pytest.mark.slow
+@pytest.mark.slow
+def test_cpu_loss_on_labelled_positions_only_is_the_same_loss(tmp_path, synth_panel, tiny_model, monkeypatch):
+    "Scoring only the assistant tokens on the CPU (TRL's GPU route) changes the work, not the loss or the gradients."
+    import contextlib
+    data = tmp_path / 'data'
+    build_sft_dataset(data, easy_steps=4, medium_steps=0, val_fraction=0, data=synth_panel, progress=False)
+    kw = dict(max_steps=2, lora_rank=4, batch_size=2, grad_accum=1, max_length=1024, eval_examples=0, track=False, progress=False)
+    fast = sft.train_sft(tiny_model, data, tmp_path / 'fast', **kw)
+    import trl.trainer.utils as tu
+    switch = tu._use_triton
+    with sft._labelled_positions_only(True): assert tu._use_triton is not switch  # the switch is TRL's, and it is put back
+    assert tu._use_triton is switch
+    monkeypatch.setattr(sft, '_labelled_positions_only', lambda cpu: contextlib.nullcontext())
+    full = sft.train_sft(tiny_model, data, tmp_path / 'full', **kw)
+    assert fast['train_loss'] == pytest.approx(full['train_loss'], rel=1e-5)  # two steps: the second saw the first's update
+
+
 def test_model_without_chat_template_is_refused(tmp_path, tiny_model, sft_dir):
     base = tmp_path / 'base'
     shutil.copytree(tiny_model, base)

@@ -491,7 +491,9 @@ def train_grpo(model:str='smollm2', # 'smollm2', a folder written by save_pretra
         from transformers.trainer_callback import PrinterCallback
         trainer.remove_callback(PrinterCallback)  # the metrics go to MLflow and the bar, not to stdout
         if last is not None: bar.update(int(last.name.split('-')[-1]))
-        trainer.train(resume_from_checkpoint=str(last) if last is not None else None)
+        from tradellm.sft import _labelled_positions_only  # on a CPU, score the completion tokens only (same loss)
+        with _labelled_positions_only(next(lm.parameters()).device.type == 'cpu'):
+            trainer.train(resume_from_checkpoint=str(last) if last is not None else None)
         bar.close()
         trainer.model.save_pretrained(out / 'adapter', selected_adapters=['default'])  # not TRL's frozen 'ref' copy
         tok.save_pretrained(out / 'adapter')

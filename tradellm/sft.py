@@ -5,6 +5,7 @@
 # %% ../nbs/09_sft.ipynb #c003
 from __future__ import annotations
 import argparse
+import contextlib
 import hashlib
 import importlib.util
 import json
@@ -417,7 +418,21 @@ def _mlflow_callback(run):
             if m: run.log_metrics(m, step=int(state.global_step))
     return MLflowLoss()
 
-# %% ../nbs/09_sft.ipynb #c038
+# %% ../nbs/09_sft.ipynb #c039
+@contextlib.contextmanager
+def _labelled_positions_only(cpu:bool):
+    "While inside, TRL's fused LM head scores only labelled positions on the CPU too (its GPU behaviour; same loss)."
+    try: import trl.trainer.utils as tu
+    except ImportError: tu = None
+    orig = getattr(tu, '_use_triton', None)
+    if not cpu or orig is None:  # a TRL without the switch: nothing to change
+        yield
+        return
+    tu._use_triton = lambda device: device.type == 'cpu' or orig(device)
+    try: yield
+    finally: tu._use_triton = orig
+
+# %% ../nbs/09_sft.ipynb #c040
 def _no_template(model) -> str:
     return (f"{model}: the tokenizer has no chat template (a base model, not an instruct/chat one), and the examples are "
             "chat turns. Fix: use an instruct model (e.g. 'smollm2' or 'Qwen/Qwen2.5-0.5B-Instruct'), or set "
@@ -451,7 +466,7 @@ def _load_for_training(model, backend, qlora, max_length, cuda):
     tok.padding_side = 'right'
     return lm, tok
 
-# %% ../nbs/09_sft.ipynb #c039
+# %% ../nbs/09_sft.ipynb #c041
 def _data_prompt_style(data) -> str:
     "The prompt style a dataset was written in (its card; datasets from before styles existed are 'full')."
     f = Path(data) / 'data_card.json'
@@ -536,7 +551,8 @@ def train_sft(model:str='smollm2', # 'smollm2', a model folder or a hub id (an i
                              eval_dataset=None if val is None else to_prompt_completion(val), processing_class=tok,
                              peft_config=peft_config, callbacks=[_mlflow_callback(run)])
         t0 = time.time()
-        result = trainer.train(resume_from_checkpoint=str(last) if last else None)
+        with _labelled_positions_only(not cuda):
+            result = trainer.train(resume_from_checkpoint=str(last) if last else None)
         seconds = time.time() - t0
         metrics = {'train_loss': float(result.training_loss), 'steps': int(result.global_step), 'train_seconds': round(seconds, 1),
                    'seconds_per_step': round(seconds / max(1, result.global_step), 3)}
@@ -555,7 +571,7 @@ def train_sft(model:str='smollm2', # 'smollm2', a model folder or a hub id (an i
         run.log_artifact(out / 'tradellm_sft.json')
     return summary
 
-# %% ../nbs/09_sft.ipynb #c041
+# %% ../nbs/09_sft.ipynb #c043
 def tiny_chat_model(out, # folder to write
                     base:str='smollm2', # whose tokenizer and chat template to use
                     hidden:int=32, # hidden size
@@ -577,7 +593,7 @@ def tiny_chat_model(out, # folder to write
     tok.save_pretrained(out)
     return out
 
-# %% ../nbs/09_sft.ipynb #c051
+# %% ../nbs/09_sft.ipynb #c053
 def _fail(cmd, e) -> int:
     print(f"tradellm {cmd}: {e}", file=sys.stderr)
     return 2
