@@ -407,3 +407,13 @@ def test_leaderboard_on_real_data(real_data_dir, tmp_path, monkeypatch):
     assert 'Split **test** (2024-07-01 ..' in md and '68 symbols' in md
     bh = [r for r in res['rows'] if r['spec'] == 'buy_and_hold']
     assert [r['trades_mean'] for r in bh] == [1, 10, 25]
+
+
+def test_leaderboard_shows_format_errors_when_language_models_play():
+    row = dict(score_mean=0.4, score_lo=0.3, score_hi=0.5, return_mean=0.01, sharpe_mean=1.0, max_drawdown_mean=0.02,
+               trades_mean=3.0, beat_buy_and_hold=0.5)
+    rules = ev._task_table([dict(row, spec='rsi', format_error_rate=0.0)])
+    assert 'format errors' not in rules[0] and rules[2].endswith('| 50% |')
+    both = ev._task_table([dict(row, spec='rsi', format_error_rate=0.0), dict(row, spec='llm:smollm2', score_mean=0.3, format_error_rate=0.25)])
+    assert both[0].endswith('| format errors |') and both[1].count('|') == both[0].count('|')
+    assert both[2].startswith('| rsi |') and both[2].endswith('| 0.0% |') and both[3].endswith('| 25.0% |')

@@ -394,13 +394,14 @@ def _pct(x): return f"{100 * x:+.2f}%"
 
 def _task_table(rows) -> list:
     "Markdown table lines of one task's rows, best mean score first."
-    lines = ['| agent | score [95% CI] | vs do-nothing [95% CI] | return | Sharpe | max DD | trades/ep | beats B&H |',
-             '|---|---|---|---|---|---|---|---|']
+    llm = any(str(r['spec']).startswith('llm:') or r.get('format_error_rate', 0) > 0 for r in rows)  # then show format errors
+    lines = ['| agent | score [95% CI] | vs do-nothing [95% CI] | return | Sharpe | max DD | trades/ep | beats B&H |' + (' format errors |' if llm else ''),
+             '|---|---|---|---|---|---|---|---|' + ('---|' if llm else '')]
     for r in sorted(rows, key=lambda r: -r['score_mean']):
         diff = f"{r['diff_do_nothing']:+.3f} [{r['diff_lo']:+.3f}, {r['diff_hi']:+.3f}]" if 'diff_do_nothing' in r else '-'
         lines.append(f"| {r['spec']} | {r['score_mean']:.3f} [{r['score_lo']:.3f}, {r['score_hi']:.3f}] | {diff} | "
                      f"{_pct(r['return_mean'])} | {r['sharpe_mean']:.2f} | {100 * r['max_drawdown_mean']:.2f}% | "
-                     f"{r['trades_mean']:.1f} | {100 * r['beat_buy_and_hold']:.0f}% |")
+                     f"{r['trades_mean']:.1f} | {100 * r['beat_buy_and_hold']:.0f}% |" + (f" {100 * r.get('format_error_rate', 0):.1f}% |" if llm else ''))
     return lines
 
 def leaderboard_markdown(result:dict) -> str:
@@ -418,7 +419,8 @@ def leaderboard_markdown(result:dict) -> str:
              "Intervals are 95% percentile-bootstrap intervals over episodes (10,000 resamples, seeded); "
              "*vs do-nothing* is the paired mean score difference on the same episodes. Return, Sharpe (annualised), "
              "max drawdown and trades are means per episode; *beats B&H* is the share of episodes whose return beat the "
-             "equal-weight buy-and-hold of the same stocks and window (frictionless, from day 1's open).", '']
+             "equal-weight buy-and-hold of the same stocks and window (frictionless, from day 1's open). *Format errors* (shown "
+             "when language models play) is the share of days whose answer the parser could not fully read.", '']
     for task in meta['tasks']:
         t = TASKS[task]
         rows = sorted([r for r in result['rows'] if r['task'] == task], key=lambda r: -r['score_mean'])

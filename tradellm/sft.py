@@ -593,7 +593,7 @@ def tiny_chat_model(out, # folder to write
     tok.save_pretrained(out)
     return out
 
-# %% ../nbs/09_sft.ipynb #c053
+# %% ../nbs/09_sft.ipynb #c052
 def _fail(cmd, e) -> int:
     print(f"tradellm {cmd}: {e}", file=sys.stderr)
     return 2
