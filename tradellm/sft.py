@@ -220,8 +220,9 @@ def rule_examples(task:str='easy', # 'easy', 'medium' or 'hard'
     want_trades = steps if hold_share is None else math.ceil(steps * (1 - hold_share))
     limit = max_decisions or (400 * steps if hold_share is not None else None)
     trades, holds, n, k = [], [], 0, 0
+    wanted = lambda: len(trades) < want_trades and (hold_share is not None or len(trades) + len(holds) < steps)  # more examples to collect
     bar = tqdm(total=want_trades, desc=f'{spec.name} {split}', disable=not progress, leave=False)
-    while len(trades) < want_trades and (hold_share is not None or len(trades) + len(holds) < steps):
+    while wanted():
         if limit is not None and n >= limit:
             raise DataError(f"{spec.name}/{split}: {len(trades)} trading decisions in {n} days, short of the {want_trades} that "
                             f"hold_share={hold_share} needs for {steps} examples. The rule agent rarely trades here: lower --hold-share, "
@@ -230,7 +231,7 @@ def rule_examples(task:str='easy', # 'easy', 'medium' or 'hard'
         if hasattr(agent, 'reset'): agent.reset([env])
         rng = np.random.default_rng([seed % 2**32, k, sum(map(ord, spec.name)), sum(map(ord, split))])
         done = False
-        while not done and len(trades) < want_trades and (hold_share is not None or len(trades) + len(holds) < steps):
+        while not done and wanted():
             view = env.view
             action, decisions = agent.decide(view, spec.max_position, spec.max_trades)
             think = explain(view, action, decisions, rng, rules, concise=style == 'compact')
