@@ -275,6 +275,8 @@ def test_cli_help_and_bad_input(capsys):
     assert cli_grpo(['--group-size', '1', '--no-mlflow', '--fresh-lora']) == 2
     assert cli_grpo(['--horizon', '0', '--no-mlflow', '--fresh-lora']) == 2
     capsys.readouterr()
+    assert cli_grpo(['--temperature', '0', '--no-mlflow', '--fresh-lora']) == 2  # greedy groups would all agree
+    assert 'temperature must be above 0' in capsys.readouterr().err
     assert cli_grpo(['--adapter', '/nonexistent/sft', '--no-mlflow']) == 2  # GRPO starts from SFT: say how to get one
     err = capsys.readouterr().err
     assert 'no SFT adapter at /nonexistent/sft' in err and 'tradellm sft --data' in err and '--fresh-lora' in err

@@ -452,6 +452,7 @@ def train_grpo(model:str='smollm2', # 'smollm2', a folder written by save_pretra
                         ('prompts', prompts, 1), ('prompts_per_step', prompts_per_step, 1), ('save_steps', save_steps, 1)):
         if int(v) != v or v < lo: raise ValueError(f"{name} must be a whole number >= {lo}, got {v}")
     if beta < 0: raise ValueError(f"beta must be >= 0, got {beta}")
+    if not temperature > 0: raise ValueError(f"temperature must be above 0 (GRPO samples its groups), got {temperature}")
     cfg = env_config or GRPOEnvConfig(horizon=horizon)
     t = get_task(task)
     out = Path(out) if out is not None else default_out(t.name)
@@ -539,6 +540,7 @@ def _parser():
     p.add_argument('--prompts-per-step', type=int, default=1, help='groups per optimizer step (default 1)')
     p.add_argument('--lr', type=float, default=5e-5, help='learning rate (default 5e-5)')
     p.add_argument('--beta', type=float, default=0.0, help='KL coefficient (default 0: no reference model)')
+    p.add_argument('--temperature', type=float, default=1.0, help='sampling temperature of the groups (default 1)')
     p.add_argument('--lora-r', type=int, default=16, help='LoRA rank of a fresh adapter (default 16)')
     p.add_argument('--trade-weight', type=float, default=1.0, help='weight of the trade reward (default 1)')
     p.add_argument('--format-weight', type=float, default=0.5, help='weight of the format reward (default 0.5)')
@@ -569,7 +571,7 @@ def cli_grpo(argv:list) -> int:
             import torch
             torch.set_num_threads(a.threads)
         s = train_grpo(a.model, adapter, a.task, a.out, a.steps, a.group_size, a.horizon, a.max_completion_length, a.prompts,
-                       a.prompts_per_step, a.lr, a.beta, lora_r=a.lora_r, env_config=cfg, seed=a.seed, save_steps=a.save_steps,
+                       a.prompts_per_step, a.lr, a.beta, a.temperature, lora_r=a.lora_r, env_config=cfg, seed=a.seed, save_steps=a.save_steps,
                        resume=a.resume, track=not a.no_mlflow, data=a.data, device=a.device, progress=not a.json,
                        prompt_style=a.prompt_style)
     except (ValueError, FileNotFoundError, DataError, ModelError) as e:
