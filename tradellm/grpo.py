@@ -429,8 +429,8 @@ def train_grpo(model:str='smollm2', # 'smollm2', a folder written by save_pretra
                max_completion_length:int=64, # tokens per completion
                prompts:int=256, # train-split states in the dataset (cycled)
                prompts_per_step:int=1, # prompts (groups) per optimizer step
-               learning_rate:float=5e-5, # AdamW learning rate of the LoRA weights
-               beta:float=0.0, # KL coefficient (0: no reference model)
+               learning_rate:float=2e-5, # AdamW learning rate of the LoRA weights
+               beta:float=0.04, # KL coefficient against the starting policy (0: no reference model)
                temperature:float=1.0, # sampling temperature of the group
                lora_r:int=16, # LoRA rank (fresh adapter only)
                lora_alpha:int|None=None, # LoRA alpha (default 2 * rank)
@@ -538,8 +538,10 @@ def _parser():
     p.add_argument('--max-completion-length', type=int, default=64, help='tokens per completion (default 64)')
     p.add_argument('--prompts', type=int, default=256, help='train-split states to sample prompts from (default 256)')
     p.add_argument('--prompts-per-step', type=int, default=1, help='groups per optimizer step (default 1)')
-    p.add_argument('--lr', type=float, default=5e-5, help='learning rate (default 5e-5)')
-    p.add_argument('--beta', type=float, default=0.0, help='KL coefficient (default 0: no reference model)')
+    p.add_argument('--lr', type=float, default=2e-5, help='learning rate (default 2e-5)')
+    p.add_argument('--beta', type=float, default=0.04,
+                   help='KL coefficient against the starting policy: the SFT adapter, or the base model with --fresh-lora '
+                   '(default 0.04; 0: no reference model)')
     p.add_argument('--temperature', type=float, default=1.0, help='sampling temperature of the groups (default 1)')
     p.add_argument('--lora-r', type=int, default=16, help='LoRA rank of a fresh adapter (default 16)')
     p.add_argument('--trade-weight', type=float, default=1.0, help='weight of the trade reward (default 1)')
