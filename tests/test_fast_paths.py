@@ -83,3 +83,78 @@ def test_breadth_and_numeric_globals_at_reset(synth_panel, task):
         # the first observation is row 0 with the capital as cash and equity, in an array of its own
         assert np.array_equal(obs[:g + 2], env._rows[0, :g + 2]) and np.array_equal(obs[g + 5:], env._rows[0, g + 5:])
         assert list(obs[g + 2:g + 5]) == [env.task.capital, env.task.capital, 0.0] and not np.shares_memory(obs, env._rows)
+
+
+# --- the score's reductions, the one-stock breadth and the symbol-major feature windows (issue 3, numeric easy) ---
+
+from tradellm import tasks  # noqa: E402
+from tradellm.env import _breadth_one, _panel_features  # noqa: E402
+
+SPECIAL = [0.0, -0.0, 1e-300, -1e-300, 1e300, np.inf, -np.inf, np.nan]
+
+
+def same_float(a, b) -> bool:
+    "The same value bit for bit (NaN matches NaN), and the same type."
+    return type(a) is type(b) and np.float64(a).tobytes() == np.float64(b).tobytes()
+
+
+def curves(rng, count):
+    "Equity curves of every shape the grader meets: random walks, rounded money, flat stretches, special values."
+    for it in range(count):
+        n, kind = int(rng.integers(1, 50)), it % 5
+        if kind == 0: e = 1e5 * np.cumprod(1 + rng.normal(0, rng.choice([1e-4, 0.02, 0.3]), n))
+        elif kind == 1: e = np.round(1e5 * np.cumprod(1 + rng.normal(0, 0.01, n)), 2)
+        elif kind == 2: e = np.full(n, 1e5) + rng.integers(0, 2, n) * rng.choice([1e-9, 0.01, 1e3])
+        elif kind == 3: e = rng.choice([1e5, 1e5 + 0.01, 99_999.99, 0.0, -1.0] + SPECIAL, n)
+        else: e = rng.lognormal(10, 3, n)
+        yield e
+
+
+def test_score_reductions_are_numpys_mean_std_and_max():
+    "sharpe_ratio, max_drawdown and buy_and_hold_return call the ufunc reductions directly: the same bits as np.mean/std/max."
+    rng = np.random.default_rng(3)
+    with np.errstate(all='ignore'):
+        for e in curves(rng, 3000):
+            r = e[1:] / e[:-1] - 1
+            if len(r) >= 2:
+                sd = r.std(ddof=1)
+                want = 0.0 if sd == 0 or not np.isfinite(sd) else float(np.sqrt(252) * r.mean() / sd)
+                assert same_float(tasks.sharpe_ratio(r), want), r
+            peak = np.maximum.accumulate(e)
+            assert same_float(tasks.max_drawdown(e.tolist()), float(((peak - e) / peak).max())), e
+            o, c = rng.lognormal(5, 1, (3, len(e))), np.vstack([e, e, e])
+            assert same_float(tasks.buy_and_hold_return(o, c), float(np.mean(c[-1] / o[1]) - 1)), e
+
+
+def test_score_episode_parts_and_weights():
+    "The unrolled weighted sum is the sum over WEIGHTS in its order, and the keys keep their order."
+    e = [100., 110., 99., 121., 121.]
+    s = tasks.score_episode(e, trades=2, days=4)
+    assert list(s) == ['score', 'total_return', 'sharpe', 'max_drawdown', 'trades', 'sharpe_score', 'pnl_score',
+                       'drawdown_score', 'activity_score']
+    assert s['score'] == sum(tasks.WEIGHTS[k] * s[f'{k}_score'] for k in tasks.WEIGHTS)
+
+
+def test_breadth_of_one_stock_is_the_sum_over_stocks():
+    "For one stock, up/down counts and the mean change are what the sums over the stock axis give (-0.0 becomes 0.0)."
+    rng = np.random.default_rng(5)
+    for _ in range(200):
+        ch = rng.choice(SPECIAL + list(rng.normal(0, 2, 8)), (int(rng.integers(1, 45)), 1))
+        ch = np.asfortranarray(ch) if rng.random() < 0.5 else ch
+        got = _breadth_one(ch[:, 0])
+        want = ((ch > 0).sum(1), (ch < 0).sum(1), ch.sum(1) / 1)
+        for g, w in zip(got, want): assert g.dtype == w.dtype and g.tobytes() == w.tobytes()
+
+
+@pytest.mark.parametrize('task', ['easy', 'medium', 'hard'])
+def test_windows_match_fancy_indexing_of_the_panel(synth_panel, task):
+    "Feature windows read from the symbol-major copy have the values and the memory layout of `feat[a:b, cols]`."
+    env = TradingEnv(task, 'test', 'numeric', synth_panel)
+    feat, feat32, _ = _panel_features(synth_panel)
+    for seed in range(8):
+        env.reset(seed=seed)
+        a, b, cols = env._start, env._start + env.task.days + 1, env._cols
+        for got, want in ((env._market, feat[a:b, cols]), (env._open, synth_panel.open[a:b, cols]),
+                          (env._close, synth_panel.close[a:b, cols])):
+            assert got.strides == want.strides and got.tobytes() == want.tobytes()
+        assert np.array_equal(env._rows[:, :env._nm], feat32[a:b, cols].reshape(b - a, -1))

@@ -121,6 +121,14 @@ def _panel_features(panel):
         panel._env_features = cached
     return cached
 
+def _panel_by_symbol(panel, feat, feat32):
+    "The features stored symbol by symbol ((symbols, days, features), C order), made once per panel with them: one stock's window is then one contiguous run of memory."
+    cached = getattr(panel, '_env_by_symbol', None)
+    if cached is None or cached[0] is not feat:
+        cached = (feat, np.ascontiguousarray(feat.transpose(1, 0, 2)), np.ascontiguousarray(feat32.transpose(1, 0, 2)))
+        panel._env_by_symbol = cached
+    return cached[1:]
+
 def _panel_labels(panel, feat):
     "The text label of each labelled indicator on every day and symbol of a panel, made once and kept on it."
     cached = getattr(panel, '_env_labels', None)
@@ -151,6 +159,7 @@ class TradingEnv(gym.Env):
         self.task, self.split, self.obs_mode, self.render_mode = get_task(task), split, obs_mode, render_mode
         self.panel = data if isinstance(data, Panel) else load_panel(data)
         self._feat, self._feat32, self._iso = _panel_features(self.panel)
+        self._by_symbol = _panel_by_symbol(self.panel, self._feat, self._feat32)
         self._find_windows()
         n = self.task.n_stocks
         self.feature_names = feature_names(self.task)
@@ -193,6 +202,12 @@ class TradingEnv(gym.Env):
         return len(self._starts)
 
 # %% ../nbs/04_env.ipynb #c015
+_sum = np.add.reduce  # what `.sum(axis)` runs, without its Python wrapper
+
+def _breadth_one(ch):
+    "Stocks up, stocks down and mean change of each day when an episode has one stock (`ch`: its daily changes): the arrays the sums over stocks give."
+    return (ch > 0).astype(np.intp), (ch < 0).astype(np.intp), ch + 0.0  # a sum of one value is 0.0 + x (-0.0 becomes 0.0)
+
 class TradingEnv(TradingEnv):
     def reset(self, *, seed:int|None=None, options:dict|None=None):
         "Start an episode drawn from `seed` (or pinned by `options`); returns `(observation, info)`."
@@ -211,17 +226,21 @@ class TradingEnv(TradingEnv):
         a, b = self._start, self._start + t.days + 1
         self.symbols = tuple([self.panel.symbols[c] for c in cols])
         self._dates = self._iso[a:b]
-        self._open = self.panel.open[a:b, self._cols]
-        self._close = self.panel.close[a:b, self._cols]
-        self._market = self._feat[a:b, self._cols]  # (days + 1, n, features)
-        ch = self._market[:, :, 1]
-        up, down, mean = (ch > 0).sum(1), (ch < 0).sum(1), ch.sum(1) / t.n_stocks  # the mean, as `ch.mean(1)` computes it
+        ci, (f, f32) = np.array(self._cols, dtype=np.intp), self._by_symbol  # one index array for all the windows
+        self._open, self._close = self.panel.open[a:b, ci], self.panel.close[a:b, ci]  # prices are read from the panel itself
+        # the feature windows `feat[a:b, cols]`, read from the symbol-major copy: the same values and the same memory layout
+        # (so sums over stocks add in the same order), from one contiguous run per stock instead of scattered rows
+        self._market = f[ci, a:b].transpose(1, 0, 2)  # (days + 1, n, features)
+        if t.n_stocks == 1: up, down, mean = _breadth_one(self._market[:, 0, 1])
+        else:
+            ch = self._market[:, :, 1]  # the mean, as `ch.mean(1)` computes it
+            up, down, mean = _sum(ch > 0, 1), _sum(ch < 0, 1), _sum(ch, 1) / t.n_stocks
         blocked = ((down / t.n_stocks) > REGIME_FALL_SHARE) | (mean < REGIME_MEAN_CHANGE) if t.regime_gate else self._ungated
         self._blocked, self._blocked_days = blocked, blocked.tolist()
         self._up_down_mean, self._breadth = (up, down, mean), None  # `_breadth` (tuples per day) is made when a view needs it
         # numeric rows of the whole window: market values and the day's globals now, the portfolio's at each step
         rows, nm, g = self._rows0.copy(), self._nm, self._g
-        rows[:, :nm] = self._feat32[a:b, self._cols].reshape(b - a, nm)
+        rows[:, :nm] = f32[ci, a:b].transpose(1, 0, 2).reshape(b - a, nm)
         rows[:, g + 5], rows[:, g + 6], rows[:, g + 8] = up, down, blocked
         rows[:, g + 7] = np.nan_to_num(mean) if math.isnan(np.add.reduce(mean)) else mean  # (a sum is NaN when a term is)
         self._rows = rows

@@ -55,18 +55,25 @@ def daily_returns(equity) -> np.ndarray:
     e = np.asarray(equity, dtype=np.float64)
     return e[1:] / e[:-1] - 1
 
+_sum, _max = np.add.reduce, np.maximum.reduce  # the reductions `mean`, `std` and `max` run, without their Python wrappers
+
 def sharpe_ratio(returns) -> float:
     "Annualised Sharpe ratio of daily returns, sqrt(252) mean / sample std; 0 when std is 0."
     r = np.asarray(returns, dtype=np.float64)
     if len(r) < 2: return 0.0
-    sd = r.std(ddof=1)
-    return 0.0 if sd == 0 or not math.isfinite(sd) else float(math.sqrt(252) * r.mean() / sd)
+    if r.ndim != 1: sd, mean = r.std(ddof=1), r.mean()
+    else:  # the same operations `r.std(ddof=1)` and `r.mean()` make, in the same order (same bits, a fraction of the time)
+        n = len(r)
+        mean = _sum(r) / n
+        d = r - mean
+        sd = math.sqrt(_sum(d * d) / (n - 1))
+    return 0.0 if sd == 0 or not math.isfinite(sd) else float(math.sqrt(252) * mean / sd)
 
 def max_drawdown(equity) -> float:
     "Largest fall from a running peak, as a fraction of that peak."
     e = np.asarray(equity, dtype=np.float64)
     peak = np.maximum.accumulate(e)
-    return float(((peak - e) / peak).max()) if len(e) else 0.0
+    return float(_max((peak - e) / peak, axis=None)) if len(e) else 0.0
 
 def score_episode(equity, # equity at each close: the capital first, then one value per day
                   trades:int, # orders that moved shares
@@ -77,11 +84,11 @@ def score_episode(equity, # equity at each close: the capital first, then one va
     R = float(e[-1] / e[0] - 1)
     S = sharpe_ratio(daily_returns(e))
     mdd = max_drawdown(e)
-    parts = dict(sharpe=_clip(S / 3), pnl=_clip(0.5 + R / 0.2), drawdown=1 - _clip(mdd / 0.2),
-                 activity=min(1.0, trades / (0.25 * days)))
-    score = sum(WEIGHTS[k] * v for k, v in parts.items())
-    return dict(score=score, total_return=R, sharpe=S, max_drawdown=mdd, trades=int(trades),
-                **{f'{k}_score': v for k, v in parts.items()})
+    sh, pnl, dd, act = _clip(S / 3), _clip(0.5 + R / 0.2), 1 - _clip(mdd / 0.2), min(1.0, trades / (0.25 * days))
+    w = WEIGHTS
+    score = sum([w['sharpe'] * sh, w['pnl'] * pnl, w['drawdown'] * dd, w['activity'] * act])
+    return {'score': score, 'total_return': R, 'sharpe': S, 'max_drawdown': mdd, 'trades': int(trades),
+            'sharpe_score': sh, 'pnl_score': pnl, 'drawdown_score': dd, 'activity_score': act}
 
 # %% ../nbs/03_tasks.ipynb #c014
 def buy_and_hold_return(open_prices, # (days + 1, n) opens of the window
@@ -89,4 +96,6 @@ def buy_and_hold_return(open_prices, # (days + 1, n) opens of the window
                        ) -> float:
     "Equal-weight buy-and-hold return: buy at the open of day 1, value at the last close."
     o, c = np.asarray(open_prices, dtype=np.float64), np.asarray(close_prices, dtype=np.float64)
-    return float(np.mean(c[-1] / o[1]) - 1)
+    x = c[-1] / o[1]
+    if not isinstance(x, np.ndarray) or x.ndim != 1 or not len(x): return float(np.mean(x) - 1)
+    return float(_sum(x) / len(x) - 1)  # what `np.mean(x) - 1` computes, without its wrapper
