@@ -332,7 +332,6 @@ def test_tiny_sft_end_to_end(tmp_path, synth_panel, tiny_model, monkeypatch):
 
 
 @pytest.mark.slow
-@pytest.mark.slow
 def test_cpu_loss_on_labelled_positions_only_is_the_same_loss(tmp_path, synth_panel, tiny_model, monkeypatch):
     "Scoring only the assistant tokens on the CPU (TRL's GPU route) changes the work, not the loss or the gradients."
     import contextlib
@@ -349,6 +348,7 @@ def test_cpu_loss_on_labelled_positions_only_is_the_same_loss(tmp_path, synth_pa
     assert fast['train_loss'] == pytest.approx(full['train_loss'], rel=1e-5)  # two steps: the second saw the first's update
 
 
+@pytest.mark.slow
 def test_model_without_chat_template_is_refused(tmp_path, tiny_model, sft_dir):
     base = tmp_path / 'base'
     shutil.copytree(tiny_model, base)
