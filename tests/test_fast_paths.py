@@ -148,7 +148,8 @@ def test_breadth_of_one_stock_is_the_sum_over_stocks():
 
 @pytest.mark.parametrize('task', ['easy', 'medium', 'hard'])
 def test_windows_match_fancy_indexing_of_the_panel(synth_panel, task):
-    "Feature windows read from the symbol-major copy have the values and the memory layout of `feat[a:b, cols]`."
+    """Feature windows read from the symbol-major copy have the values of `feat[a:b, cols]` and, when sums run over more
+    than one stock, its memory layout too (one-stock windows are views of tables made once per panel)."""
     env = TradingEnv(task, 'test', 'numeric', synth_panel)
     feat, feat32, _ = _panel_features(synth_panel)
     for seed in range(8):
@@ -156,5 +157,71 @@ def test_windows_match_fancy_indexing_of_the_panel(synth_panel, task):
         a, b, cols = env._start, env._start + env.task.days + 1, env._cols
         for got, want in ((env._market, feat[a:b, cols]), (env._open, synth_panel.open[a:b, cols]),
                           (env._close, synth_panel.close[a:b, cols])):
-            assert got.strides == want.strides and got.tobytes() == want.tobytes()
+            assert got.shape == want.shape and got.tobytes() == want.tobytes()
+            if env.task.n_stocks > 1: assert got.strides == want.strides
         assert np.array_equal(env._rows[:, :env._nm], feat32[a:b, cols].reshape(b - a, -1))
+
+
+def random_portfolio_days(rng, n_symbols, days=30):
+    "A portfolio driven through `days` of random orders by `execute`, yielding it with the day's finite prices."
+    syms = [f'S{i}' for i in range(n_symbols)]
+    pf = market.Portfolio(syms, 1e5, cost=0.001, slippage=0.002, max_position=float(rng.choice([0.3, 1.0])), max_trades=5)
+    for day in range(1, days + 1):
+        prices = rng.lognormal(5, 1, n_symbols)
+        orders = [market.Order(str(rng.choice(['BUY', 'SELL'])), str(rng.choice(syms)), float(rng.choice([0.1, 0.5, 1.0])))
+                  for _ in range(int(rng.integers(0, 4)))]
+        market.execute(pf, orders, prices, day)
+        yield pf, prices
+
+
+@pytest.mark.parametrize('n_symbols', [1, 3, 25])
+def test_equity_of_finite_prices_is_the_dot_product(n_symbols):
+    "`_equity_finite` (no numpy while at most one stock is held) gives the bits of `equity`, and `_held` is the nonzero shares."
+    rng = np.random.default_rng(n_symbols)
+    seen = set()
+    for _ in range(40):
+        for pf, prices in random_portfolio_days(rng, n_symbols):
+            assert pf._held == {i: int(s) for i, s in enumerate(pf.shares) if s}
+            seen.add(min(len(pf._held), 2))
+            assert same_float(pf._equity_finite(prices, prices.tolist()), pf.equity(prices))
+    assert seen == {0, 1, 2} if n_symbols > 1 else seen == {0, 1}  # no holding, one, and several were all met
+
+
+def test_fills_with_the_open_as_a_list_are_the_same():
+    "`execute(..., open_row=prices.tolist())` (what the env passes) fills exactly as without it."
+    rng = np.random.default_rng(7)
+    for _ in range(200):
+        n = int(rng.integers(1, 6))
+        a, b = (market.Portfolio([f'S{i}' for i in range(n)], 5e4, 0.001, 0.002, 0.4, 3) for _ in range(2))
+        for day in range(1, 15):
+            prices = rng.lognormal(4, 1, n)
+            orders = [market.Order(str(rng.choice(['BUY', 'SELL'])), f'S{int(rng.integers(n + 1))}', float(rng.choice([0.2, 1.0])))
+                      for _ in range(int(rng.integers(1, 5)))]
+            allowed = bool(rng.random() < 0.8)
+            fa = market.execute(a, orders, prices, day, allowed)
+            fb = market.execute(b, orders, prices, day, allowed, prices.tolist())
+            assert fa == fb and a.cash == b.cash and a.shares.tolist() == b.shares.tolist() and a._held == b._held
+
+
+@pytest.mark.parametrize('regime_gate', [False, True])
+def test_one_stock_windows_are_what_the_general_code_makes(synth_panel, monkeypatch, regime_gate):
+    "One-stock episodes read their windows from per-panel tables: observations, breadth, gate and fills equal the general code's."
+    import dataclasses
+    from tradellm.tasks import TASKS
+    task = dataclasses.replace(TASKS['easy'], regime_gate=regime_gate)
+    fast, slow = TradingEnv(task, 'test', 'numeric', synth_panel), TradingEnv(task, 'test', 'numeric', synth_panel)
+    monkeypatch.setattr(slow, '_one_stock_window', lambda c, a, b: False)  # every reset takes the general code
+    rng = np.random.default_rng(0)
+    blocked_days = 0
+    for seed in range(12):
+        (of, _), (os_, _) = fast.reset(seed=seed), slow.reset(seed=seed)
+        assert of.tobytes() == os_.tobytes() and fast._rows.tobytes() == slow._rows.tobytes()
+        assert fast._market.tobytes() == slow._market.tobytes() and fast._blocked.tolist() == slow._blocked.tolist()
+        assert fast.view.breadth == slow.view.breadth
+        blocked_days += sum(fast._blocked_days)
+        for _ in range(task.days):
+            a = str(rng.choice(['HOLD', f'BUY {fast.symbols[0]} 0.5', 'SELL 1', 'BUY 1']))
+            sf, ss = fast.step(a), slow.step(a)
+            assert sf[0].tobytes() == ss[0].tobytes() and sf[1:] == ss[1:]
+        assert fast.pf.equity_history == slow.pf.equity_history
+    assert blocked_days > 0 or not regime_gate  # the gate shut on some days, so both of its roads were compared

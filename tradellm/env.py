@@ -14,7 +14,7 @@ from gymnasium import spaces
 
 from .data import Panel, load_panel, split_slice, DataError
 from .indicators import compute_indicators, LABELS, WARMUP
-from .market import Order, ParsedAction, Portfolio, parse_action, execute, mark
+from .market import Order, ParsedAction, Portfolio, parse_action, execute
 from .tasks import (ENV_VERSION, TaskSpec, get_task, score_episode, buy_and_hold_return,
                             REGIME_FALL_SHARE, REGIME_MEAN_CHANGE)
 
@@ -129,6 +129,19 @@ def _panel_by_symbol(panel, feat, feat32):
         panel._env_by_symbol = cached
     return cached[1:]
 
+def _panel_one_stock(panel, feat, by_symbol):
+    "For episodes of one stock, made once per panel: each stock's numeric rows (market values and breadth, the rest 0), its up/down/mean change per day, and a running count of days whose mean change is not finite."
+    cached = getattr(panel, '_env_one_stock', None)
+    if cached is None or cached[0] is not feat:
+        f, f32 = by_symbol
+        up, down, mean = _breadth_one(np.ascontiguousarray(f[:, :, 1]))  # (symbols, days) each
+        nm, g = len(MARKET_FEATURES), len(MARKET_FEATURES) + len(POSITION_FEATURES)
+        rows = np.zeros(f32.shape[:2] + (g + len(GLOBAL_FEATURES),), np.float32)
+        rows[:, :, :nm], rows[:, :, g + 5], rows[:, :, g + 6], rows[:, :, g + 7] = f32, up, down, mean
+        bad = np.concatenate([np.zeros((len(f), 1), np.intp), np.cumsum(~np.isfinite(mean), 1)], 1)
+        cached = panel._env_one_stock = (feat, rows, up, down, mean, bad)
+    return cached[1:]
+
 def _panel_labels(panel, feat):
     "The text label of each labelled indicator on every day and symbol of a panel, made once and kept on it."
     cached = getattr(panel, '_env_labels', None)
@@ -226,8 +239,10 @@ class TradingEnv(TradingEnv):
         a, b = self._start, self._start + t.days + 1
         self.symbols = tuple([self.panel.symbols[c] for c in cols])
         self._dates = self._iso[a:b]
+        if t.n_stocks == 1 and self._one_stock_window(cols[0], a, b): return self._start_episode()
         ci, (f, f32) = np.array(self._cols, dtype=np.intp), self._by_symbol  # one index array for all the windows
         self._open, self._close = self.panel.open[a:b, ci], self.panel.close[a:b, ci]  # prices are read from the panel itself
+        self._close_rows = self._close.tolist()  # the same closes as Python floats, for marking and positions
         # the feature windows `feat[a:b, cols]`, read from the symbol-major copy: the same values and the same memory layout
         # (so sums over stocks add in the same order), from one contiguous run per stock instead of scattered rows
         self._market = f[ci, a:b].transpose(1, 0, 2)  # (days + 1, n, features)
@@ -244,6 +259,29 @@ class TradingEnv(TradingEnv):
         rows[:, g + 5], rows[:, g + 6], rows[:, g + 8] = up, down, blocked
         rows[:, g + 7] = np.nan_to_num(mean) if math.isnan(np.add.reduce(mean)) else mean  # (a sum is NaN when a term is)
         self._rows = rows
+        return self._start_episode()
+
+    def _one_stock_window(self, c, a, b) -> bool:
+        "The windows of a one-stock episode (stock column `c`, days a..b-1) as views and copies of tables made once per panel; False (nothing set) when a mean change in it is not finite, which the general code handles."
+        rows1, up1, down1, mean1, bad = _panel_one_stock(self.panel, self._feat, self._by_symbol)
+        if bad[c, b] != bad[c, a]: return False
+        t, P = self.task, self.panel
+        self._open, self._close = P.open[a:b, c:c + 1], P.close[a:b, c:c + 1]
+        self._close_rows = self._close.tolist()
+        self._market = self._by_symbol[0][c, a:b, None]  # (days + 1, 1, features)
+        up, down, mean = up1[c, a:b], down1[c, a:b], mean1[c, a:b]
+        blocked = ((down / 1) > REGIME_FALL_SHARE) | (mean < REGIME_MEAN_CHANGE) if t.regime_gate else self._ungated
+        self._blocked, self._blocked_days = blocked, blocked.tolist()
+        self._up_down_mean, self._breadth = (up, down, mean), None
+        rows, g = rows1[c, a:b].copy(), self._g
+        rows[:, g:g + 2] = self._rows0[:, g:g + 2]  # day and days left
+        if t.regime_gate: rows[:, g + 8] = blocked
+        self._rows = rows
+        return True
+
+    def _start_episode(self):
+        "The portfolio and the counters of a new episode, once its windows are set; returns what `reset` returns."
+        t = self.task
         self._labels = None
         self.pf = Portfolio(self.symbols, t.capital, t.cost, t.slippage, t.max_position, t.max_trades)
         self._k, self._done, self.actions = 0, False, []
@@ -288,9 +326,12 @@ class TradingEnv(TradingEnv):
             parsed = ParsedAction(list(action), [], hold=not action)
         else: parsed = parse_action(action, self.symbols, self._default)
         k = self._k + 1  # the day the orders fill on
-        fills = execute(pf, parsed.orders, self._open[k], k, buy_allowed=not self._blocked_days[k - 1]) if parsed.orders else []
+        fills = (execute(pf, parsed.orders, self._open[k], k, not self._blocked_days[k - 1], self._open[k].tolist())
+                 if parsed.orders else [])
         before = pf.equity_history[-1]
-        after = mark(pf, self._close[k], k)
+        after = pf._equity_finite(self._close[k], self._close_rows[k])  # what `mark` records (every window price is real)
+        pf.equity_history.append(after)
+        pf.day = k
         self.actions.append(action if isinstance(action, str) else ';'.join(map(str, parsed.orders)) or 'HOLD')
         self._k, self._done = k, k == self.task.days
         info = self._info(parsed, fills)
@@ -350,13 +391,11 @@ class TradingEnv(TradingEnv):
         k, pf = self._k, self.pf
         out = self._rows[k].copy()
         equity, g = pf.equity_history[-1], self._g
-        shares = pf.shares.tolist()
-        if any(shares):  # position features of the stocks held (plain floats, set one by one: few stocks are held at once)
-            close, basis = self._close[k].tolist(), pf.cost_basis.tolist()
-            for i, sh in enumerate(shares):
-                if sh:
-                    j = self._nm + 4 * i
-                    out[j], out[j + 1], out[j + 2], out[j + 3] = position_values(float(sh), basis[i] / sh, close[i], equity)
+        if pf._held:  # position features of the stocks held (plain floats, set one by one: few stocks are held at once)
+            close, basis = self._close_rows[k], pf.cost_basis
+            for i, sh in pf._held.items():
+                j = self._nm + 4 * i
+                out[j], out[j + 1], out[j + 2], out[j + 3] = position_values(float(sh), float(basis[i]) / sh, close[i], equity)
         out[g + 2], out[g + 3], out[g + 4] = pf.cash, equity, (equity / pf.capital - 1) * 100
         return out
 

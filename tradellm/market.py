@@ -8,15 +8,15 @@ import functools
 import math
 import re
 from dataclasses import dataclass
+from typing import NamedTuple
 import numpy as np
 
 # %% auto #0
 __all__ = ['MAX_ACTION_CHARS', 'MAX_ORDER_LINES', 'Order', 'ParsedAction', 'parse_action', 'Fill', 'Portfolio', 'execute', 'mark']
 
 # %% ../nbs/02_market.ipynb #c006
-@dataclass(frozen=True)
-class Order:
-    "One instruction: BUY spends `fraction` of cash, SELL sells `fraction` of the holding."
+class Order(NamedTuple):
+    "One instruction: BUY spends `fraction` of cash, SELL sells `fraction` of the holding (immutable)."
     side: str  # 'BUY' or 'SELL'
     symbol: str  # one of the episode's symbols
     fraction: float  # in (0, 1]
@@ -85,6 +85,15 @@ def parse_action(text, # the agent's answer
     if isinstance(text, str) and len(text) < 16 and text.strip().upper() == 'HOLD': return _HOLD
     if not isinstance(text, str):
         return ParsedAction([], [f"the action must be text, got {type(text).__name__}"])
+    if len(text) <= 500 and '<' not in text and '\n' not in text:  # the usual answer: plain orders separated by ';'
+        known, orders = _known(symbols if type(symbols) is tuple else tuple(symbols)), []
+        for raw in text.split(';'):  # what the loop below reads, line by line, when every line is a plain order
+            plain = _PLAIN.fullmatch(raw)
+            if plain is None: break
+            sym, size = known.get(plain[2].upper()), float(plain[3])
+            if sym is None or not 0 < size <= 1 or plain[3] in known: break
+            orders.append(Order(plain[1].upper(), sym, size, raw.strip()[:200]))
+        else: return ParsedAction(orders, [], False, text.strip())  # (at most 62 lines fit in 500 characters)
     errors = []
     if len(text) > MAX_ACTION_CHARS:
         errors.append(f"the answer is {len(text):,} characters; only the last {MAX_ACTION_CHARS:,} were read")
@@ -180,6 +189,7 @@ class Portfolio:
         self.cash = float(capital)
         self.shares = np.zeros(len(self.symbols), dtype=np.int64)
         self._shares_f = np.zeros(len(self.symbols))  # the same counts as float64, for a fast dot product
+        self._held = {}  # column -> shares, for the columns held (kept with `shares` by the fills)
         self.cost_basis = np.zeros(len(self.symbols))  # money paid for the shares held (fill price + cost)
         self.equity_history = [float(capital)]  # equity at each close, starting with the capital
         self.fills = []  # (day index, Fill) of every order, rejected ones included
@@ -190,6 +200,14 @@ class Portfolio:
     def equity(self, prices) -> float:
         "Cash plus shares valued at `prices` (one per symbol)."
         return self.cash + float(self._shares_f.dot(prices))
+
+    def _equity_finite(self, prices, row) -> float:
+        "`equity(prices)` for prices that are all finite (`row`: the same prices as a list): the same bits, without numpy while at most one stock is held."
+        held = self._held
+        if len(held) > 1: return self.cash + float(self._shares_f.dot(prices))
+        if not held: return self.cash  # the dot product is 0.0 when every price is finite, and cash + 0.0 is cash (cash >= 0)
+        (i, n), = held.items()
+        return self.cash + n * row[i]  # one nonzero term: the dot product is that product, rounded once
 
     def avg_cost(self) -> np.ndarray:
         "Average price paid per share held, costs included (0 where nothing is held)."
@@ -216,7 +234,7 @@ def _buy(pf, i, order, open_price, equity_open):
         gross, fee = n * price, n * price * pf.cost
         if n <= 0: return Fill(str(order), 'BUY', order.symbol, 'rejected', price=price, reason='cash too small for one share')
     pf.cash -= gross + fee
-    pf.shares[i] = pf._shares_f[i] = held + n
+    pf.shares[i] = pf._shares_f[i] = pf._held[i] = held + n
     pf.cost_basis[i] += gross + fee
     pf.total_cost += fee
     pf.trades += 1
@@ -235,6 +253,8 @@ def _sell(pf, i, order, open_price):
     pf.cash += gross - fee
     pf.cost_basis[i] *= (held - n) / held
     pf.shares[i] = pf._shares_f[i] = held - n
+    if held > n: pf._held[i] = held - n
+    else: pf._held.pop(i, None)
     pf.total_cost += fee
     pf.trades += 1
     return Fill(str(order), 'SELL', order.symbol, 'filled', n, price, fee)
@@ -245,11 +265,16 @@ def execute(pf:Portfolio, # the portfolio, changed in place
             open_prices:np.ndarray, # this day's open, one per symbol
             day:int, # index of the day the orders fill on
             buy_allowed:bool=True, # False when the regime gate refuses BUYs (decided on the day the orders were placed)
+            open_row:list|None=None, # `open_prices` as a list of floats, when every one is finite (the env's windows)
            ) -> list:
     "Fill `orders` at `open_prices`; returns one `Fill` per order."
     out = []
     if not orders: return out
-    equity_open = pf.equity(open_prices)
+    # equity at the open, before any of today's fills, caps BUYs (computed only when an order may buy)
+    if open_row is not None: equity_open = pf._equity_finite(open_prices, open_row)
+    else:
+        equity_open = pf.equity(open_prices) if buy_allowed and any(o.side == 'BUY' for o in orders[:pf.max_trades]) else None
+        open_row = open_prices
     for k, order in enumerate(orders):
         i = pf._col.get(order.symbol)
         if k >= pf.max_trades:
@@ -261,8 +286,8 @@ def execute(pf:Portfolio, # the portfolio, changed in place
                      reason=f"invalid order: side must be BUY or SELL and the fraction in (0, 1], got {order.side} {order.fraction!r}")
         elif order.side == 'BUY' and not buy_allowed:
             f = Fill(str(order), 'BUY', order.symbol, 'rejected', reason="regime gate: most stocks fell, BUY orders are refused today")
-        elif order.side == 'BUY': f = _buy(pf, i, order, float(open_prices[i]), equity_open)
-        else: f = _sell(pf, i, order, float(open_prices[i]))
+        elif order.side == 'BUY': f = _buy(pf, i, order, float(open_row[i]), equity_open)
+        else: f = _sell(pf, i, order, float(open_row[i]))
         pf.fills.append((day, f))
         out.append(f)
     return out
