@@ -210,7 +210,7 @@ def test_one_stock_windows_are_what_the_general_code_makes(synth_panel, monkeypa
     from tradellm.tasks import TASKS
     task = dataclasses.replace(TASKS['easy'], regime_gate=regime_gate)
     fast, slow = TradingEnv(task, 'test', 'numeric', synth_panel), TradingEnv(task, 'test', 'numeric', synth_panel)
-    monkeypatch.setattr(slow, '_one_stock_window', lambda c, a, b: False)  # every reset takes the general code
+    monkeypatch.setattr(slow, '_one_stock_window', lambda c, a, b: None)  # every reset takes the general code
     rng = np.random.default_rng(0)
     blocked_days = 0
     for seed in range(12):

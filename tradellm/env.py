@@ -14,9 +14,9 @@ from gymnasium import spaces
 
 from .data import Panel, load_panel, split_slice, DataError
 from .indicators import compute_indicators, LABELS, WARMUP
-from .market import Order, ParsedAction, Portfolio, parse_action, execute
+from .market import Order, ParsedAction, Portfolio, parse_action, execute, mark
 from .tasks import (ENV_VERSION, TaskSpec, get_task, score_episode, buy_and_hold_return,
-                            REGIME_FALL_SHARE, REGIME_MEAN_CHANGE)
+                            REGIME_FALL_SHARE, REGIME_MEAN_CHANGE, _sum)
 
 # %% auto #0
 __all__ = ['MARKET_FEATURES', 'POSITION_FEATURES', 'GLOBAL_FEATURES', 'OBS_BOUND', 'CHARSET', 'position_values', 'MarketView',
@@ -215,8 +215,6 @@ class TradingEnv(gym.Env):
         return len(self._starts)
 
 # %% ../nbs/04_env.ipynb #c015
-_sum = np.add.reduce  # what `.sum(axis)` runs, without its Python wrapper
-
 def _breadth_one(ch):
     "Stocks up, stocks down and mean change of each day when an episode has one stock (`ch`: its daily changes): the arrays the sums over stocks give."
     return (ch > 0).astype(np.intp), (ch < 0).astype(np.intp), ch + 0.0  # a sum of one value is 0.0 + x (-0.0 becomes 0.0)
@@ -239,10 +237,24 @@ class TradingEnv(TradingEnv):
         a, b = self._start, self._start + t.days + 1
         self.symbols = tuple([self.panel.symbols[c] for c in cols])
         self._dates = self._iso[a:b]
-        if t.n_stocks == 1 and self._one_stock_window(cols[0], a, b): return self._start_episode()
-        ci, (f, f32) = np.array(self._cols, dtype=np.intp), self._by_symbol  # one index array for all the windows
-        self._open, self._close = self.panel.open[a:b, ci], self.panel.close[a:b, ci]  # prices are read from the panel itself
+        one = self._one_stock_window(cols[0], a, b) if t.n_stocks == 1 else None
+        rows, up, down, mean = one or self._window(a, b)
         self._close_rows = self._close.tolist()  # the same closes as Python floats, for marking and positions
+        blocked = ((down / t.n_stocks) > REGIME_FALL_SHARE) | (mean < REGIME_MEAN_CHANGE) if t.regime_gate else self._ungated
+        self._blocked, self._blocked_days = blocked, blocked.tolist()
+        self._up_down_mean, self._breadth = (up, down, mean), None  # `_breadth` (tuples per day) is made when a view needs it
+        if t.regime_gate: rows[:, self._g + 8] = blocked  # (0 on every day without a gate)
+        self._rows = rows
+        self._labels = None
+        self.pf = Portfolio(self.symbols, t.capital, t.cost, t.slippage, t.max_position, t.max_trades)
+        self._k, self._done, self.actions = 0, False, []
+        self._default = self.symbols[0] if t.n_stocks == 1 else None
+        return self._observation(), self._info(None, [])
+
+    def _window(self, a, b):
+        "Sets the price and feature windows of the episode's stocks over days a..b-1; returns the numeric rows of the window (market values, day and breadth; the portfolio's are set at each step) and each day's stocks up, stocks down and mean change."
+        t, ci, (f, f32) = self.task, np.array(self._cols, dtype=np.intp), self._by_symbol  # one index array for all the windows
+        self._open, self._close = self.panel.open[a:b, ci], self.panel.close[a:b, ci]  # prices are read from the panel itself
         # the feature windows `feat[a:b, cols]`, read from the symbol-major copy: the same values and the same memory layout
         # (so sums over stocks add in the same order), from one contiguous run per stock instead of scattered rows
         self._market = f[ci, a:b].transpose(1, 0, 2)  # (days + 1, n, features)
@@ -250,43 +262,22 @@ class TradingEnv(TradingEnv):
         else:
             ch = self._market[:, :, 1]  # the mean, as `ch.mean(1)` computes it
             up, down, mean = _sum(ch > 0, 1), _sum(ch < 0, 1), _sum(ch, 1) / t.n_stocks
-        blocked = ((down / t.n_stocks) > REGIME_FALL_SHARE) | (mean < REGIME_MEAN_CHANGE) if t.regime_gate else self._ungated
-        self._blocked, self._blocked_days = blocked, blocked.tolist()
-        self._up_down_mean, self._breadth = (up, down, mean), None  # `_breadth` (tuples per day) is made when a view needs it
-        # numeric rows of the whole window: market values and the day's globals now, the portfolio's at each step
         rows, nm, g = self._rows0.copy(), self._nm, self._g
         rows[:, :nm] = f32[ci, a:b].transpose(1, 0, 2).reshape(b - a, nm)
-        rows[:, g + 5], rows[:, g + 6], rows[:, g + 8] = up, down, blocked
-        rows[:, g + 7] = np.nan_to_num(mean) if math.isnan(np.add.reduce(mean)) else mean  # (a sum is NaN when a term is)
-        self._rows = rows
-        return self._start_episode()
+        rows[:, g + 5], rows[:, g + 6] = up, down
+        rows[:, g + 7] = np.nan_to_num(mean) if math.isnan(_sum(mean)) else mean  # (a sum is NaN when a term is)
+        return rows, up, down, mean
 
-    def _one_stock_window(self, c, a, b) -> bool:
-        "The windows of a one-stock episode (stock column `c`, days a..b-1) as views and copies of tables made once per panel; False (nothing set) when a mean change in it is not finite, which the general code handles."
+    def _one_stock_window(self, c, a, b):
+        "What `_window` sets and returns, for a one-stock episode (stock column `c`), as views and copies of tables made once per panel; None (nothing set) when a mean change in the window is not finite, which `_window` handles."
         rows1, up1, down1, mean1, bad = _panel_one_stock(self.panel, self._feat, self._by_symbol)
-        if bad[c, b] != bad[c, a]: return False
-        t, P = self.task, self.panel
+        if bad[c, b] != bad[c, a]: return None
+        P, g = self.panel, self._g
         self._open, self._close = P.open[a:b, c:c + 1], P.close[a:b, c:c + 1]
-        self._close_rows = self._close.tolist()
         self._market = self._by_symbol[0][c, a:b, None]  # (days + 1, 1, features)
-        up, down, mean = up1[c, a:b], down1[c, a:b], mean1[c, a:b]
-        blocked = ((down / 1) > REGIME_FALL_SHARE) | (mean < REGIME_MEAN_CHANGE) if t.regime_gate else self._ungated
-        self._blocked, self._blocked_days = blocked, blocked.tolist()
-        self._up_down_mean, self._breadth = (up, down, mean), None
-        rows, g = rows1[c, a:b].copy(), self._g
+        rows = rows1[c, a:b].copy()
         rows[:, g:g + 2] = self._rows0[:, g:g + 2]  # day and days left
-        if t.regime_gate: rows[:, g + 8] = blocked
-        self._rows = rows
-        return True
-
-    def _start_episode(self):
-        "The portfolio and the counters of a new episode, once its windows are set; returns what `reset` returns."
-        t = self.task
-        self._labels = None
-        self.pf = Portfolio(self.symbols, t.capital, t.cost, t.slippage, t.max_position, t.max_trades)
-        self._k, self._done, self.actions = 0, False, []
-        self._default = self.symbols[0] if t.n_stocks == 1 else None
-        return self._observation(), self._info(None, [])
+        return rows, up1[c, a:b], down1[c, a:b], mean1[c, a:b]
 
     def _pick_start(self, start):
         if start is None: return int(self.np_random.integers(len(self._starts)))
@@ -329,9 +320,7 @@ class TradingEnv(TradingEnv):
         fills = (execute(pf, parsed.orders, self._open[k], k, not self._blocked_days[k - 1], self._open[k].tolist())
                  if parsed.orders else [])
         before = pf.equity_history[-1]
-        after = pf._equity_finite(self._close[k], self._close_rows[k])  # what `mark` records (every window price is real)
-        pf.equity_history.append(after)
-        pf.day = k
+        after = mark(pf, self._close[k], k, self._close_rows[k])  # (every price of the window is real)
         self.actions.append(action if isinstance(action, str) else ';'.join(map(str, parsed.orders)) or 'HOLD')
         self._k, self._done = k, k == self.task.days
         info = self._info(parsed, fills)

@@ -292,9 +292,11 @@ def execute(pf:Portfolio, # the portfolio, changed in place
         out.append(f)
     return out
 
-def mark(pf:Portfolio, close_prices:np.ndarray, day:int) -> float:
+def mark(pf:Portfolio, close_prices:np.ndarray, day:int,
+         close_row:list|None=None, # `close_prices` as a list of floats, when every one is finite (the env's windows)
+        ) -> float:
     "Record equity at the close of `day`; returns it."
-    eq = pf.equity(close_prices)
+    eq = pf.equity(close_prices) if close_row is None else pf._equity_finite(close_prices, close_row)
     pf.equity_history.append(eq)
     pf.day = day
     return eq
