@@ -692,6 +692,16 @@ def test_step_accepts_order_objects(synth_panel):
     assert info['orders'] == [] and info['parse_errors'] == [] and env.actions[-1] == 'HOLD'
 
 
+def test_info_lists_are_fresh_every_step(synth_panel):
+    "A caller that changes an info's lists (a wrapper appending to parse_errors) changes nothing the next step reports."
+    env = TradingEnv('easy', 'train', 'numeric', synth_panel)
+    env.reset(seed=1)
+    *_, info = env.step('HOLD')
+    info['parse_errors'].append('a note'), info['orders'].append({}), info['symbols'].append('X')
+    *_, info = env.step('HOLD')
+    assert info['parse_errors'] == [] and info['orders'] == [] and info['format_ok'] and info['symbols'] == list(env.symbols)
+
+
 def test_reset_options_pin_the_episode(synth_panel):
     env = TradingEnv('medium', 'val', 'text', synth_panel)
     env.reset(seed=9)

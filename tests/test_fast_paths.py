@@ -126,6 +126,32 @@ def test_score_reductions_are_numpys_mean_std_and_max():
             assert same_float(tasks.buy_and_hold_return(o, c), float(np.mean(c[-1] / o[1]) - 1)), e
 
 
+def test_pairwise_sum_is_numpys_sum():
+    "The plain-Python sum adds in numpy's pairwise order: the same bits as np.add.reduce for every length and mix of magnitudes."
+    assert tasks._EXACT_SUM  # (checked at import; without it every curve takes numpy's road)
+    rng = np.random.default_rng(9)
+    for n in list(range(0, 300)) + [511, 1024, 1025]:
+        x = rng.standard_normal(n) * 10.0 ** rng.integers(-12, 12, n)
+        assert same_float(0.0 + tasks._pairwise_sum(x.tolist()), float(np.add.reduce(x))), n
+
+
+def test_short_lists_score_like_arrays():
+    "score_episode reads a short list of positive money in plain Python: the same bits as the numpy road takes for the array."
+    rng = np.random.default_rng(11)
+    taken = 0
+    with np.errstate(all='ignore'):
+        for e in curves(rng, 4000):
+            for as_list in (e.tolist(), [int(x) if np.isfinite(x) else x for x in e], list(e.astype(np.float32))):
+                taken += tasks._curve_stats(as_list) is not None
+                days = max(len(e) - 1, 1)
+                got = tasks.score_episode(as_list, 3, days)
+                want = tasks.score_episode(np.array(as_list, dtype=np.float64), 3, days)  # an array takes numpy's road
+                assert list(got) == list(want) and all(same_float(got[k], want[k]) for k in got), as_list
+    assert taken > 3000  # the plain road was the one tested
+    assert tasks._curve_stats([1e5] * 33) is None and tasks._curve_stats([1e5, 0.0, 1e5]) is None
+    assert tasks._curve_stats([1e5, float('nan'), 1e5]) is None and tasks._curve_stats([[1e5], [1e5], [1e5]]) is None
+
+
 def test_score_episode_parts_and_weights():
     "The unrolled weighted sum is the sum over WEIGHTS in its order, and the keys keep their order."
     e = [100., 110., 99., 121., 121.]

@@ -52,6 +52,14 @@ def test_hold_is_an_explicit_order_free_answer(text):
     assert r.hold and r.orders == [] and r.errors == [] and r.format_ok
 
 
+def test_hold_answers_do_not_share_their_lists():
+    "Changing one HOLD's orders or errors (a wrapper adding a note) cannot leak into the next answer read."
+    r = parse_action('HOLD', SYMS)
+    r.errors.append('a note'), r.orders.append(Order('BUY', 'INFY', 1.0))
+    again = parse_action('hold', SYMS)
+    assert again.errors == [] and again.orders == [] and again.format_ok
+
+
 def test_hold_beside_orders_keeps_the_orders():
     r = parse_action('HOLD INFY; BUY TCS 0.2', SYMS)
     assert r.hold and [str(o) for o in r.orders] == ['BUY TCS 0.2']

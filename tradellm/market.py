@@ -46,7 +46,6 @@ MAX_ORDER_LINES = 64  # at most this many order lines are read from one answer
 _VERB = re.compile(r"^[\s>*\-•\d.)(\[\]#]*(?:(?:action|answer|order|orders|decision|final answer)\s*[:=\-]\s*)?(buy|sell|hold)\b(.*)$",
                    re.IGNORECASE | re.DOTALL)
 _NUM = re.compile(r"^[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:e[+-]?\d+)?%?$|^[+-]?(?:nan|inf|infinity)%?$", re.IGNORECASE)
-_HOLD = ParsedAction(orders=[], errors=[], hold=True, answer='HOLD')
 _LINES = re.compile(r'[\n;]')  # an answer holds one order per line or per ';'
 _PLAIN = re.compile(r"[ \t]*(BUY|SELL|buy|sell)[ \t]+([A-Za-z][A-Za-z0-9&_-]*)[ \t]+([0-9]+(?:\.[0-9]+)?)[ \t]*")  # the usual line, 'BUY INFY 0.5'
 _SIZE_WORDS = {'ALL': 1.0, 'EVERYTHING': 1.0, 'HALF': 0.5}  # words read as sizes
@@ -82,7 +81,8 @@ def parse_action(text, # the agent's answer
                  default_symbol:str|None=None, # used when a line names no symbol (single-stock tasks)
                 ) -> ParsedAction:
     "Read orders from free text. Never raises: whatever cannot be read is reported in `errors`."
-    if isinstance(text, str) and len(text) < 16 and text.strip().upper() == 'HOLD': return _HOLD
+    if isinstance(text, str) and len(text) < 16 and text.strip().upper() == 'HOLD':  # (new lists: callers may change them)
+        return ParsedAction([], [], True, 'HOLD')
     if not isinstance(text, str):
         return ParsedAction([], [f"the action must be text, got {type(text).__name__}"])
     if len(text) <= 500 and '<' not in text and '\n' not in text:  # the usual answer: plain orders separated by ';'

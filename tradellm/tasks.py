@@ -75,22 +75,67 @@ def max_drawdown(equity) -> float:
     peak = np.maximum.accumulate(e)
     return float(_max((peak - e) / peak, axis=None)) if len(e) else 0.0
 
+def _pairwise_sum(a:list, lo:int=0, n:int|None=None) -> float:
+    "The float64 sum of `a[lo:lo + n]` in numpy's pairwise order (runs of up to 128 values in 8 running sums, longer runs halved), so the same bits as numpy's; `_EXACT_SUM` checks that at import."
+    if n is None: n = len(a)
+    if n < 8:
+        s = -0.0
+        for i in range(lo, lo + n): s += a[i]
+        return s
+    if n <= 128:
+        r0, r1, r2, r3, r4, r5, r6, r7 = a[lo:lo + 8]
+        end = lo + n - n % 8
+        for i in range(lo + 8, end, 8):
+            r0 += a[i]; r1 += a[i + 1]; r2 += a[i + 2]; r3 += a[i + 3]
+            r4 += a[i + 4]; r5 += a[i + 5]; r6 += a[i + 6]; r7 += a[i + 7]
+        s = ((r0 + r1) + (r2 + r3)) + ((r4 + r5) + (r6 + r7))
+        for i in range(end, lo + n): s += a[i]
+        return s
+    half = n // 2 - (n // 2) % 8
+    return _pairwise_sum(a, lo, half) + _pairwise_sum(a, lo + half, n - half)
+
+def _sums_match_numpy() -> bool:
+    "Whether `_pairwise_sum` gives `np.add.reduce`'s bits here (values of mixed signs and magnitudes make any other order show)."
+    x = [(-1.0) ** i * (1.0 + i / 7) * 10.0 ** (i % 17 - 8) for i in range(300)]
+    return all(0.0 + _pairwise_sum(x[:n]) == float(_sum(np.array(x[:n]))) for n in (1, 7, 8, 13, 20, 41, 128, 129, 300))
+
+_EXACT_SUM = _sums_match_numpy()
+
+def _curve_stats(equity):
+    "(total return, Sharpe, max drawdown) of a list of 3 to 32 positive money values in plain Python (numpy's per-call overhead outweighs the work on so few), with the operations of `daily_returns`, `sharpe_ratio` and `max_drawdown` in the same order (the same bits); None for any other input."
+    if not (_EXACT_SUM and type(equity) is list and 3 <= len(equity) <= 32): return None
+    try: e = list(map(float, equity))  # what `np.asarray(equity, dtype=np.float64)` holds
+    except (TypeError, ValueError): return None
+    if not (math.isfinite(sum(e)) and min(e) > 0): return None
+    r = [b / a - 1 for a, b in zip(e, e[1:])]
+    n = len(r)
+    mean = (0.0 + _pairwise_sum(r)) / n  # (a reduction starts from 0.0)
+    sd = math.sqrt((0.0 + _pairwise_sum([(x - mean) * (x - mean) for x in r])) / (n - 1))
+    peak = mdd = 0.0
+    for x in e:
+        if x > peak: peak = x
+        elif (peak - x) / peak > mdd: mdd = (peak - x) / peak
+    return e[-1] / e[0] - 1, 0.0 if sd == 0 or not math.isfinite(sd) else math.sqrt(252) * mean / sd, mdd
+
 def score_episode(equity, # equity at each close: the capital first, then one value per day
                   trades:int, # orders that moved shares
                   days:int, # decisions in the episode
                  ) -> dict:
     "The composite score and its parts, from the portfolio's history."
-    e = np.asarray(equity, dtype=np.float64)
-    R = float(e[-1] / e[0] - 1)
-    S = sharpe_ratio(daily_returns(e))
-    mdd = max_drawdown(e)
+    stats = _curve_stats(equity)  # a list of positive money values (the portfolio's history) is read without numpy
+    if stats is not None: R, S, mdd = stats
+    else:
+        e = np.asarray(equity, dtype=np.float64)
+        R = float(e[-1] / e[0] - 1)
+        S = sharpe_ratio(daily_returns(e))
+        mdd = max_drawdown(e)
     sh, pnl, dd, act = _clip(S / 3), _clip(0.5 + R / 0.2), 1 - _clip(mdd / 0.2), min(1.0, trades / (0.25 * days))
     w = WEIGHTS
     score = sum([w['sharpe'] * sh, w['pnl'] * pnl, w['drawdown'] * dd, w['activity'] * act])
     return {'score': score, 'total_return': R, 'sharpe': S, 'max_drawdown': mdd, 'trades': int(trades),
             'sharpe_score': sh, 'pnl_score': pnl, 'drawdown_score': dd, 'activity_score': act}
 
-# %% ../nbs/03_tasks.ipynb #c014
+# %% ../nbs/03_tasks.ipynb #c016
 def buy_and_hold_return(open_prices, # (days + 1, n) opens of the window
                         close_prices, # (days + 1, n) closes of the window
                        ) -> float:
