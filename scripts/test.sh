@@ -24,7 +24,7 @@ fi
 python scripts/make_readme.py --check
 
 echo "== 3/6 ruff"
-ruff check tradellm tests benchmarks
+ruff check tradellm tests benchmarks nbs scripts
 
 echo "== 4/6 notebook tests (nbdev_test)"
 nbdev_test --n_workers 2
