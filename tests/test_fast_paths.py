@@ -152,6 +152,16 @@ def test_short_lists_score_like_arrays():
     assert tasks._curve_stats([1e5, float('nan'), 1e5]) is None and tasks._curve_stats([[1e5], [1e5], [1e5]]) is None
 
 
+def test_buy_and_hold_of_rows_is_the_array_function():
+    "The environment's buy-and-hold (two price rows as lists, plain Python) has the bits of buy_and_hold_return on the arrays."
+    rng = np.random.default_rng(13)
+    for it in range(3000):
+        n = [1, 1024, 1025, 2000][it % 4] if it < 8 else int(rng.integers(1, 60))
+        days = int(rng.integers(2, 42))
+        o, c = (rng.lognormal(rng.uniform(0, 8), rng.uniform(0.01, 2), (days, n)) for _ in range(2))
+        assert same_float(tasks._bah_of_rows(o[1].tolist(), c[-1].tolist()), tasks.buy_and_hold_return(o, c)), (o, c)
+
+
 def test_score_episode_parts_and_weights():
     "The unrolled weighted sum is the sum over WEIGHTS in its order, and the keys keep their order."
     e = [100., 110., 99., 121., 121.]

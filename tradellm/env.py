@@ -15,8 +15,8 @@ from gymnasium import spaces
 from .data import Panel, load_panel, split_slice, DataError
 from .indicators import compute_indicators, LABELS, WARMUP
 from .market import Order, ParsedAction, Portfolio, parse_action, execute, mark
-from .tasks import (ENV_VERSION, TaskSpec, get_task, score_episode, buy_and_hold_return,
-                            REGIME_FALL_SHARE, REGIME_MEAN_CHANGE, _sum)
+from .tasks import (ENV_VERSION, TaskSpec, get_task, score_episode,
+                            REGIME_FALL_SHARE, REGIME_MEAN_CHANGE, _sum, _bah_of_rows)
 
 # %% auto #0
 __all__ = ['MARKET_FEATURES', 'POSITION_FEATURES', 'GLOBAL_FEATURES', 'OBS_BOUND', 'CHARSET', 'position_values', 'MarketView',
@@ -343,7 +343,7 @@ class TradingEnv(TradingEnv):
     def metrics(self) -> dict:
         "The score, its parts and the raw numbers of the episode so far (complete once it has ended)."
         m = score_episode(self.pf.equity_history, self.pf.trades, self.task.days)
-        m['buy_and_hold_return'] = buy_and_hold_return(self._open[:self._k + 1], self._close[:self._k + 1]) if self._k else 0.0
+        m['buy_and_hold_return'] = _bah_of_rows(self._open[1].tolist(), self._close_rows[self._k]) if self._k else 0.0
         m['costs'] = self.pf.total_cost
         return m
 

@@ -144,3 +144,9 @@ def buy_and_hold_return(open_prices, # (days + 1, n) opens of the window
     x = c[-1] / o[1]
     if not isinstance(x, np.ndarray) or x.ndim != 1 or not len(x): return float(np.mean(x) - 1)
     return float(_sum(x) / len(x) - 1)  # what `np.mean(x) - 1` computes, without its wrapper
+
+def _bah_of_rows(first_open:list, last_close:list) -> float:
+    "`buy_and_hold_return` from the window's day-1 opens and last closes given as lists of positive floats (the environment's rows): the same bits, without numpy."
+    x = [c / o for o, c in zip(first_open, last_close)]
+    if _EXACT_SUM and len(x) <= 1024: return (0.0 + _pairwise_sum(x)) / len(x) - 1
+    return float(_sum(np.array(x)) / len(x) - 1)
