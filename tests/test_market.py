@@ -192,11 +192,46 @@ def test_all_in_buy_with_costs_never_overdraws():
 ])
 def test_sell_fractions_round_down_to_whole_shares(held, fraction, sold):
     pf = Portfolio(['AAA'], capital=10_000)
-    pf.shares[0], pf.cost_basis[0] = held, held * 10.0
+    pf.set_holding('AAA', held, cost_basis=held * 10.0)
     (f,) = execute(pf, [Order('SELL', 'AAA', fraction)], np.array([12.0]), day=1)
     assert f.shares == sold and pf.shares[0] == held - sold
     if sold: assert f.status == 'filled' and pf.cash == pytest.approx(10_000 + sold * 12.0)
     else: assert f.status == 'rejected' and 'less than one share' in f.reason
+
+
+def test_a_starting_position_counts_everywhere():
+    "set_holding's shares are in equity at the open (the cap), at the close, in avg_cost and in what a SELL can sell."
+    pf = Portfolio(['AAA', 'BBB'], capital=1_000, max_position=0.5, max_trades=5)
+    pf.set_holding('AAA', 10, cost_basis=900.0)
+    assert pf.equity(np.array([100.0, 50.0])) == 2_000.0 and pf.avg_cost().tolist() == [90.0, 0.0]
+    # equity at the open 1,000 + 10 x 100 = 2,000; a 50% cap is 1,000 = 10 shares of AAA, all already held
+    (f,) = execute(pf, [Order('BUY', 'AAA', 1.0)], np.array([100.0, 50.0]), day=1)
+    assert f.status == 'rejected' and 'cap' in f.reason
+    (f,) = execute(pf, [Order('SELL', 'AAA', 0.5)], np.array([100.0, 50.0]), day=1)
+    assert (f.status, f.shares, pf.cash) == ('filled', 5, 1_500.0)
+    assert mark(pf, np.array([120.0, 50.0]), day=1) == 1_500.0 + 5 * 120.0 and pf.shares.tolist() == [5, 0]
+    pf.set_holding('AAA', 0, cost_basis=0)
+    assert pf.equity(np.array([120.0, 50.0])) == 1_500.0 and pf._held == {}
+
+
+@pytest.mark.parametrize('call, why', [
+    (lambda pf: pf.shares.__setitem__(0, 5), 'read-only'),
+    (lambda pf: setattr(pf, 'shares', np.array([5])), 'set_holding'),
+    (lambda pf: pf.set_holding('ZZZ', 1, 10.0), "'ZZZ' is not one of this portfolio's symbols: AAA"),
+    (lambda pf: pf.set_holding('AAA', 1.5, 10.0), 'whole number'),
+    (lambda pf: pf.set_holding('AAA', -1, 10.0), 'whole number'),
+    (lambda pf: pf.set_holding('AAA', True, 10.0), 'whole number'),
+    (lambda pf: pf.set_holding('AAA', 2, float('nan')), 'cost_basis'),
+    (lambda pf: pf.set_holding('AAA', 2, -5.0), 'cost_basis'),
+    (lambda pf: pf.set_holding('AAA', 0, 5.0), 'cost_basis'),
+    (lambda pf: pf.set_holding('AAA', 2, 'ten'), 'cost_basis'),
+])
+def test_shares_change_only_through_fills_and_set_holding(call, why):
+    "An edit that would leave equity's bookkeeping behind is refused with the way to do it; nothing changes."
+    pf = Portfolio(['AAA'], capital=1_000)
+    with pytest.raises((ValueError, AttributeError), match=why.replace('(', r'\(')):
+        call(pf)
+    assert pf.shares.tolist() == [0] and pf.equity(np.array([10.0])) == 1_000.0 and pf.cost_basis.tolist() == [0.0]
 
 
 def test_rejections_carry_reasons():
@@ -213,7 +248,7 @@ def test_rejections_carry_reasons():
 
 def test_regime_gate_refuses_buys_but_not_sells():
     pf = Portfolio(['AAA'], capital=1_000)
-    pf.shares[0], pf.cost_basis[0] = 10, 1_000.0
+    pf.set_holding('AAA', 10, cost_basis=1_000.0)
     f = execute(pf, [Order('BUY', 'AAA', 0.5), Order('SELL', 'AAA', 0.5)], np.array([100.0]), day=3, buy_allowed=False)
     assert f[0].status == 'rejected' and 'regime' in f[0].reason and f[1].status == 'filled' and f[1].shares == 5
 
@@ -257,14 +292,16 @@ def markets(draw):
     params = dict(capital=draw(st.sampled_from([1_000, 100_000, 500_000, 12_345.67])),
                   cost=draw(st.floats(0, 0.01)), slippage=draw(st.floats(0, 0.01)),
                   max_position=draw(st.floats(0.05, 1.0)), max_trades=draw(st.integers(1, 10)))
-    return syms, opens, closes, stream, params
+    start = draw(st.lists(st.integers(0, 300), min_size=n, max_size=n))  # shares held before day 1 (set_holding)
+    return syms, opens, closes, stream, params, start
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
 @given(markets(), st.booleans())
 def test_portfolio_invariants(market, gate):
-    syms, opens, closes, stream, params = market
+    syms, opens, closes, stream, params, start = market
     pf = Portfolio(syms, **params)
+    for s, n, price in zip(syms, start, opens[0]): pf.set_holding(s, n, cost_basis=n * price)
     for day, (o, c, orders_) in enumerate(zip(opens, closes, stream), start=1):
         cash0, shares0, cost0 = pf.cash, pf.shares.copy(), pf.total_cost
         equity_open = pf.equity(o)

@@ -332,7 +332,7 @@ class TradingEnv(TradingEnv):
     def _info(self, parsed, fills):
         pf, k = self.pf, self._k
         info = {'date': self._dates[k], 'day': k, 'symbols': list(self.symbols), 'equity': pf.equity_history[-1],
-                'cash': pf.cash, 'positions': dict(zip(self.symbols, pf.shares.tolist())),
+                'cash': pf.cash, 'positions': dict(zip(self.symbols, pf._shares.tolist())),
                 'env_version': ENV_VERSION, 'task_version': self.task.version, 'buy_blocked': self._blocked_days[k],
                 'orders': [f.as_dict() for f in fills] if fills else []}
         if parsed is not None:
@@ -354,7 +354,7 @@ class TradingEnv(TradingEnv):
         "The structured observation of the current day (what rule agents read)."
         k, pf = self._k, self.pf
         return MarketView(k, self.task.days, self._dates[k], self.symbols, self._market[k].copy(), self._label_window()[k],
-                          pf.shares.copy(), pf.avg_cost(), pf.cash, pf.equity_history[-1], pf.capital, self._blocked_days[k],
+                          pf._shares.copy(), pf.avg_cost(), pf.cash, pf.equity_history[-1], pf.capital, self._blocked_days[k],
                           self._breadth_of(k))
 
     def _breadth_of(self, k):

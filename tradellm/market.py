@@ -187,15 +187,44 @@ class Portfolio:
         self.capital, self.cost, self.slippage = float(capital), float(cost), float(slippage)
         self.max_position, self.max_trades = float(max_position), int(max_trades)
         self.cash = float(capital)
-        self.shares = np.zeros(len(self.symbols), dtype=np.int64)
+        self._shares = np.zeros(len(self.symbols), dtype=np.int64)  # whole shares per symbol (read through `shares`)
         self._shares_f = np.zeros(len(self.symbols))  # the same counts as float64, for a fast dot product
-        self._held = {}  # column -> shares, for the columns held (kept with `shares` by the fills)
+        self._held = {}  # column -> shares, for the columns held (kept with `_shares` by the fills)
         self.cost_basis = np.zeros(len(self.symbols))  # money paid for the shares held (fill price + cost)
         self.equity_history = [float(capital)]  # equity at each close, starting with the capital
         self.fills = []  # (day index, Fill) of every order, rejected ones included
         self.trades = 0  # orders that moved shares
         self.total_cost = 0.0
         self.day = 0  # index of the last close marked
+
+    @property
+    def shares(self) -> np.ndarray:
+        "Whole shares held per symbol, read-only: the fills change it, `set_holding` sets a starting position."
+        v = self._shares.view()
+        v.flags.writeable = False
+        return v
+
+    @shares.setter
+    def shares(self, value):
+        raise AttributeError("Portfolio.shares is kept by the fills; to start from a position use "
+                             "set_holding(symbol, shares, cost_basis)")
+
+    def set_holding(self, symbol:str, shares:int, cost_basis:float):
+        "Hold `shares` whole shares of `symbol` that cost `cost_basis` in all (fill prices plus costs): a starting position. Cash is not changed."
+        i = self._col.get(symbol)
+        if i is None: raise ValueError(f"{symbol!r} is not one of this portfolio's symbols: {', '.join(self.symbols)}")
+        if isinstance(shares, bool) or not isinstance(shares, (int, np.integer)) or shares < 0:
+            raise ValueError(f"shares must be a whole number of shares >= 0, got {shares!r}")
+        try: basis = float(cost_basis)
+        except (TypeError, ValueError): basis = math.nan
+        if not (math.isfinite(basis) and basis >= 0) or (shares == 0 and basis != 0):
+            raise ValueError(f"cost_basis must be the money paid for the {int(shares)} shares (finite, >= 0, and 0 for 0 "
+                             f"shares), got {cost_basis!r}")
+        n = int(shares)
+        self._shares[i] = self._shares_f[i] = n
+        if n: self._held[i] = n
+        else: self._held.pop(i, None)
+        self.cost_basis[i] = basis
 
     def equity(self, prices) -> float:
         "Cash plus shares valued at `prices` (one per symbol)."
@@ -211,14 +240,14 @@ class Portfolio:
 
     def avg_cost(self) -> np.ndarray:
         "Average price paid per share held, costs included (0 where nothing is held)."
-        return np.divide(self.cost_basis, self.shares, out=np.zeros(len(self.shares)), where=self.shares > 0)
+        return np.divide(self.cost_basis, self._shares, out=np.zeros(len(self._shares)), where=self._shares > 0)
 
 # %% ../nbs/02_market.ipynb #c016
 def _buy(pf, i, order, open_price, equity_open):
     price = open_price * (1 + pf.slippage)
     unit = price * (1 + pf.cost)
     want = math.floor(order.fraction * pf.cash / unit)
-    held = int(pf.shares[i])
+    held = int(pf._shares[i])
     room = math.floor(pf.max_position * equity_open / price + 1e-9) - held
     n, reason = want, ''
     if room < want:
@@ -234,14 +263,14 @@ def _buy(pf, i, order, open_price, equity_open):
         gross, fee = n * price, n * price * pf.cost
         if n <= 0: return Fill(str(order), 'BUY', order.symbol, 'rejected', price=price, reason='cash too small for one share')
     pf.cash -= gross + fee
-    pf.shares[i] = pf._shares_f[i] = pf._held[i] = held + n
+    pf._shares[i] = pf._shares_f[i] = pf._held[i] = held + n
     pf.cost_basis[i] += gross + fee
     pf.total_cost += fee
     pf.trades += 1
     return Fill(str(order), 'BUY', order.symbol, 'reduced' if reason else 'filled', n, price, fee, reason)
 
 def _sell(pf, i, order, open_price):
-    held = int(pf.shares[i])
+    held = int(pf._shares[i])
     price = open_price * (1 - pf.slippage)
     if held == 0: return Fill(str(order), 'SELL', order.symbol, 'rejected', price=price, reason=f"no {order.symbol} shares held")
     n = held if order.fraction >= 1 else math.floor(order.fraction * held + 1e-9)
@@ -252,7 +281,7 @@ def _sell(pf, i, order, open_price):
     fee = gross * pf.cost
     pf.cash += gross - fee
     pf.cost_basis[i] *= (held - n) / held
-    pf.shares[i] = pf._shares_f[i] = held - n
+    pf._shares[i] = pf._shares_f[i] = held - n
     if held > n: pf._held[i] = held - n
     else: pf._held.pop(i, None)
     pf.total_cost += fee
