@@ -218,6 +218,7 @@ def test_a_starting_position_counts_everywhere():
     (lambda pf: pf.shares.__setitem__(0, 5), 'read-only'),
     (lambda pf: setattr(pf, 'shares', np.array([5])), 'set_holding'),
     (lambda pf: pf.set_holding('ZZZ', 1, 10.0), "'ZZZ' is not one of this portfolio's symbols: AAA"),
+    (lambda pf: pf.set_holding(['AAA'], 1, 10.0), "not one of this portfolio's symbols"),
     (lambda pf: pf.set_holding('AAA', 1.5, 10.0), 'whole number'),
     (lambda pf: pf.set_holding('AAA', -1, 10.0), 'whole number'),
     (lambda pf: pf.set_holding('AAA', True, 10.0), 'whole number'),

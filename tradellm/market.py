@@ -211,7 +211,7 @@ class Portfolio:
 
     def set_holding(self, symbol:str, shares:int, cost_basis:float):
         "Hold `shares` whole shares of `symbol` that cost `cost_basis` in all (fill prices plus costs): a starting position. Cash is not changed."
-        i = self._col.get(symbol)
+        i = self._col.get(symbol) if isinstance(symbol, str) else None
         if i is None: raise ValueError(f"{symbol!r} is not one of this portfolio's symbols: {', '.join(self.symbols)}")
         if isinstance(shares, bool) or not isinstance(shares, (int, np.integer)) or shares < 0:
             raise ValueError(f"shares must be a whole number of shares >= 0, got {shares!r}")
