@@ -1,4 +1,5 @@
 """tradellm.data on broken inputs, both file formats, date alignment, resumable fetch and `tradellm data`."""
+import dataclasses
 import json
 import time
 
@@ -450,12 +451,26 @@ def test_full_window_and_episode_starts_respect_listing_days():
     assert starts.tolist() == list(range(60, 81))
 
 
+def test_a_panel_owns_read_only_arrays():
+    "A panel copies what it is built from and refuses changes in place (load_panel's cache and every env share it)."
+    close = np.full((3, 2), 100.0)
+    p = Panel(pd.bdate_range('2024-01-01', periods=3), ['A', 'B'], close, close, close, close, close)
+    close[0, 0] = 1.0  # the caller's array stays the caller's
+    assert p.close[0, 0] == 100.0 and p.open[0, 0] == 100.0
+    for f in ('open', 'high', 'low', 'close', 'volume'):
+        with pytest.raises(ValueError, match='read-only'): getattr(p, f)[1, 1] = 0.0
+    q = dataclasses.replace(p, close=np.full((3, 2), 50.0))  # the way to change prices: a new panel
+    assert q.close[0, 0] == 50.0 and p.close[0, 0] == 100.0 and not q.close.flags.writeable
+
+
 @settings(max_examples=40, deadline=None)
 @given(st.integers(0, 2**31 - 1), st.integers(1, 25), st.integers(1, 4))
 def test_episode_starts_match_a_slow_loop(seed, length, k):
     rng = np.random.default_rng(seed)
     p = synthetic_panel(120, symbols=4, start='2023-10-02', seed=seed % 100)
-    p.close[rng.random(p.close.shape) < 0.03] = np.nan      # random holes
+    close = p.close.copy()
+    close[rng.random(close.shape) < 0.03] = np.nan      # random holes
+    p = dataclasses.replace(p, close=close)
     for split in SPLITS:
         s = split_slice(p, split)
         slow = [t for t in range(s.start, s.stop - length + 1) if (~np.isnan(p.close[t:t + length])).all(0).sum() >= k]

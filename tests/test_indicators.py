@@ -1,4 +1,5 @@
 """Indicators: properties (hypothesis), the `ta` reference on real and synthetic data, errors and caching."""
+import dataclasses
 import time
 from pathlib import Path
 
@@ -184,16 +185,23 @@ def test_other_indicators_by_hand():
 
 # ---- errors, caching, labels ---------------------------------------------------------------------------------
 
+def changed(panel, field, at, value):
+    "A new panel with one value of `field` changed (a panel's arrays are read-only)."
+    a = getattr(panel, field).copy()
+    a[at] = value
+    return dataclasses.replace(panel, **{field: a})
+
+
 def test_bad_prices_are_refused_with_symbol_and_date():
     panel = random_panel(50, 2, seed=0, gaps=0.0)
-    panel.close[10, 1] = -1.0
+    panel = changed(panel, 'close', (10, 1), -1.0)
     with pytest.raises(DataError, match=r'S1: 1 non-positive or infinite close value\(s\).*first 2022-01-17'):
         compute_indicators(panel)
     panel = random_panel(50, 2, seed=0, gaps=0.0)
-    panel.close[3, 0] = np.inf
+    panel = changed(panel, 'close', (3, 0), np.inf)
     with pytest.raises(DataError, match='S0: 1 non-positive or infinite close'): compute_indicators(panel)
     panel = random_panel(50, 2, seed=0, gaps=0.0)
-    panel.volume[4, 0] = -3
+    panel = changed(panel, 'volume', (4, 0), -3)
     with pytest.raises(DataError, match='negative or infinite volume'): compute_indicators(panel)
     with pytest.raises(TypeError, match='needs a tradellm.data.Panel'): compute_indicators(pd.DataFrame())
 

@@ -4,6 +4,7 @@ task, so that a change of market rules, scoring or observations cannot ship with
 When a test here fails after a deliberate change: bump `ENV_VERSION` (tradellm/tasks.py, from nbs/03_tasks.ipynb)
 or the task's `version`, then run `python tests/test_versions.py` and paste the printed fingerprints into
 FINGERPRINTS below (keep the old entries: they document what each version did)."""
+import dataclasses
 import hashlib
 import json
 import sys
@@ -122,8 +123,9 @@ def test_fingerprint_sees_small_changes():
     env = TradingEnv('easy', 'test', 'text', p)
     env.reset(seed=7)
     day = int(p.dates.searchsorted(np.datetime64(env._dates[5])))
-    p.open[day, p.symbols.index(env.symbols[0])] += 0.01
-    b = json.dumps(reference_record('easy', p), sort_keys=True)
+    opens = p.open.copy()
+    opens[day, p.symbols.index(env.symbols[0])] += 0.01
+    b = json.dumps(reference_record('easy', dataclasses.replace(p, open=opens)), sort_keys=True)
     assert a != b
 
 

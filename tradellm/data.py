@@ -62,8 +62,9 @@ class Panel:
         self.symbols = list(self.symbols)
         shape = (len(self.dates), len(self.symbols))
         for f in FIELDS:
-            a = np.asarray(getattr(self, f), dtype=np.float64)
+            a = np.array(getattr(self, f), dtype=np.float64)  # its own copy: the caller's array stays the caller's
             if a.shape != shape: raise DataError(f"Panel.{f} has shape {a.shape}, expected {shape} (days, symbols)")
+            a.flags.writeable = False  # shared by `load_panel`'s cache and what environments derive from it
             setattr(self, f, a)
 
     def __repr__(self):
