@@ -1,6 +1,8 @@
 """Market rules: the action grammar of `parse_action`, fills hand-computed to the paisa (slippage, costs, caps, daily
 limits, SELL rounding), rejections with their reasons, and the portfolio's invariants under random order streams."""
 import math
+from decimal import Decimal
+from fractions import Fraction
 
 import numpy as np
 import pytest
@@ -266,6 +268,27 @@ def test_cap_counts_what_is_already_held():
     # equity at the open 85,000 + 150 x 50 = 92,500; cap 13,875 = 277.5 shares; held 150 -> room 127;
     # 0.1 x 85,000 / 50 = 170 wanted -> 127
     assert (f.status, f.shares) == ('reduced', 127) and pf.shares[0] == 277
+
+
+@pytest.mark.parametrize('fraction', [np.float32(0.1), np.float64(0.1), np.float16(0.5), np.int64(1), Fraction(1, 10), True])
+def test_real_number_fractions_trade_as_the_float_they_equal(fraction):
+    "An RL policy's float32 or int64 fraction fills exactly like the Python float it equals (money never in float32)."
+    a, b = (Portfolio(['AAA'], capital=123_456.789, cost=0.001, slippage=0.002) for _ in range(2))
+    got = execute(a, [Order('BUY', 'AAA', fraction)], np.array([10.1]), day=1)
+    want = execute(b, [Order('BUY', 'AAA', float(fraction))], np.array([10.1]), day=1)
+    assert [f.as_dict() for f in got] == [f.as_dict() for f in want] and got[0].status == 'filled'
+    assert a.cash == b.cash and type(a.cash) is float and a.shares.tolist() == b.shares.tolist()
+
+
+def test_orders_that_are_not_orders_are_rejected_not_raised():
+    "Order objects built in code with the wrong types are answered with a reason; nothing raises."
+    pf = Portfolio(['AAA'], capital=1_000)
+    f = execute(pf, [Order('BUY', ['AAA'], 0.5), Order('BUY', 'AAA', Decimal('0.5')), Order(None, None, None),
+                     Order('BUY', 'AAA', '0.5')], np.array([10.0]), day=1)
+    assert [x.status for x in f] == ['rejected'] * 4
+    assert ['not in this episode' in f[0].reason, 'invalid order' in f[1].reason, 'not in this episode' in f[2].reason,
+            'invalid order' in f[3].reason] == [True] * 4
+    assert pf.cash == 1_000 and pf.trades == 0
 
 
 def test_execute_refuses_invalid_fractions():

@@ -6,6 +6,7 @@
 from __future__ import annotations
 import functools
 import math
+import numbers
 import re
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -289,6 +290,8 @@ def _sell(pf, i, order, open_price):
     return Fill(str(order), 'SELL', order.symbol, 'filled', n, price, fee)
 
 # %% ../nbs/02_market.ipynb #c017
+def _is_real(x) -> bool: return type(x) is float or isinstance(x, numbers.Real)  # (numpy's scalars are registered as Real)
+
 def execute(pf:Portfolio, # the portfolio, changed in place
             orders, # `Order`s in the order given
             open_prices:np.ndarray, # this day's open, one per symbol
@@ -305,18 +308,21 @@ def execute(pf:Portfolio, # the portfolio, changed in place
         equity_open = pf.equity(open_prices) if buy_allowed and any(o.side == 'BUY' for o in orders[:pf.max_trades]) else None
         open_row = open_prices
     for k, order in enumerate(orders):
-        i = pf._col.get(order.symbol)
+        i = pf._col.get(order.symbol) if isinstance(order.symbol, str) else None
         if k >= pf.max_trades:
             f = Fill(str(order), order.side, order.symbol, 'rejected', reason=f"beyond the daily limit of {pf.max_trades} orders")
         elif i is None:
             f = Fill(str(order), order.side, order.symbol, 'rejected', reason=f"{order.symbol} is not in this episode")
-        elif order.side not in ('BUY', 'SELL') or not (isinstance(order.fraction, (int, float)) and 0 < order.fraction <= 1):
+        elif order.side not in ('BUY', 'SELL') or not (_is_real(order.fraction) and 0 < order.fraction <= 1):
             f = Fill(str(order), str(order.side), order.symbol, 'rejected',
                      reason=f"invalid order: side must be BUY or SELL and the fraction in (0, 1], got {order.side} {order.fraction!r}")
         elif order.side == 'BUY' and not buy_allowed:
             f = Fill(str(order), 'BUY', order.symbol, 'rejected', reason="regime gate: most stocks fell, BUY orders are refused today")
-        elif order.side == 'BUY': f = _buy(pf, i, order, float(open_row[i]), equity_open)
-        else: f = _sell(pf, i, order, float(open_row[i]))
+        else:
+            if type(order.fraction) is not float:  # a numpy or other real number trades as the float it equals
+                order = order._replace(fraction=float(order.fraction))  # (float32 arithmetic would round the money)
+            f = (_buy(pf, i, order, float(open_row[i]), equity_open) if order.side == 'BUY'
+                 else _sell(pf, i, order, float(open_row[i])))
         pf.fills.append((day, f))
         out.append(f)
     return out
