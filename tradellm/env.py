@@ -110,51 +110,48 @@ def render_text(view:MarketView, task_name:str='', market_lines:list|None=None) 
     return '\n'.join(out)
 
 # %% ../nbs/04_env.ipynb #c013
+def _kept(panel, name, make):
+    "What `make()` returns, made once per panel and kept on it as `name` (a panel's arrays are read-only, so it stays true)."
+    v = getattr(panel, name, None)
+    if v is None:
+        v = make()
+        setattr(panel, name, v)
+    return v
+
 def _panel_features(panel):
     "The panel's (days, symbols, MARKET_FEATURES) array, its float32 copy for numeric observations, and ISO dates; made once per panel."
-    cached = getattr(panel, '_env_features', None)
-    if cached is None:
+    def make():
         ind = compute_indicators(panel)
         feat = np.stack([panel.close] + [ind[f] for f in MARKET_FEATURES[1:]], -1)
         feat32 = np.clip(np.nan_to_num(feat, nan=0.0, posinf=0.0, neginf=0.0), -OBS_BOUND, OBS_BOUND).astype(np.float32)
-        cached = (feat, feat32, [d.date().isoformat() for d in panel.dates])
-        panel._env_features = cached
-    return cached
+        return feat, feat32, [d.date().isoformat() for d in panel.dates]
+    return _kept(panel, '_env_features', make)
 
 def _panel_by_symbol(panel, feat, feat32):
-    "The features stored symbol by symbol ((symbols, days, features), C order), made once per panel with them: one stock's window is then one contiguous run of memory."
-    cached = getattr(panel, '_env_by_symbol', None)
-    if cached is None or cached[0] is not feat:
-        cached = (feat, np.ascontiguousarray(feat.transpose(1, 0, 2)), np.ascontiguousarray(feat32.transpose(1, 0, 2)))
-        panel._env_by_symbol = cached
-    return cached[1:]
+    "The features stored symbol by symbol ((symbols, days, features), C order), made once per panel: one stock's window is then one contiguous run of memory."
+    return _kept(panel, '_env_by_symbol', lambda: (np.ascontiguousarray(feat.transpose(1, 0, 2)),
+                                                    np.ascontiguousarray(feat32.transpose(1, 0, 2))))
 
-def _panel_one_stock(panel, feat, by_symbol):
+def _panel_one_stock(panel, by_symbol):
     "For episodes of one stock, made once per panel: each stock's numeric rows (market values and breadth, the rest 0), its up/down/mean change per day, and a running count of days whose mean change is not finite."
-    cached = getattr(panel, '_env_one_stock', None)
-    if cached is None or cached[0] is not feat:
+    def make():
         f, f32 = by_symbol
         up, down, mean = _breadth_one(np.ascontiguousarray(f[:, :, 1]))  # (symbols, days) each
         nm, g = len(MARKET_FEATURES), len(MARKET_FEATURES) + len(POSITION_FEATURES)
         rows = np.zeros(f32.shape[:2] + (g + len(GLOBAL_FEATURES),), np.float32)
         rows[:, :, :nm], rows[:, :, g + 5], rows[:, :, g + 6], rows[:, :, g + 7] = f32, up, down, mean
         bad = np.concatenate([np.zeros((len(f), 1), np.intp), np.cumsum(~np.isfinite(mean), 1)], 1)
-        cached = panel._env_one_stock = (feat, rows, up, down, mean, bad)
-    return cached[1:]
+        return rows, up, down, mean, bad
+    return _kept(panel, '_env_one_stock', make)
 
 def _panel_labels(panel, feat):
     "The text label of each labelled indicator on every day and symbol of a panel, made once and kept on it."
-    cached = getattr(panel, '_env_labels', None)
-    if cached is None:
-        cached = np.stack([np.asarray(LABELS[f](feat[:, :, MARKET_FEATURES.index(f)]), dtype=object) for f in _LABELLED], -1)
-        panel._env_labels = cached
-    return cached
+    return _kept(panel, '_env_labels', lambda: np.stack(
+        [np.asarray(LABELS[f](feat[:, :, MARKET_FEATURES.index(f)]), dtype=object) for f in _LABELLED], -1))
 
 def _panel_lines(panel) -> dict:
     "Memo of market lines by (day, column): a line depends only on the panel, so episodes that share days share them."
-    lines = getattr(panel, '_env_lines', None)
-    if lines is None: lines = panel._env_lines = {}
-    return lines
+    return _kept(panel, '_env_lines', dict)
 
 class TradingEnv(gym.Env):
     "A daily stock-trading environment with text or numeric observations and text actions."
@@ -270,7 +267,7 @@ class TradingEnv(TradingEnv):
 
     def _one_stock_window(self, c, a, b):
         "What `_window` sets and returns, for a one-stock episode (stock column `c`), as views and copies of tables made once per panel; None (nothing set) when a mean change in the window is not finite, which `_window` handles."
-        rows1, up1, down1, mean1, bad = _panel_one_stock(self.panel, self._feat, self._by_symbol)
+        rows1, up1, down1, mean1, bad = _panel_one_stock(self.panel, self._by_symbol)
         if bad[c, b] != bad[c, a]: return None
         P, g = self.panel, self._g
         self._open, self._close = P.open[a:b, c:c + 1], P.close[a:b, c:c + 1]
@@ -317,8 +314,10 @@ class TradingEnv(TradingEnv):
             parsed = ParsedAction(list(action), [], hold=not action)
         else: parsed = parse_action(action, self.symbols, self._default)
         k = self._k + 1  # the day the orders fill on
-        fills = (execute(pf, parsed.orders, self._open[k], k, not self._blocked_days[k - 1], self._open[k].tolist())
-                 if parsed.orders else [])
+        if parsed.orders:
+            opens = self._open[k]
+            fills = execute(pf, parsed.orders, opens, k, not self._blocked_days[k - 1], opens.tolist())
+        else: fills = []
         before = pf.equity_history[-1]
         after = mark(pf, self._close[k], k, self._close_rows[k])  # (every price of the window is real)
         self.actions.append(action if isinstance(action, str) else ';'.join(map(str, parsed.orders)) or 'HOLD')

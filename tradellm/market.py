@@ -221,11 +221,14 @@ class Portfolio:
         if not (math.isfinite(basis) and basis >= 0) or (shares == 0 and basis != 0):
             raise ValueError(f"cost_basis must be the money paid for the {int(shares)} shares (finite, >= 0, and 0 for 0 "
                              f"shares), got {cost_basis!r}")
-        n = int(shares)
+        self._put(i, int(shares))
+        self.cost_basis[i] = basis
+
+    def _put(self, i, n:int):
+        "Set the shares of column `i` to `n` in all three places equity reads them from (the int counts, their float copy, the held index)."
         self._shares[i] = self._shares_f[i] = n
         if n: self._held[i] = n
         else: self._held.pop(i, None)
-        self.cost_basis[i] = basis
 
     def equity(self, prices) -> float:
         "Cash plus shares valued at `prices` (one per symbol)."
@@ -264,7 +267,7 @@ def _buy(pf, i, order, open_price, equity_open):
         gross, fee = n * price, n * price * pf.cost
         if n <= 0: return Fill(str(order), 'BUY', order.symbol, 'rejected', price=price, reason='cash too small for one share')
     pf.cash -= gross + fee
-    pf._shares[i] = pf._shares_f[i] = pf._held[i] = held + n
+    pf._put(i, held + n)
     pf.cost_basis[i] += gross + fee
     pf.total_cost += fee
     pf.trades += 1
@@ -282,9 +285,7 @@ def _sell(pf, i, order, open_price):
     fee = gross * pf.cost
     pf.cash += gross - fee
     pf.cost_basis[i] *= (held - n) / held
-    pf._shares[i] = pf._shares_f[i] = held - n
-    if held > n: pf._held[i] = held - n
-    else: pf._held.pop(i, None)
+    pf._put(i, held - n)
     pf.total_cost += fee
     pf.trades += 1
     return Fill(str(order), 'SELL', order.symbol, 'filled', n, price, fee)

@@ -67,6 +67,10 @@ def sharpe_ratio(returns) -> float:
         mean = _sum(r) / n
         d = r - mean
         sd = math.sqrt(_sum(d * d) / (n - 1))
+    return _annualised(mean, sd)
+
+def _annualised(mean, sd) -> float:
+    "sqrt(252) mean / sd of daily returns; 0 when sd is 0 or not finite."
     return 0.0 if sd == 0 or not math.isfinite(sd) else float(math.sqrt(252) * mean / sd)
 
 def max_drawdown(equity) -> float:
@@ -94,10 +98,14 @@ def _pairwise_sum(a:list, lo:int=0, n:int|None=None) -> float:
     half = n // 2 - (n // 2) % 8
     return _pairwise_sum(a, lo, half) + _pairwise_sum(a, lo + half, n - half)
 
+def _np_sum(a:list) -> float:
+    "`np.add.reduce` of a list of floats, in plain Python: the pairwise sum, added to the reduction's starting 0.0."
+    return 0.0 + _pairwise_sum(a)
+
 def _sums_match_numpy() -> bool:
-    "Whether `_pairwise_sum` gives `np.add.reduce`'s bits here (values of mixed signs and magnitudes make any other order show)."
+    "Whether `_np_sum` gives `np.add.reduce`'s bits here (values of mixed signs and magnitudes make any other order show)."
     x = [(-1.0) ** i * (1.0 + i / 7) * 10.0 ** (i % 17 - 8) for i in range(300)]
-    return all(0.0 + _pairwise_sum(x[:n]) == float(_sum(np.array(x[:n]))) for n in (1, 7, 8, 13, 20, 41, 128, 129, 300))
+    return all(_np_sum(x[:n]) == float(_sum(np.array(x[:n]))) for n in (1, 7, 8, 13, 20, 41, 128, 129, 300))
 
 _EXACT_SUM = _sums_match_numpy()
 
@@ -109,13 +117,13 @@ def _curve_stats(equity):
     if not (math.isfinite(sum(e)) and min(e) > 0): return None
     r = [b / a - 1 for a, b in zip(e, e[1:])]
     n = len(r)
-    mean = (0.0 + _pairwise_sum(r)) / n  # (a reduction starts from 0.0)
-    sd = math.sqrt((0.0 + _pairwise_sum([(x - mean) * (x - mean) for x in r])) / (n - 1))
+    mean = _np_sum(r) / n
+    sd = math.sqrt(_np_sum([(x - mean) * (x - mean) for x in r]) / (n - 1))
     peak = mdd = 0.0
     for x in e:
         if x > peak: peak = x
         elif (peak - x) / peak > mdd: mdd = (peak - x) / peak
-    return e[-1] / e[0] - 1, 0.0 if sd == 0 or not math.isfinite(sd) else math.sqrt(252) * mean / sd, mdd
+    return e[-1] / e[0] - 1, _annualised(mean, sd), mdd
 
 def score_episode(equity, # equity at each close: the capital first, then one value per day
                   trades:int, # orders that moved shares
@@ -148,5 +156,5 @@ def buy_and_hold_return(open_prices, # (days + 1, n) opens of the window
 def _bah_of_rows(first_open:list, last_close:list) -> float:
     "`buy_and_hold_return` from the window's day-1 opens and last closes given as lists of positive floats (the environment's rows): the same bits, without numpy."
     x = [c / o for o, c in zip(first_open, last_close)]
-    if _EXACT_SUM and len(x) <= 1024: return (0.0 + _pairwise_sum(x)) / len(x) - 1
+    if _EXACT_SUM and len(x) <= 1024: return _np_sum(x) / len(x) - 1
     return float(_sum(np.array(x)) / len(x) - 1)
