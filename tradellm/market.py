@@ -77,6 +77,12 @@ def _known(symbols:tuple) -> dict:
     return {s.upper(): s for s in symbols}
 
 # %% ../nbs/02_market.ipynb #c008
+def _plain_order(plain, known, line):
+    "The `Order` of a line of the usual shape (`plain`: its `_PLAIN` match) with a known symbol and a plain size in (0, 1], read as the token rules would read it; None otherwise (the token rules then read the line)."
+    sym, size = known.get(plain[2].upper()), float(plain[3])
+    if sym is None or not 0 < size <= 1 or plain[3] in known: return None
+    return Order(plain[1].upper(), sym, size, line)
+
 def parse_action(text, # the agent's answer
                  symbols, # the episode's symbols (a symbol outside them is refused)
                  default_symbol:str|None=None, # used when a line names no symbol (single-stock tasks)
@@ -90,10 +96,9 @@ def parse_action(text, # the agent's answer
         known, orders = _known(symbols if type(symbols) is tuple else tuple(symbols)), []
         for raw in text.split(';'):  # what the loop below reads, line by line, when every line is a plain order
             plain = _PLAIN.fullmatch(raw)
-            if plain is None: break
-            sym, size = known.get(plain[2].upper()), float(plain[3])
-            if sym is None or not 0 < size <= 1 or plain[3] in known: break
-            orders.append(Order(plain[1].upper(), sym, size, raw.strip()[:200]))
+            order = plain and _plain_order(plain, known, raw.strip()[:200])
+            if order is None: break
+            orders.append(order)
         else: return ParsedAction(orders, [], False, text.strip())  # (at most 62 lines fit in 500 characters)
     errors = []
     if len(text) > MAX_ACTION_CHARS:
@@ -111,11 +116,10 @@ def parse_action(text, # the agent's answer
         if seen > MAX_ORDER_LINES:
             errors.append(f"more than {MAX_ORDER_LINES} order lines; the rest were ignored")
             break
-        if plain:  # a known symbol and a plain size in (0, 1] are read here as the token rules below would read them
-            sym, size = known.get(plain[2].upper()), float(plain[3])
-            if sym is not None and 0 < size <= 1 and plain[3] not in known:
-                orders.append(Order(plain[1].upper(), sym, size, line))
-                continue
+        order = plain and _plain_order(plain, known, line)
+        if order is not None:
+            orders.append(order)
+            continue
         m = _VERB.match(raw)
         verb, rest = m.group(1).upper(), m.group(2)
         if verb == 'HOLD':
