@@ -21,7 +21,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from tradellm.data import SPLITS, DataError, Panel, split_slice, synthetic_panel
 from tradellm.env import GLOBAL_FEATURES, MARKET_FEATURES, POSITION_FEATURES, TradingEnv, demo_panel
 from tradellm.market import ParsedAction, parse_action
-from tradellm.tasks import ENV_VERSION, TASKS
+from tradellm.tasks import ENV_VERSION, REGIME_FALL_SHARE, REGIME_MEAN_CHANGE, TASKS
 
 ROOT = Path(__file__).resolve().parents[1]
 FIELDS = ('open', 'high', 'low', 'close', 'volume')
@@ -390,6 +390,9 @@ def expected_layout(env, obs):
     idx = {name: i for i, name in enumerate(names)}
     out = ['day', ('const', env.task.days), 'cash', 'equity', 'return_pct', 'days_left']
     if n > 1: out += ['stocks_up', ('const', n), 'stocks_down', 'mean_change']
+    if obs[idx['buy_blocked']]:  # the RISK-OFF line names the rule(s) that shut the gate, with their numbers
+        if obs[idx['stocks_down']] / n > REGIME_FALL_SHARE: out += ['stocks_down', ('const', n), ('const', round(REGIME_FALL_SHARE * 100))]
+        if obs[idx['mean_change']] < REGIME_MEAN_CHANGE: out += ['mean_change', ('const', REGIME_MEAN_CHANGE)]
     for i in range(n):
         out += [f'stock{i}.{f}' for f in MARKET_FEATURES] + [f'stock{i}.shares']
         if obs[idx[f'stock{i}.shares']] > 0: out += [f'stock{i}.{f}' for f in POSITION_FEATURES[1:]]
@@ -615,6 +618,31 @@ def test_regime_gate_refuses_buys_and_says_so(synth_panel):
     assert info['orders'][1]['status'] == 'rejected' and 'no ' in info['orders'][1]['reason']  # nothing held
 
 
+def test_risk_off_line_names_the_rule_that_shut_the_gate():
+    "The gate shuts when over 70% of stocks fell OR the mean change is below -0.5%: the text says which, from the day's breadth."
+    from tradellm.env import _gate_reason
+    assert _gate_reason(16, 25, -0.63) == "the mean change was -0.63%, below -0.5%"  # 64% fell: only the mean rule
+    assert _gate_reason(18, 25, -0.2) == "18 of 25 stocks fell today, over 70%"  # 72% fell, mean -0.2%
+    assert _gate_reason(20, 25, -1.0) == "20 of 25 stocks fell today, over 70%; the mean change was -1.00%, below -0.5%"
+    # on real episodes, every RISK-OFF line shows the market line's numbers and a rule that holds for them
+    env = TradingEnv('hard', 'train', 'text', _synth())
+    seen = 0
+    for seed in range(30):
+        obs, info = env.reset(seed=seed)
+        for _ in range(TASKS['hard'].days):
+            if info['buy_blocked']:
+                up, down, mean = re.search(r"Market: (\d+) of 25 stocks up, (\d+) down, mean change ([+-][\d.]+)%", obs).groups()
+                line = next(x for x in obs.splitlines() if x.startswith('Regime: RISK-OFF'))
+                assert line.endswith('BUY orders placed today are refused')
+                fell = int(down) / 25 > 0.7
+                assert ('stocks fell today' in line) == fell and (f"{down} of 25 stocks fell" in line) == fell
+                if abs(float(mean) + 0.5) > 0.005: assert ('mean change was' in line) == (float(mean) < -0.5)  # (shown rounded)
+                seen += 1
+            obs, _, done, _, info = env.step('HOLD')
+            if done: break
+    assert seen > 0
+
+
 # ---------------------------------------------------------------- portfolio invariants under random streams
 
 def check_step_invariants(env, before, info, reward, spec):
@@ -690,6 +718,25 @@ def test_step_accepts_order_objects(synth_panel):
     assert info['positions'][a] > 0 and info['positions'][b] == 0 and env.pf.cash >= 0
     _, _, _, _, info = env.step([])  # an empty list of orders is a HOLD
     assert info['orders'] == [] and info['parse_errors'] == [] and env.actions[-1] == 'HOLD'
+
+
+def test_actions_record_replays_orders_made_in_code_exactly(synth_panel):
+    "`env.actions` (replayed by GRPO states and written by evaluate) keeps fractions in full: SELL 1/3 of 3 shares is 1 share, SELL 0.333333 is 0."
+    from tradellm.market import Order
+    env = TradingEnv('easy', 'train', 'text', synth_panel)
+    env.reset(seed=3)
+    s = env.symbols[0]
+    env.pf.set_holding(s, 3, 300.0)
+    _, _, _, _, info = env.step([Order('SELL', s, 1 / 3), Order('BUY', s, np.float32(0.25))])
+    assert info['orders'][0]['shares'] == 1
+    assert env.actions == [f"SELL {s} 0.3333333333333333;BUY {s} 0.25"]
+    again = TradingEnv('easy', 'train', 'text', synth_panel)
+    again.reset(seed=3)
+    again.pf.set_holding(s, 3, 300.0)
+    _, _, _, _, info2 = again.step(env.actions[0])
+    assert info2['orders'] == info['orders'] and again.pf.equity_history == env.pf.equity_history
+    env.step([])
+    assert env.actions[-1] == 'HOLD'
 
 
 def test_info_lists_are_fresh_every_step(synth_panel):

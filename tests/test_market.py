@@ -42,6 +42,12 @@ def orders(text, symbols=SYMS, default=None):
     ('<think>BUY TCS 1.0 looks good</think>\nSELL INFY 0.3', ['SELL INFY 0.3']),  # only the answer after think
     ('<THINK>x</THINK>BUY INFY 0.1', ['BUY INFY 0.1']),
     ('<think>a<think>b</think>c</think>BUY INFY 0.1', ['BUY INFY 0.1']),  # nested: the last </think> closes
+    ('**Action:** BUY INFY 0.5', ['BUY INFY 0.5']),  # markdown around the label and the order
+    ('Action: **BUY INFY 0.5**', ['BUY INFY 0.5']),
+    ('`BUY INFY 0.5`', ['BUY INFY 0.5']),
+    ('Final decision: SELL TCS 30%', ['SELL TCS 0.3']),
+    ('Sell half of my TCS shares now', ['SELL TCS 0.5']),  # words that change nothing
+    ('BUY INFY with 50% of the available cash', ['BUY INFY 0.5']),
 ])
 def test_grammar_reads_orders(text, want):
     got, errors = orders(text)
@@ -60,6 +66,36 @@ def test_hold_answers_do_not_share_their_lists():
     r.errors.append('a note'), r.orders.append(Order('BUY', 'INFY', 1.0))
     again = parse_action('hold', SYMS)
     assert again.errors == [] and again.orders == [] and again.format_ok
+
+
+@pytest.mark.parametrize('text, why', [
+    ('Buy INFY only if the trend turns bullish, which it has not.', "could not read 'only', 'if', 'trend'"),
+    ('Sell INFY if RSI climbs above seventy.', "could not read 'if', 'RSI', 'climbs'"),
+    ('Sell a third of INFY', "could not read 'third'"),
+    ('Buy a quarter of INFY', "could not read 'quarter'"),
+    ('Buy some INFY', "could not read 'some'"),
+    ('Buy INFY, a small position', "could not read 'small'"),
+    ('BUY INFY 0.5 (strong trend)', "could not read 'strong', 'trend'"),
+    ('Sell signals on INFY are weak, so keep it.', "could not read 'signals', 'on', 'are'"),
+    ('BUY 1 share of INFY', 'not share counts'),
+    ('SELL INFY 1 share', 'not share counts'),
+    ('HOLD TCS, BUY INFY 0.2', 'HOLD and an order on one line'),
+    ('Hold off, then sell half', 'HOLD and an order on one line'),
+    ('BUY INFY ' + 'now ' * 12, 'too many words'),
+    ('Sell-side analysts downgraded INFY this week.', 'no BUY, SELL or HOLD'),  # 'Sell-side' is not the verb SELL
+    ('2. Buy-the-dip candidates: INFY', 'no BUY, SELL or HOLD'),
+])
+def test_order_lines_with_words_it_cannot_read_are_errors_not_all_in(text, why):
+    "Under 1.0.0 each of these was read as the whole cash or holding (or hid its order behind HOLD), with no error."
+    r = parse_action(text, SYMS)
+    assert r.orders == [] and not r.hold and not r.format_ok and len(r.errors) == 1 and why in r.errors[0], r.errors
+    if why.startswith('could not'): assert "(reasons go in <think>)" in r.errors[0]
+
+
+def test_hold_with_reasons_is_still_a_clean_hold():
+    for text in ('HOLD: no reason to buy or sell today', 'Hold - the trend is flat', 'HOLD INFY'):
+        r = parse_action(text, SYMS)
+        assert r.hold and r.errors == [] and r.format_ok, text
 
 
 def test_hold_beside_orders_keeps_the_orders():

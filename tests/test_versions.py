@@ -23,7 +23,12 @@ FINGERPRINTS = {
     '1.0.0/easy/1.0.0': '9343d37b3f474253a546ee73165baa18adf65264929ba3c476e9dba8792da0e9',
     '1.0.0/medium/1.0.0': 'edfe8d8856b286f5ec550c8e97d097162afb6203fe2e9fb15fa17e46963afa3d',
     '1.0.0/hard/1.0.0': '9f2ef4721b3445ede08dd16f6f37e5127a381cd42bb478cbc055ca06b30bc07d',
+    # from 2.0.0 the scripted answers also hold two prose order lines, so the parser's rules are in the fingerprint
+    '2.0.0/easy/1.0.0': 'f34431433c332c56b1f73cf2f71246f3acade2d7b009e670540dd79e045517b7',
+    '2.0.0/medium/1.0.0': '14da805a97f5a69cbdb26044e4634d6359b1040d8675f8699bb62cbb58351703',
+    '2.0.0/hard/1.0.0': 'd8d74cae94a3e01d7c622d77c35126560d50008823b59e2f524091d633939f84',
 }
+
 
 
 def _canon(x):
@@ -48,7 +53,8 @@ def scripted_action(k, symbols):
     n = len(s)
     if k % 5 == 0: return '\n'.join(f'BUY {s[(k + j) % n]} {0.9 if j == 0 else 0.1 * j:.1f}' for j in range(7))
     if k % 5 == 1: return f'<think>take some profit</think>SELL {s[k % n]} 0.5; BUY {s[(k + 3) % n]} 100%'
-    if k % 5 == 2: return f'buy {s[(k + 1) % n].lower()} 1e-3\nSELL NOSUCH 0.5\nBUY {s[0]} 2'
+    if k % 5 == 2: return (f'buy {s[(k + 1) % n].lower()} 1e-3\nSELL NOSUCH 0.5\nBUY {s[0]} 2\n'
+                           f'Buy {s[(k + 2) % n]} only if the trend turns\nSELL 1 share of {s[0]}')  # prose (read since 2.0.0 as errors)
     if k % 5 == 3: return 'HOLD'
     return f'SELL {s[(k + 2) % n]}; sell {s[(k + 4) % n]} 30%'
 

@@ -14,7 +14,7 @@ from gymnasium import spaces
 
 from .data import Panel, load_panel, split_slice, DataError
 from .indicators import compute_indicators, LABELS, WARMUP
-from .market import Order, ParsedAction, Portfolio, parse_action, execute, mark
+from .market import Order, ParsedAction, Portfolio, parse_action, execute, mark, _is_real
 from .tasks import (ENV_VERSION, TaskSpec, get_task, score_episode,
                             REGIME_FALL_SHARE, REGIME_MEAN_CHANGE, _sum, _bah_of_rows)
 
@@ -88,6 +88,12 @@ def _market_line(sym, m, lab):
     c, ch, rsi, macd, sig, hist, pctb, trend, vr, vol, mom = m
     return _LINE % (sym, c, ch, rsi, lab[0], macd, sig, hist, lab[1], pctb, lab[2], trend, lab[3], vr, lab[4], vol, lab[5], mom, lab[6])
 
+def _gate_reason(down, n, mean):
+    "Which rule shut the regime gate, in words."
+    why = [f"{down} of {n} stocks fell today, over {REGIME_FALL_SHARE:.0%}"] if down / n > REGIME_FALL_SHARE else []
+    if mean < REGIME_MEAN_CHANGE: why.append(f"the mean change was {mean:+.2f}%, below {REGIME_MEAN_CHANGE:g}%")
+    return '; '.join(why) or 'the market fell today'
+
 def render_text(view:MarketView, task_name:str='', market_lines:list|None=None) -> str:
     "The text observation of `view`."
     g = view._globals()
@@ -95,8 +101,7 @@ def render_text(view:MarketView, task_name:str='', market_lines:list|None=None) 
             f"Cash {view.cash:.2f} | Equity {view.equity:.2f} | Return {g[4]:+.2f}% | Days left {g[1]}"]
     n = len(view.symbols)
     if n > 1: head.append(f"Market: {g[5]} of {n} stocks up, {g[6]} down, mean change {g[7]:+.2f}%")
-    if view.buy_blocked:
-        head.append("Regime: RISK-OFF (most stocks fell today): BUY orders are refused until the market steadies")
+    if view.buy_blocked: head.append(f"Regime: RISK-OFF ({_gate_reason(g[6], n, g[7])}): BUY orders placed today are refused")
     lines = market_lines or [_market_line(s, view.market[i].tolist(), view.labels[i]) for i, s in enumerate(view.symbols)]
     out = head + ['']
     for i, line in enumerate(lines):
@@ -303,6 +308,10 @@ class TradingEnv(TradingEnv):
         return self._labels
 
 # %% ../nbs/04_env.ipynb #c017
+def _as_text(orders) -> str:
+    "`Order`s made in code as an answer that reads back as the same orders: each fraction written in full (`repr`), where `str` rounds it to 6 digits."
+    return ';'.join(f"{o.side} {o.symbol} {float(o.fraction)!r}" if _is_real(o.fraction) else str(o) for o in orders) or 'HOLD'
+
 class TradingEnv(TradingEnv):
     def step(self, action):
         "Fill `action` at the next day's open; returns `(observation, reward, terminated, truncated, info)`."
@@ -320,7 +329,7 @@ class TradingEnv(TradingEnv):
         else: fills = []
         before = pf.equity_history[-1]
         after = mark(pf, self._close[k], k, self._close_rows[k])  # (every price of the window is real)
-        self.actions.append(action if isinstance(action, str) else ';'.join(map(str, parsed.orders)) or 'HOLD')
+        self.actions.append(action if isinstance(action, str) else _as_text(parsed.orders))
         self._k, self._done = k, k == self.task.days
         info = self._info(parsed, fills)
         if self._done:

@@ -44,13 +44,20 @@ class ParsedAction:
 MAX_ACTION_CHARS = 20_000  # longer answers are cut (and the cut is reported)
 MAX_ORDER_LINES = 64  # at most this many order lines are read from one answer
 
-_VERB = re.compile(r"^[\s>*\-•\d.)(\[\]#]*(?:(?:action|answer|order|orders|decision|final answer)\s*[:=\-]\s*)?(buy|sell|hold)\b(.*)$",
-                   re.IGNORECASE | re.DOTALL)
+_VERB = re.compile(r"^[\s>*\-•\d.)(\[\]#`]*(?:(?:final |my )?(?:action|answer|order|orders|decision)\s*[*`]*\s*[:=\-]\s*[*`]*\s*)?"
+                   r"(buy|sell|hold)(?![\w-])(.*)$", re.IGNORECASE | re.DOTALL)  # ('Buy-the-dip' is not a verb)
 _NUM = re.compile(r"^[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:e[+-]?\d+)?%?$|^[+-]?(?:nan|inf|infinity)%?$", re.IGNORECASE)
 _LINES = re.compile(r'[\n;]')  # an answer holds one order per line or per ';'
 _PLAIN = re.compile(r"[ \t]*(BUY|SELL|buy|sell)[ \t]+([A-Za-z][A-Za-z0-9&_-]*)[ \t]+([0-9]+(?:\.[0-9]+)?)[ \t]*")  # the usual line, 'BUY INFY 0.5'
 _SIZE_WORDS = {'ALL': 1.0, 'EVERYTHING': 1.0, 'HALF': 0.5}  # words read as sizes
-_FILLER = frozenset('A AN THE OF SHARE SHARES STOCK STOCKS CASH NOW TODAY MY IT AT WITH MORE SOME POSITION ORDER AND OR'.split())
+_FILLER = frozenset(('A AN THE OF SHARE SHARES STOCK STOCKS CASH NOW TODAY TOMORROW MY IT AT WITH POSITION ORDER AND OR '
+                     'OPEN MARKET HOLDING ENTIRE WHOLE AVAILABLE PLEASE').split())  # words an order may carry that change nothing
+_SYMBOLISH = re.compile(r"[A-Za-z][A-Za-z0-9&\-_]*")
+_ORDER_IN = re.compile(r"\b(?:buy|sell)\b[\s:*`]+([^\s,;]+)", re.IGNORECASE)  # an order inside a HOLD line
+
+def _strip_token(t):
+    "A word of an order line without the punctuation and markdown around it."
+    return t.strip(' ,:()[]{}"\'`*').rstrip('.')
 
 def _strip_think(text):
     if '<' not in text: return text, None  # no tag at all (the usual case)
@@ -123,20 +130,29 @@ def parse_action(text, # the agent's answer
         m = _VERB.match(raw)
         verb, rest = m.group(1).upper(), m.group(2)
         if verb == 'HOLD':
-            hold = True
+            inner = (_strip_token(o.group(1)).upper().removesuffix('.NS') for o in _ORDER_IN.finditer(rest))
+            if any(u in known or u in _SIZE_WORDS or _NUM.match(u) for u in inner):
+                errors.append(f"{line!r}: HOLD and an order on one line; write each order on its own line")
+            else: hold = True
             continue
-        toks = [t.strip(' ,:()[]{}"\'`*').rstrip('.') for t in rest.split()[:8]]
-        toks = [t for t in toks if t]
-        syms, sizes, unknown, bad_sizes = [], [], [], []
+        toks = [t for t in map(_strip_token, rest.split()) if t]
+        if len(toks) > 12:
+            errors.append(f"{line!r}: too many words for one order; write e.g. '{verb} {next(iter(known.values()), 'SYMBOL')} 0.5'")
+            continue
+        syms, sizes, words, bad_sizes, counted, after_size = [], [], [], [], False, False
         for t in toks:
-            u = t.upper().removesuffix('.NS')
+            u, was_size, after_size = t.upper().removesuffix('.NS'), after_size, False
             if u in known: syms.append(known[u])
             elif u in _SIZE_WORDS: sizes.append((_SIZE_WORDS[u], None))
-            elif _NUM.match(t): sizes.append(_size(t))
+            elif _NUM.match(t): sizes.append(_size(t)); after_size = True
             elif any(ch.isnumeric() for ch in t): bad_sizes.append(t)
-            elif re.fullmatch(r"[A-Za-z][A-Za-z0-9&\-_]*", t) and u not in _FILLER: unknown.append(t)
+            elif u in ('SHARE', 'SHARES') and was_size: counted = True  # '1 share': a count, not a fraction
+            elif u not in _FILLER: words.append(t)
         if bad_sizes:
             errors.append(f"{line!r}: size {bad_sizes[0]!r} is not a number; write a fraction like 0.5 or 50%")
+            continue
+        if counted:
+            errors.append(f"{line!r}: sizes are fractions (0.5 or 50%) of the cash or of the holding, not share counts")
             continue
         if len(set(syms)) > 1 or len(sizes) > 1:
             errors.append(f"{line!r}: one order per line; separate orders with ';' or a new line")
@@ -146,21 +162,25 @@ def parse_action(text, # the agent's answer
             continue
         size = sizes[0][0] if sizes else None
         sym = syms[0] if syms else None
-        if sym is None:
-            if unknown:
-                shown = ', '.join(list(known.values())[:12]) + (', ...' if len(known) > 12 else '')
-                errors.append(f"{line!r}: unknown symbol {unknown[0]!r}; this episode trades {shown}")
-                continue
-            if default_symbol is None:
-                errors.append(f"{line!r}: no symbol given; write e.g. '{verb} {next(iter(known.values()), 'SYMBOL')} 0.5'")
-                continue
-            sym = default_symbol
+        unknown = [w for w in words if _SYMBOLISH.fullmatch(w)]
+        if sym is None and unknown:
+            shown = ', '.join(list(known.values())[:12]) + (', ...' if len(known) > 12 else '')
+            errors.append(f"{line!r}: unknown symbol {unknown[0]!r}; this episode trades {shown}")
+            continue
+        if sym is None and default_symbol is None:
+            errors.append(f"{line!r}: no symbol given; write e.g. '{verb} {next(iter(known.values()), 'SYMBOL')} 0.5'")
+            continue
+        sym = sym or default_symbol
+        if words:  # a condition, a reason or a size in words: reading the line as an order could trade what was not meant
+            errors.append(f"{line!r}: could not read {', '.join(map(repr, words[:3]))}; an order is a verb, a symbol and a "
+                          f"size, e.g. '{verb} {sym} 0.5' (reasons go in <think>)")
+            continue
         orders.append(Order(verb, sym, 1.0 if size is None else size, line))
     if not orders and not hold and not errors:
         errors.append("no BUY, SELL or HOLD line found in the answer")
     return ParsedAction(orders, errors, hold, answer.strip()[:2000])
 
-# %% ../nbs/02_market.ipynb #c014
+# %% ../nbs/02_market.ipynb #c016
 @dataclass
 class Fill:
     "What became of one order."
@@ -176,7 +196,7 @@ class Fill:
     def as_dict(self): return {'order': self.order, 'side': self.side, 'symbol': self.symbol, 'status': self.status,
                                'shares': self.shares, 'price': self.price, 'cost': self.cost, 'reason': self.reason}
 
-# %% ../nbs/02_market.ipynb #c015
+# %% ../nbs/02_market.ipynb #c017
 class Portfolio:
     "Cash and whole shares of a fixed list of symbols; fills orders and keeps the history the grader reads."
     def __init__(self,
@@ -250,7 +270,7 @@ class Portfolio:
         "Average price paid per share held, costs included (0 where nothing is held)."
         return np.divide(self.cost_basis, self._shares, out=np.zeros(len(self._shares)), where=self._shares > 0)
 
-# %% ../nbs/02_market.ipynb #c016
+# %% ../nbs/02_market.ipynb #c018
 def _buy(pf, i, order, open_price, equity_open):
     price = open_price * (1 + pf.slippage)
     unit = price * (1 + pf.cost)
@@ -294,7 +314,7 @@ def _sell(pf, i, order, open_price):
     pf.trades += 1
     return Fill(str(order), 'SELL', order.symbol, 'filled', n, price, fee)
 
-# %% ../nbs/02_market.ipynb #c017
+# %% ../nbs/02_market.ipynb #c019
 def _is_real(x) -> bool: return type(x) is float or isinstance(x, numbers.Real)  # (numpy's scalars are registered as Real)
 
 def execute(pf:Portfolio, # the portfolio, changed in place
@@ -322,7 +342,7 @@ def execute(pf:Portfolio, # the portfolio, changed in place
             f = Fill(str(order), str(order.side), order.symbol, 'rejected',
                      reason=f"invalid order: side must be BUY or SELL and the fraction in (0, 1], got {order.side} {order.fraction!r}")
         elif order.side == 'BUY' and not buy_allowed:
-            f = Fill(str(order), 'BUY', order.symbol, 'rejected', reason="regime gate: most stocks fell, BUY orders are refused today")
+            f = Fill(str(order), 'BUY', order.symbol, 'rejected', reason="regime gate: RISK-OFF on the day the order was placed, BUY orders are refused")
         else:
             if type(order.fraction) is not float:  # a numpy or other real number trades as the float it equals
                 order = order._replace(fraction=float(order.fraction))  # (float32 arithmetic would round the money)

@@ -13,7 +13,7 @@ __all__ = ['ENV_VERSION', 'TASKS', 'REGIME_FALL_SHARE', 'REGIME_MEAN_CHANGE', 'W
            'sharpe_ratio', 'max_drawdown', 'score_episode', 'buy_and_hold_return']
 
 # %% ../nbs/03_tasks.ipynb #c005
-ENV_VERSION = '1.0.0'
+ENV_VERSION = '2.0.0'
 
 @dataclass(frozen=True)
 class TaskSpec:
