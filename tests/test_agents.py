@@ -170,6 +170,23 @@ def test_random_agent_is_seeded_per_episode(synth_panel):
     assert set(envs[0].actions) == {'HOLD'}
 
 
+def test_random_agent_reads_only_what_a_remote_env_offers(synth_panel):
+    "No `pf`: holdings come from the public `view`, the seed from the last reset's; the trades are those of the env itself."
+    class ViewOnly:  # the parts of an env that `RemoteTradingEnv` has too
+        def __init__(self, env): self.env, self.task = env, env.task
+        def reset(self, seed): self._seed = seed; return self.env.reset(seed=seed)
+        def step(self, a): return self.env.step(a)
+        symbols = property(lambda self: self.env.symbols)
+        view = property(lambda self: self.env.view)
+        actions = property(lambda self: self.env.actions)
+    envs = [TradingEnv('medium', 'test', data=synth_panel) for _ in range(2)]
+    play(RandomAgent(seed=3), envs, [7, 8])
+    direct = [list(e.actions) for e in envs]
+    play(RandomAgent(seed=3), [ViewOnly(e) for e in envs], [7, 8])
+    assert [list(e.actions) for e in envs] == direct
+    assert any(a.startswith('SELL') for a in direct[0])  # it sold what the view showed held
+
+
 def test_random_agent_without_env_seed_and_bad_p_hold(synth_panel):
     env = TradingEnv('easy', 'test', data=synth_panel)
     env.reset()
@@ -192,6 +209,8 @@ def test_make_agent_specs():
     assert make_agent(' Do-Nothing ').spec == 'do_nothing'
     r = make_agent('random:42')
     assert (r.seed, r.spec) == (42, 'random:42')
+    # one spelling per agent, so evaluate sees two spellings as one agent
+    assert [make_agent(s).spec for s in ('RSI', 'random:042', 'random: 42', 'random:0', 'random:-1')] == ['rsi', 'random:42', 'random:42', 'random', 'random:-1']
     agent = RSIAgent()
     assert make_agent(agent) is agent
     for bad, msg in (('rsi:3', 'unknown agent'), ('', 'unknown agent'), ('ppo', 'unknown agent'), ('llm:', 'unknown agent'),

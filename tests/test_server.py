@@ -108,6 +108,35 @@ def test_pinned_episode_and_order_objects(http, synth_panel):
     assert http.get('/state', params={'session_id': sid}).status_code == 404  # closed on exit
 
 
+def test_order_lists_fill_remotely_as_locally(http, synth_panel):
+    "numpy sizes trade as the floats they equal, and orders `execute` refuses are refused remotely too, in their places."
+    from fractions import Fraction
+    local = TradingEnv('medium', 'test', data=synth_panel)
+    with RemoteTradingEnv(task='medium', client=http) as remote:
+        remote.reset(seed=4), local.reset(seed=4)
+        s = local.symbols
+        orders = [Order('BUY', s[0], np.float32(0.25)), Order('buy', s[1], 0.5), Order('BUY', s[2].lower(), 0.5),
+                  Order('BUY', s[3], np.float64(1.5)), Order('SELL', s[4], 0.5), Order(None, 7, 0.5), Order('BUY', s[5], Fraction(1, 8)),
+                  Order('BUY', s[6], np.float64(0.0)), Order('BUY', s[7], np.int64(1)), Order('BUY', s[8], 0.1),
+                  Order('BUY', s[9], 0.1), Order('BUY', s[9], 0.1)]
+        r, l = remote.step(orders), local.step(orders)
+        same_step(r, l)
+        assert remote.actions == local.actions
+        fills = r[4]['orders']
+        assert [f['status'] for f in fills] == ['filled', 'rejected', 'rejected', 'rejected', 'rejected', 'rejected', 'filled',
+                                                'rejected', 'reduced', 'filled', 'rejected', 'rejected']  # (np.int64(1): all the cash, cut to the 30% cap)
+        assert fills[2]['reason'] == f'{s[2].lower()} is not in this episode' and fills[5]['reason'] == '7 is not in this episode'
+        assert fills[1]['reason'].endswith('got buy 0.5') and fills[7]['reason'].endswith('got BUY np.float64(0.0)')
+        assert fills[-1]['reason'] == fills[-2]['reason'] == 'beyond the daily limit of 10 orders'
+        # the float32 quarter of 200,000 buys floor(50,000 / (price incl. slippage and costs)) shares
+        assert fills[0]['shares'] == int(50_000 / (fills[0]['price'] * 1.001)) > 0
+        # everything refused: the server gets a HOLD, and the refusals still come back
+        r, l = remote.step([Order('BUY', 'nope', 0.5)]), local.step([Order('BUY', 'nope', 0.5)])
+        same_step(r, l)
+        assert [f['status'] for f in r[4]['orders']] == ['rejected'] and r[4]['format_ok']
+        with pytest.raises(TypeError, match='list of tradellm.market.Order'): remote.step(['BUY X 0.5'])
+
+
 def test_openenv_environment_reuses_one_env_per_combination(synth_panel):
     env = TradingEnvironment(synth_panel)
     env.reset(seed=0, task='easy')
@@ -420,7 +449,7 @@ def test_threads_do_not_share_state(synth_panel):
     assert len(results) == 4 and all(v == results[0] for v in results.values())
 
 
-@pytest.mark.parametrize('spec', ['rsi', 'buy_and_hold'])
+@pytest.mark.parametrize('spec', ['rsi', 'buy_and_hold', 'random:3'])
 def test_rule_agents_play_remote_envs_like_local_ones(http, synth_panel, spec):
     "Agents that read `env.view`, `env.symbols` and `env.task` act on remote envs exactly as on local ones, in lockstep."
     from tradellm.agents import make_agent
@@ -440,6 +469,7 @@ def test_rule_agents_play_remote_envs_like_local_ones(http, synth_panel, spec):
             actions.append(acts); infos.append([s[4] for s in steps])
         results.append((actions, infos))
     assert results[0] == results[1]
-    if spec == 'buy_and_hold': assert any('BUY' in a for day in results[0][0] for a in day)  # it did trade
+    if spec != 'rsi': assert any('BUY' in a for day in results[0][0] for a in day)  # it did trade
+    if spec == 'random:3': assert any('SELL' in a for day in results[0][0] for a in day)  # and sold what the view shows held
     assert [i['score'] for i in results[0][1][-1]] == [e.metrics()['score'] for e in locals_]
     for r in remotes: r.close()

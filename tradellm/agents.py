@@ -173,7 +173,7 @@ class RandomAgent(Agent):
     def reset(self, envs):
         self._rngs = []
         for k, env in enumerate(envs):  # an env reset without a seed falls back on its position in the batch
-            s = getattr(env, '_seed', None)
+            s = getattr(env, '_seed', None)  # the seed of the env's last reset (`TradingEnv` and `RemoteTradingEnv` keep it)
             self._rngs.append(np.random.default_rng([self.seed % 2**32, 0, k] if s is None else [self.seed % 2**32, 1, int(s) % 2**32]))
 
     def act(self, envs, observations):
@@ -181,9 +181,9 @@ class RandomAgent(Agent):
         for env, rng in zip(envs, self._rngs):
             u, side_u, frac = rng.random(), rng.random(), self.fractions[rng.integers(len(self.fractions))]
             pick = rng.random()
-            held = np.flatnonzero(env.pf.shares > 0)
             if u < self.p_hold: out.append('HOLD'); continue
-            if side_u < 0.5 and len(held): side, choices = 'SELL', held
+            held = np.flatnonzero(env.view.shares > 0) if side_u < 0.5 else ()  # the public view: remote envs have it too
+            if len(held): side, choices = 'SELL', held
             else: side, choices = 'BUY', np.arange(len(env.symbols))
             out.append(f"{side} {env.symbols[choices[int(pick * len(choices))]]} {frac:g}")
         return out
@@ -205,6 +205,7 @@ def make_agent(spec:str, # 'do_nothing', 'buy_and_hold', 'rsi', 'random[:SEED]',
         try: seed = int(arg) if arg else 0
         except ValueError: raise ValueError(f"agent {s!r}: the random agent's seed must be an integer, e.g. random:7") from None
         agent = RandomAgent(seed)
+        arg = str(seed) if seed else ''  # one spec per agent: 'random:02' is 'random:2', 'random:0' is 'random'
     elif kind == 'ppo' and arg:
         from tradellm.ppo import load_ppo_agent
         agent = load_ppo_agent(arg)

@@ -4,10 +4,12 @@
 
 # %% ../nbs/11b_client.ipynb #c003
 from __future__ import annotations
+import numbers
 import numpy as np
 from gymnasium import spaces
 
-from .env import CHARSET, MarketView, feature_names
+from .env import CHARSET, MarketView, feature_names, _as_text
+from .market import Fill, Order
 from .tasks import get_task
 
 # %% auto #0
@@ -51,7 +53,7 @@ class RemoteTradingEnv:
             client, self._owns = httpx.Client(base_url=base_url.rstrip('/'), timeout=timeout), True
         else: self._owns = False
         self._http = client
-        self.session_id, self.symbols, self.actions, self._view = None, (), [], None
+        self.session_id, self.symbols, self.actions, self._view, self._seed = None, (), [], None, None
         self.env_version = self.task_version = None
         self.with_view = view
 
@@ -88,15 +90,22 @@ class RemoteTradingEnv:
             if e.status != 404 or 'session_id' not in body: raise
             body.pop('session_id')
             d = self._post('/reset', body)
-        self.session_id, self.actions = d['session_id'], []
+        self.session_id, self.actions, self._seed = d['session_id'], [], seed  # (`TradingEnv` keeps the seed too: seeded agents read it)
         return self._unpack(d), d['info']
 
     def step(self, action): # the orders (text), or a list of `tradellm.market.Order`
         "Send one day's orders; returns `(observation, reward, terminated, truncated, info)`."
         if self.session_id is None: raise RuntimeError("call reset() before step()")
-        if not isinstance(action, str): action = ';'.join(f"{o.side} {o.symbol} {o.fraction!r}" for o in action) or 'HOLD'
-        d = self._post('/step', {'session_id': self.session_id, 'action': action})
-        self.actions.append(action)
+        if isinstance(action, str): text, rejected, shown = action, {}, action
+        elif isinstance(action, (list, tuple)) and all(isinstance(o, Order) for o in action):
+            text, rejected = _orders_text(action, self.symbols, self.task.max_trades)
+            shown = _as_text(action)  # what `TradingEnv.actions` records
+        else: raise TypeError(f"action must be text or a list of tradellm.market.Order, got {type(action).__name__}")
+        d = self._post('/step', {'session_id': self.session_id, 'action': text})
+        self.actions.append(shown)
+        if rejected:  # put the orders refused here back in their places among the server's fills
+            sent = iter(d['info']['orders'])
+            d['info']['orders'] = [f for f in (rejected.get(k) or next(sent, None) for k in range(len(action))) if f is not None]
         return self._unpack(d), d['reward'], d['terminated'], d['truncated'], d['info']
 
     @property
@@ -121,3 +130,29 @@ class RemoteTradingEnv:
 
     def __enter__(self): return self
     def __exit__(self, *exc): self.close()
+
+# %% ../nbs/11b_client.ipynb #c006aa
+def _fraction_text(x) -> str:
+    "The float `x` in plain digits, exactly (float(text) == float(x)): '0.5', '1', '0.00001'."
+    return np.format_float_positional(float(x), unique=True, trim='-')
+
+def _refused(order, k:int, symbols:tuple, max_trades:int):
+    "The `Fill` `execute` makes of an order it refuses before any price is read (the k-th of the day), or None."
+    if k >= max_trades:
+        return Fill(str(order), order.side, order.symbol, 'rejected', reason=f"beyond the daily limit of {max_trades} orders")
+    if not isinstance(order.symbol, str) or order.symbol not in symbols:
+        return Fill(str(order), order.side, order.symbol, 'rejected', reason=f"{order.symbol} is not in this episode")
+    f = order.fraction
+    if order.side not in ('BUY', 'SELL') or not (isinstance(f, numbers.Real) and 0 < f <= 1):
+        return Fill(str(order), str(order.side), order.symbol, 'rejected',
+                    reason=f"invalid order: side must be BUY or SELL and the fraction in (0, 1], got {order.side} {order.fraction!r}")
+    return None
+
+def _orders_text(orders:list, symbols:tuple, max_trades:int) -> tuple:
+    "The action text of the orders `execute` would try to fill, and the fill dicts of those it refuses, by position."
+    lines, refused = [], {}
+    for k, o in enumerate(orders):
+        f = _refused(o, k, symbols, max_trades)
+        if f is None: lines.append(f"{o.side} {o.symbol} {_fraction_text(o.fraction)}")
+        else: refused[k] = f.as_dict()
+    return ';'.join(lines) or 'HOLD', refused
