@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 
 from tradellm import evaluate as ev
-from tradellm.agents import Agent, RSIAgent, make_agent
+from tradellm.agents import Agent, RSIAgent, RandomAgent, make_agent
 from tradellm.data import save_panel, synthetic_panel
 from tradellm.env import TradingEnv
 from tradellm.tasks import ENV_VERSION
@@ -220,6 +220,45 @@ def test_baseline_runs_unlisted_and_agents_per_task(synth_panel):
     assert res['out'] is None and res['meta']['mlflow_uri'] is None
 
 
+def test_one_row_per_agent_and_two_agents_under_one_label_are_refused(synth_panel, tmp_path):
+    # spellings of one agent, and an Agent object equal to a spec's, run once
+    res = ev.evaluate(['rsi', 'RSI', RSIAgent(), 'random:2', 'random:02', 'random', 'random:0'], 'easy', 'val', 2, data=synth_panel,
+                      track=False, progress=False)
+    assert [r['spec'] for r in res['rows']] == ['rsi', 'random:2', 'random']
+    assert sorted(res['records']) == [('random', 'easy'), ('random:2', 'easy'), ('rsi', 'easy')]
+    # two different agents under one label: refused before anything runs or is written, naming both
+    for a, b in ((RSIAgent(), RSIAgent(buy_below=50, trend_veto=-100)), (RandomAgent(seed=1), RandomAgent(seed=2)),
+                 ('rsi', RSIAgent(buy_below=50))):
+        with pytest.raises(ValueError, match=r"two different agents would both be reported as '(rsi|random)' on easy") as e:
+            ev.evaluate([a, b], 'easy', 'val', 2, data=synth_panel, out=tmp_path / 'out', track=False, progress=False)
+        assert repr(make_agent(b)) in str(e.value) and 'label of its own' in str(e.value)
+    assert list(tmp_path.iterdir()) == []
+    # each task plays its own agent, even under one label
+    tuned = RSIAgent(buy_below=60, trend_veto=-100)
+    res = ev.evaluate({'easy': [tuned], 'medium': [RSIAgent()]}, ['easy', 'medium'], 'val', 3, data=synth_panel, track=False, progress=False)
+    alone = ev.run_episodes(tuned, 'easy', 'val', 3, data=synth_panel, progress=False)
+    assert [r['score'] for r in res['records'][('rsi', 'easy')]] == [r['score'] for r in alone]
+    alone = ev.run_episodes(RSIAgent(), 'medium', 'val', 3, data=synth_panel, progress=False)
+    assert [r['score'] for r in res['records'][('rsi', 'medium')]] == [r['score'] for r in alone]
+
+
+def test_plots_and_text_show_the_tables_intervals(synth_panel, tmp_path, monkeypatch):
+    drawn, plot = [], ev.plot_scores
+    monkeypatch.setattr(ev, 'plot_scores', lambda *a, **k: drawn.append(k.get('intervals')) or plot(*a, **k))
+    res = ev.evaluate(['rsi', 'random:1'], 'medium', 'val', 6, data=synth_panel, out=tmp_path / 'out', track=False, progress=False,
+                      n_resamples=321)
+    assert '(321 resamples, seeded)' in (tmp_path / 'out' / 'leaderboard.md').read_text()
+    assert drawn == [{r['spec']: (r['score_lo'], r['score_hi']) for r in res['rows']}]
+    # plot_scores draws the interval it is given, else the bootstrap interval with the resamples and seed it is given
+    recs = res['records'][('random:1', 'medium')]
+    scores = [r['score'] for r in recs]
+    def drawn_interval(fig):
+        (x0, _), (x1, _) = fig.axes[0].containers[0].lines[2][0].get_segments()[0]
+        return x0, x1
+    assert drawn_interval(plot({'a': recs}, intervals={'a': (0.25, 0.75)})) == (0.25, 0.75)
+    assert drawn_interval(plot({'a': recs}, n_resamples=321, seed=4)) == pytest.approx(ev.bootstrap_ci(scores, n_resamples=321, seed=4), abs=1e-12)
+
+
 def test_a_failing_evaluation_marks_its_run_failed_and_writes_nothing(synth_panel, mlflow_uri, tmp_path):
     for exc, tag in ((RuntimeError, 'boom'), (KeyboardInterrupt, 'ctrlc')):
         agent = Scripted(fail_on=4, exc=exc)
@@ -392,6 +431,26 @@ def test_rescore_lists_stale_runs_and_reevaluates(capsys, data_dir, mlflow_uri, 
     assert res['rows'] == [] and [s['agent'] for s in res['skipped']] == ['ppo:/no/such/model']
     assert ev.cli_rescore(['--stale-only', '--json', '--quiet', '--data', str(data_dir)]) == 0
     assert json.loads(capsys.readouterr().out)['env_version'] == ENV_VERSION
+
+
+def test_rescore_skips_agents_its_spec_does_not_rebuild(synth_panel, data_dir, tmp_path, monkeypatch, capsys):
+    "An Agent object with its own settings is recorded under the plain spec: rescore says so instead of scoring the default."
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    res = ev.evaluate([RSIAgent(buy_below=50, trend_veto=-100), RandomAgent(seed=7), 'random:3'], 'easy', 'val', 3, data=synth_panel,
+                      tracking_uri=uri, progress=False, n_resamples=300)
+    assert [r['spec'] for r in res['rows']] == ['rsi', 'random', 'random:3']
+    out = ev.rescore(data=synth_panel, tracking_uri=uri, progress=False)
+    reasons = {s['agent']: s['reason'] for s in out['skipped']}
+    assert sorted(reasons) == ['random', 'rsi']
+    assert 'buy_below 50 recorded, 35.0 now; ' in reasons['rsi'] and 'trend_veto -100 recorded, 0.0 now' in reasons['rsi']
+    assert 'seed 7 recorded, 0 now' in reasons['random']
+    # the agent its spec rebuilds is re-scored as recorded: the same episodes, and the same 300 resamples for its interval
+    (new,), old = out['rows'], res['rows'][2]
+    assert new['spec'] == 'random:3' and new['mlflow_run_id'] != old['mlflow_run_id']
+    assert [new[k] for k in ('score_mean', 'score_lo', 'score_hi')] == [old[k] for k in ('score_mean', 'score_lo', 'score_hi')]
+    monkeypatch.setenv('MLFLOW_TRACKING_URI', uri)
+    assert ev.cli_rescore(['--data', str(data_dir), '--quiet']) == 0
+    assert "skipped rsi (easy, val): run " in capsys.readouterr().out
 
 
 # ---------------------------------------------------------------- the real data

@@ -296,15 +296,18 @@ def showcase_episode(records_by_agent:dict) -> int:
 def plot_scores(records_by_agent:dict, # agent name -> its records on one task
                 path=None, # save as PNG here (else return the figure)
                 title:str='', # figure title
+                intervals:dict|None=None, # agent name -> (low, high) to draw (e.g. the leaderboard rows' `score_lo`, `score_hi`)
+                n_resamples:int=10_000, # bootstrap resamples of the intervals not given
+                seed:int=0, # bootstrap seed of the intervals not given
                ):
     "Each agent's episode scores as dots, with the mean and its 95% bootstrap interval."
     fig = _figure(7, 0.7 + 0.55 * len(records_by_agent))
     ax = fig.subplots()
     rng = np.random.default_rng(0)
-    for k, recs in enumerate(records_by_agent.values()):
+    for k, (name, recs) in enumerate(records_by_agent.items()):
         s = np.array([r['score'] for r in recs])
         ax.scatter(s, k + rng.uniform(-0.18, 0.18, len(s)), s=10, alpha=0.45, color=f'C{k}')
-        lo, hi = bootstrap_ci(s, n_resamples=2_000)
+        lo, hi = (intervals or {}).get(name) or bootstrap_ci(s, n_resamples=n_resamples, seed=seed)
         ax.errorbar([mean(s)], [k], xerr=[[mean(s) - lo], [hi - mean(s)]], fmt='D', color='black', capsize=4, ms=5)
     ax.axvline(0.3, color='grey', lw=0.8, ls='--')
     ax.set_yticks(range(len(records_by_agent)), list(records_by_agent))
@@ -416,7 +419,7 @@ def leaderboard_markdown(result:dict) -> str:
              f"Written {meta['date']} by tradellm {meta['tradellm_version']} in {meta['seconds']:.0f} s.  ",
              f"Reproduce: `{meta['command']}`", '',
              "Score: 0.40 Sharpe + 0.30 P&L + 0.15 drawdown + 0.15 activity, each part in [0, 1]; doing nothing scores 0.300. "
-             "Intervals are 95% percentile-bootstrap intervals over episodes (10,000 resamples, seeded); "
+             f"Intervals are 95% percentile-bootstrap intervals over episodes ({meta['n_resamples']:,} resamples, seeded); "
              "*vs do-nothing* is the paired mean score difference on the same episodes. Return, Sharpe (annualised), "
              "max drawdown and trades are means per episode; *beats B&H* is the share of episodes whose return beat the "
              "equal-weight buy-and-hold of the same stocks and window (frictionless, from day 1's open). *Format errors* (shown "
@@ -451,7 +454,8 @@ def write_results(result:dict, # what `evaluate` returns
         for task in result['meta']['tasks']:
             by_agent = {k[0]: v for k, v in result['records'].items() if k[1] == task}
             if not by_agent: continue
-            plot_scores(by_agent, tmp / f'scores_{task}.png', title=f"{task}: scores of {result['meta']['episodes']} episodes")
+            cis = {r['spec']: (r['score_lo'], r['score_hi']) for r in result['rows'] if r['task'] == task}  # the table's intervals
+            plot_scores(by_agent, tmp / f'scores_{task}.png', title=f"{task}: scores of {result['meta']['episodes']} episodes", intervals=cis)
             k = showcase_episode(by_agent)
             plot_episode({a: v[k] for a, v in by_agent.items()}, tmp / f'episode_{task}.png')
             plots += [f'scores_{task}.png', f'episode_{task}.png']
@@ -485,13 +489,34 @@ def _split_range(panel, split):
 
 def _agent_key(agent): return agent.spec or agent.name
 
-def _log_artifacts(run, recs, key, task):
+def _same_agent(a, b) -> bool:
+    "Whether two agents are the same trader: one object, or one class with one `config()`."
+    return a is b or (type(a) is type(b) and a.config() == b.config())
+
+def _distinct_agents(task:str, agents:list) -> dict:
+    "Label -> agent of one task's agents, each agent once; `ValueError` when two different agents would share a label."
+    out = {}
+    for a in agents:
+        key = _agent_key(a)
+        if key not in out: out[key] = a
+        elif not _same_agent(out[key], a):
+            raise ValueError(f"two different agents would both be reported as {key!r} on {task}: {out[key]!r} and {a!r}; "
+                             f"give one a label of its own (e.g. agent.spec = '{key}-tuned'), or pass a spec that names it "
+                             f"(e.g. 'random:7' for RandomAgent(seed=7))")
+    return out
+
+def _spec_text(s:str) -> str:
+    "A spec as `make_agent` reads it: 'LLM:x' and 'llm:x' load one model."
+    kind, sep, arg = str(s).strip().partition(':')
+    return kind.lower().replace('-', '_') + sep + arg
+
+def _log_artifacts(run, recs, key, task, row):
     "The agent's episode CSV and plots, as artifacts of its run."
     if run.client is None: return
     with tempfile.TemporaryDirectory() as d:
         d = Path(d)
         episodes_frame(recs).to_csv(d / 'episodes.csv', index=False)
-        plot_scores({key: recs}, d / f'scores_{task}.png', title=f"{key} on {task}")
+        plot_scores({key: recs}, d / f'scores_{task}.png', title=f"{key} on {task}", intervals={key: (row['score_lo'], row['score_hi'])})
         plot_episode({key: recs[showcase_episode({key: recs})]}, d / f'episode_{task}.png')
         for f in sorted(d.iterdir()): run.log_artifact(f)
 
@@ -518,30 +543,31 @@ def evaluate(agents=BASELINES, # specs or `Agent`s for every task, or a dict tas
     if isinstance(agents, (str, Agent)): agents = [agents]
     plan = {t: list(agents.get(t, [])) if isinstance(agents, dict) else list(agents) for t in tasks}
     if not any(plan.values()): raise ValueError("no agent given; choose from " + ', '.join(BASELINES))
-    heavy = lambda s: isinstance(s, str) and s.strip().lower().startswith(('llm:', 'ppo:'))
-    built = {}
-    for s in (s for t in tasks for s in plan[t] if not heavy(s)):  # rule agents (and spec typos) first: instant
-        if isinstance(s, Agent): built.setdefault(_agent_key(s), s)
-        elif s not in built: built[s] = make_agent(s)
+    heavy = lambda s: not isinstance(s, Agent) and _spec_text(s).startswith(('llm:', 'ppo:'))
+    built = {}  # spec -> its agent, each spec built once
+    for s in (s for t in tasks for s in plan[t] if not isinstance(s, Agent) and not heavy(s)):  # rule agents (and spec typos) first: instant
+        if _spec_text(s) not in built: built[_spec_text(s)] = make_agent(s)
+    agent_of = lambda s: s if isinstance(s, Agent) else built[_spec_text(s)]
+    light = {t: [agent_of(s) for s in plan[t] if not heavy(s)] for t in tasks}
+    for t in tasks: _distinct_agents(t, light[t])  # two agents under one label: refused before anything loads or runs
     out = check_out(out) if out is not None else None
     uri, exp_id = check_tracking(tracking_uri) if track else (None, None)
     if note: print(note, file=sys.stderr)
     for s in (s for t in tasks for s in plan[t] if heavy(s)):  # then models, once the output and the store are known to work
-        if s not in built: built[s] = make_agent(s)
-    plan = {t: list(dict.fromkeys(_agent_key(s) if isinstance(s, Agent) else s for s in plan[t])) for t in tasks}
-    key_of = {s: _agent_key(a) for s, a in built.items()}
+        if _spec_text(s) not in built: built[_spec_text(s)] = make_agent(s)
+    chosen = {t: _distinct_agents(t, [agent_of(s) for s in plan[t]]) for t in tasks}  # label -> agent, per task
     panel = load_panel(data)
     rows, records = [], {}
-    total = sum((len(plan[t]) + ('do_nothing' not in [key_of[s] for s in plan[t]])) * episodes * TASKS[t].days for t in tasks)
+    total = sum((len(chosen[t]) + ('do_nothing' not in chosen[t])) * episodes * TASKS[t].days for t in tasks)
     with _sigterm_raises(), tqdm(total=total, unit='day', desc='evaluate', disable=not progress) as bar:
         for task in tasks:
-            specs = sorted(plan[task], key=lambda s: key_of[s] != 'do_nothing')
+            keys = sorted(chosen[task], key=lambda k: k != 'do_nothing')
             baseline = None
-            if not specs or key_of[specs[0]] != 'do_nothing':
+            if not keys or keys[0] != 'do_nothing':
                 bar.set_description(f"{task} do_nothing (baseline)")
                 baseline = run_episodes(make_agent('do_nothing'), task, split, episodes, seed, panel, bar)
-            for s in specs:
-                agent, key = built[s], key_of[s]
+            for key in keys:
+                agent = chosen[task][key]
                 bar.set_description(f"{task} {key}")
                 tags = dict(tradellm_kind='evaluate', agent=key, agent_name=agent.name, task=task, split=split,
                             env_version=ENV_VERSION, task_version=TASKS[task].version, data_source=panel.source,
@@ -558,12 +584,12 @@ def evaluate(agents=BASELINES, # specs or `Agent`s for every task, or a dict tas
                     row['seconds'] = time.time() - t1
                     run.log_metrics({k: row[k] for k in METRICS if k in row})
                     run.log_series('episode_score', [r['score'] for r in recs])
-                    _log_artifacts(run, recs, key, task)
+                    _log_artifacts(run, recs, key, task, row)
                     row['mlflow_run_id'] = run.run_id
                 rows.append(row)
                 records[(key, task)] = recs
     if command is None:
-        command = (f"tradellm evaluate --agents {','.join(dict.fromkeys(key_of.values()))} --tasks {','.join(tasks)} "
+        command = (f"tradellm evaluate --agents {','.join(dict.fromkeys(k for t in tasks for k in chosen[t]))} --tasks {','.join(tasks)} "
                    f"--split {split} --episodes {episodes} --seed {seed}" + (f" --data {data}" if isinstance(data, (str, Path)) else ''))
     meta = dict(title=title, split=split, split_range=_split_range(panel, split), episodes=episodes, seed=seed, tasks=tasks,
                 env_version=ENV_VERSION, task_versions={t: TASKS[t].version for t in tasks}, data_source=panel.source,
@@ -623,7 +649,7 @@ def leaderboard(episodes:int=50, # episodes per agent and task
 
 # %% ../nbs/06_evaluate.ipynb #c040
 def recorded_runs(uri:str|None=None) -> list:
-    "Every evaluation run in the MLflow store: run id, agent spec, task, split, versions, episodes, seed, status."
+    "Every evaluation run in the MLflow store: run id, agent spec and config, task, split, versions, episodes, seed, resamples, status."
     uri, exp_id = check_tracking(uri)
     from mlflow import MlflowClient
     client, out, token = MlflowClient(uri), [], None
@@ -633,10 +659,18 @@ def recorded_runs(uri:str|None=None) -> list:
             t, p = r.data.tags, r.data.params
             out.append(dict(run_id=r.info.run_id, agent=t.get('agent'), task=t.get('task'), split=t.get('split'),
                             env_version=t.get('env_version'), task_version=t.get('task_version'), status=r.info.status,
-                            episodes=int(p.get('episodes', 0) or 0), seed=int(p.get('seed', 0) or 0), start_time=r.info.start_time))
+                            episodes=int(p.get('episodes', 0) or 0), seed=int(p.get('seed', 0) or 0),
+                            n_resamples=int(p.get('n_resamples', 0) or 0) or None, start_time=r.info.start_time,
+                            agent_params={k[len('agent.'):]: v for k, v in p.items() if k.startswith('agent.')}))
         token = page.token
         if not token: break
     return out
+
+def _config_diff(agent, recorded:dict) -> list:
+    "Where `agent.config()` differs from the `agent.*` params of a run (compared as MLflow stores them): 'key recorded X, now Y'."
+    now = {k: str(v)[:6000] for k, v in agent.config().items()}
+    return [f"{k} {recorded.get(k, '(none)')} recorded, {now.get(k, '(none)')} now"
+            for k in sorted(set(now) | set(recorded)) if now.get(k) != recorded.get(k)]
 
 def _stale(run): return run['env_version'] != ENV_VERSION or run['task_version'] != TASKS.get(run['task'], get_task('easy')).version
 
@@ -646,7 +680,7 @@ def rescore(episodes:int|None=None, # episodes per evaluation (default: as recor
             stale_only:bool=False, # only the (agent, task, split) whose latest run is on older versions
             progress:bool=True, # progress bars
            ) -> dict:
-    "Re-evaluate every agent recorded in MLflow on the current versions; lists the runs on older versions."
+    "Re-evaluate every agent recorded in MLflow on the current versions (skipping those its spec no longer rebuilds); lists the runs on older versions."
     if episodes is not None: _check_episodes(episodes)
     runs = [r for r in recorded_runs(tracking_uri) if r['agent'] and r['task'] in TASKS and r['split'] in SPLITS]
     stale = [r for r in runs if _stale(r)]
@@ -659,8 +693,14 @@ def rescore(episodes:int|None=None, # episodes per evaluation (default: as recor
         except Exception as e:
             skipped.append(dict(agent=r['agent'], task=r['task'], split=r['split'], reason=str(e).splitlines()[0]))
             continue
+        diff = _config_diff(agent, r['agent_params']) if r['agent_params'] else []  # (a run without them records only the spec)
+        if diff:
+            skipped.append(dict(agent=r['agent'], task=r['task'], split=r['split'],
+                                reason=f"run {r['run_id'][:8]} recorded another agent than {r['agent']!r} builds now ({'; '.join(diff)}): "
+                                       "an Agent object with its own settings, or changed defaults; evaluate that agent again yourself"))
+            continue
         res = evaluate([agent], [r['task']], r['split'], episodes or r['episodes'] or 50, r['seed'], data,
-                       tracking_uri=tracking_uri, progress=progress, command='tradellm rescore')
+                       tracking_uri=tracking_uri, progress=progress, n_resamples=r['n_resamples'] or 10_000, command='tradellm rescore')
         rows += res['rows']
     return dict(stale=stale, rows=rows, skipped=skipped, env_version=ENV_VERSION,
                 task_versions={t: s.version for t, s in TASKS.items()})
