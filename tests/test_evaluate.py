@@ -159,6 +159,21 @@ def test_run_episodes_pairs_seeds_and_keeps_everything(synth_panel):
         ev.run_episodes(Scripted(wrong_count=True), 'easy', 'val', 2, data=synth_panel, progress=False)
 
 
+def test_runs_on_changed_prices_are_told_apart(synth_panel, mlflow_uri):
+    "The same folder name with other prices (a re-download, an adjustment) must not read as the same data."
+    import dataclasses
+    later = synth_panel.close.copy()
+    later[-200:] *= 1.03
+    moved = dataclasses.replace(synth_panel, close=later)
+    assert moved.source == synth_panel.source and moved.fingerprint() != synth_panel.fingerprint()
+    tags = []
+    for p in (synth_panel, moved):
+        res = ev.evaluate(['buy_and_hold'], ['easy'], 'test', 2, data=p, tracking_uri=mlflow_uri, progress=False, n_resamples=200)
+        run = [r for r in runs_of(mlflow_uri, split='test') if r.info.run_id == res['rows'][0]['mlflow_run_id']][0]
+        tags.append(run.data.tags['data_fingerprint'])
+    assert tags == [synth_panel.fingerprint(), moved.fingerprint()]
+
+
 def test_batches_do_not_change_episodes(synth_panel):
     a = ev.run_episodes('random:3', 'medium', 'test', 5, data=synth_panel, progress=False)
     b = ev.run_episodes('random:3', 'medium', 'test', 5, data=synth_panel, progress=False, batch_size=2)
@@ -201,6 +216,10 @@ def test_evaluate_writes_results_and_runs(synth_panel, mlflow_uri, tmp_path):
     assert r.data.params['episodes'] == '5' and r.data.params['agent.buy_below'] == '35.0' and r.data.params['seeds'] == '3..7'
     assert r.data.metrics['score_mean'] == pytest.approx([x for x in res['rows'] if x['spec'] == 'rsi' and x['task'] == 'hard'][0]['score_mean'])
     assert runs[('do_nothing', 'easy')].data.metrics['score_hi'] == 0.3
+    # which prices: the panel's fingerprint, on every run, in the summary and in the leaderboard
+    fp = synth_panel.fingerprint()
+    assert {x.data.tags['data_fingerprint'] for x in runs.values()} == {fp} and summ['meta']['data_fingerprint'] == fp
+    assert f'fingerprint `{fp}`' in md
     arts = {a.path for a in MlflowClient(mlflow_uri).list_artifacts(r.info.run_id)}
     assert arts == {'episodes.csv', 'scores_hard.png', 'episode_hard.png'}
     hist = MlflowClient(mlflow_uri).get_metric_history(r.info.run_id, 'episode_score')

@@ -204,6 +204,7 @@ def test_bad_requests(http, session):
     check(http.post('/step', json={'session_id': session}), 422, 'action', 'Field required')
     check(http.post('/step', json={'session_id': session, 'action': 42}), 422, 'action must be a string')
     check(http.post('/step', json={'session_id': session, 'action': {'txt': 'HOLD'}}), 422, 'action')
+    check(http.post('/step', json={'session_id': session, 'action': {}}), 422, "no 'text'")  # not a silent HOLD
     long = 'HOLD;' * 2000  # 10,000 characters: under the body limit, over the action limit
     check(http.post('/step', json={'session_id': session, 'action': long}), 422, f'the limit is {MAX_ACTION_CHARS}')
     big = 'B' * 2**20  # 1 MB: refused before it is parsed

@@ -5,6 +5,7 @@
 # %% ../nbs/00_data.ipynb #c003
 from __future__ import annotations
 import argparse
+import hashlib
 import json
 import os
 import sys
@@ -97,6 +98,16 @@ class Panel:
         return Panel(self.dates, symbols, *(getattr(self, f)[:, idx] for f in FIELDS),
                      problems=[p for p in self.problems if p.symbol in symbols], source=self.source)
 
+    def fingerprint(self) -> str:
+        "16 hex digits of a sha256 of the dates, symbols, prices and volumes: two panels with one fingerprint hold the same data (what a result was computed on, whatever its folder is called)."
+        h = hashlib.sha256()
+        h.update(self.dates.asi8.tobytes())
+        h.update('\n'.join(map(str, self.symbols)).encode())
+        for f in FIELDS:
+            a = getattr(self, f)
+            h.update(np.where(np.isnan(a), np.nan, a).tobytes())  # (one bit pattern for every missing bar)
+        return h.hexdigest()[:16]
+
 # %% ../nbs/00_data.ipynb #c007
 def _names(symbols, n=8):
     "A short list of names for messages."
@@ -105,7 +116,7 @@ def _names(symbols, n=8):
 
 def _iso(d): return pd.Timestamp(d).date().isoformat()
 
-# %% ../nbs/00_data.ipynb #c009
+# %% ../nbs/00_data.ipynb #c010
 def synthetic_panel(n_days:int=300, # trading days (business days from `start`)
                     symbols=('AAA', 'BBB', 'CCC'), # names, or a number of symbols (named S00, S01, ...)
                     start='2023-01-02', # first day
@@ -136,7 +147,7 @@ def synthetic_panel(n_days:int=300, # trading days (business days from `start`)
         for a in (open_, high, low, close, volume): a[:k, j] = np.nan
     return Panel(dates, symbols, open_, high, low, close, volume, source=f"synthetic(seed={seed})")
 
-# %% ../nbs/00_data.ipynb #c013
+# %% ../nbs/00_data.ipynb #c014
 LARGE_MOVE = 0.40  # a one-day move beyond this (close or open vs previous close) is reported
 
 def _plural(n, word): return f"{n} {word}" + ('' if n == 1 else 's')
@@ -212,7 +223,7 @@ def validate_bars(bars:pd.DataFrame, # one symbol's bars: float64 `FIELDS` index
         problems.append(Problem(symbol, None, 'no_valid_bars', f"{symbol}: no valid bar left after validation", 'error'))
     return bars, problems
 
-# %% ../nbs/00_data.ipynb #c018
+# %% ../nbs/00_data.ipynb #c019
 _DATE_COLUMNS = ('timestamp', 'date', 'datetime')
 
 def _standardise(df:pd.DataFrame, symbol:str, where:str='') -> pd.DataFrame:
@@ -247,7 +258,7 @@ def _standardise(df:pd.DataFrame, symbol:str, where:str='') -> pd.DataFrame:
         out[f] = col.to_numpy(dtype=np.float64, na_value=np.nan)
     return pd.DataFrame(out, index=pd.DatetimeIndex(dates.to_numpy(), name='date').as_unit('ns'))
 
-# %% ../nbs/00_data.ipynb #c019
+# %% ../nbs/00_data.ipynb #c020
 def panel_from_frames(frames:dict, # symbol -> DataFrame of daily bars (date index or date/timestamp column)
                       source:str='', # where the bars came from, for `Panel.source`
                       strict:bool=False, # raise `DataError` on any problem instead of dropping bad bars
@@ -284,7 +295,7 @@ def _problems_error(problems, strict) -> DataError:
             else f"{len(problems)} data {'error' if len(problems) == 1 else 'errors'} make the data unusable")
     return DataError(head + ":\n  " + "\n  ".join(p.message for p in problems), problems)
 
-# %% ../nbs/00_data.ipynb #c023
+# %% ../nbs/00_data.ipynb #c024
 DATA_SUFFIXES = ('.csv', '.parquet', '.pq')
 
 def symbol_from_filename(name:str) -> str:
@@ -333,7 +344,7 @@ def read_bars(path, # a CSV or parquet file of one symbol
                         [Problem(symbol, None, 'unreadable_file', f"{symbol}: cannot read {path.name}: {e}", 'error')]) from None
     return _standardise(raw, symbol, where=str(path))
 
-# %% ../nbs/00_data.ipynb #c025
+# %% ../nbs/00_data.ipynb #c026
 HOW_TO_GET_DATA = ("Get data with `tradellm data fetch` (downloads NSE daily bars into the cache data/prices), "
                    "or point tradellm to a folder of per-symbol CSVs with `--data PATH` or the TRADELLM_DATA environment variable.")
 
@@ -370,7 +381,7 @@ def resolve_data_dir(data=None, # a folder (or file) of prices; None: $TRADELLM_
         tried.append(str(p))
     raise DataError(f"No price data found (looked in {', '.join(tried)}). " + HOW_TO_GET_DATA)
 
-# %% ../nbs/00_data.ipynb #c027
+# %% ../nbs/00_data.ipynb #c028
 _PANELS: dict = {}  # (path, symbols, strict, file stamps) -> Panel
 _MAX_CACHED = 8
 
@@ -411,7 +422,7 @@ def load_panel(data=None, # folder/file of per-symbol CSV or parquet files, a `P
         _PANELS[key] = panel
     return panel
 
-# %% ../nbs/00_data.ipynb #c029
+# %% ../nbs/00_data.ipynb #c030
 def save_panel(panel:Panel, # the bars to write
                folder, # destination folder (created)
                format:str='nifty68', # 'nifty68' (SYMBOL_daily.csv), 'yahoo' (SYMBOL.NS.csv) or 'parquet' (SYMBOL.parquet)
@@ -432,7 +443,7 @@ def save_panel(panel:Panel, # the bars to write
         else: raise ValueError(f"unknown format {format!r}: use 'nifty68', 'yahoo' or 'parquet'")
     return folder
 
-# %% ../nbs/00_data.ipynb #c034
+# %% ../nbs/00_data.ipynb #c035
 SPLITS = {'train': ('2020-10-01', '2023-12-31'), 'val': ('2024-01-01', '2024-06-30'), 'test': ('2024-07-01', None)}
 
 def split_slice(panel:Panel, # the bars
@@ -480,7 +491,7 @@ def episode_starts(panel:Panel, # the bars
     n_full = (cs[starts + length] - cs[starts] == length).sum(axis=1)
     return starts[n_full >= min_symbols]
 
-# %% ../nbs/00_data.ipynb #c040
+# %% ../nbs/00_data.ipynb #c041
 NIFTY68 = ('ADANIENT', 'ADANIPORTS', 'APOLLOHOSP', 'ASIANPAINT', 'AUROPHARMA', 'AXISBANK', 'BAJAJ-AUTO', 'BAJAJFINSV',
            'BAJFINANCE', 'BANKBARODA', 'BEL', 'BHARTIARTL', 'BPCL', 'BRITANNIA', 'CIPLA', 'COALINDIA', 'COLPAL', 'DABUR',
            'DIVISLAB', 'DLF', 'DRREDDY', 'EICHERMOT', 'GAIL', 'GODREJCP', 'GRASIM', 'HAVELLS', 'HCLTECH', 'HDFCBANK',
@@ -581,7 +592,7 @@ def fetch(symbols=NIFTY68, # NSE symbols (without .NS)
     bar.close()
     return summary
 
-# %% ../nbs/00_data.ipynb #c046
+# %% ../nbs/00_data.ipynb #c047
 def panel_summary(panel:Panel) -> dict:
     "Symbols, date ranges per group of symbols, bars and problems of a panel, as plain data."
     valid = panel.valid

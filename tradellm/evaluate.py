@@ -415,7 +415,7 @@ def leaderboard_markdown(result:dict) -> str:
              f"Split **{meta['split']}** ({meta['split_range']} in this data), {meta['episodes']} episodes per task "
              f"(env seeds {meta['seed']}..{meta['seed'] + meta['episodes'] - 1}: the same episodes for every agent).  ",
              f"Environment {meta['env_version']}; tasks {tv}.  ",
-             f"Data: `{meta['data_source']}` ({meta['data_symbols']} symbols, {meta['data_range']}).  ",
+             f"Data: `{meta['data_source']}` ({meta['data_symbols']} symbols, {meta['data_range']}, fingerprint `{meta.get('data_fingerprint', '-')}`).  ",
              f"Written {meta['date']} by tradellm {meta['tradellm_version']} in {meta['seconds']:.0f} s.  ",
              f"Reproduce: `{meta['command']}`", '',
              "Score: 0.40 Sharpe + 0.30 P&L + 0.15 drawdown + 0.15 activity, each part in [0, 1]; doing nothing scores 0.300. "
@@ -557,6 +557,7 @@ def evaluate(agents=BASELINES, # specs or `Agent`s for every task, or a dict tas
         if _spec_text(s) not in built: built[_spec_text(s)] = make_agent(s)
     chosen = {t: _distinct_agents(t, [agent_of(s) for s in plan[t]]) for t in tasks}  # label -> agent, per task
     panel = load_panel(data)
+    fingerprint = panel.fingerprint()  # (tagged on every run: which prices a number was computed on, whatever the folder is called)
     rows, records = [], {}
     total = sum((len(chosen[t]) + ('do_nothing' not in chosen[t])) * episodes * TASKS[t].days for t in tasks)
     with _sigterm_raises(), tqdm(total=total, unit='day', desc='evaluate', disable=not progress) as bar:
@@ -570,7 +571,7 @@ def evaluate(agents=BASELINES, # specs or `Agent`s for every task, or a dict tas
                 agent = chosen[task][key]
                 bar.set_description(f"{task} {key}")
                 tags = dict(tradellm_kind='evaluate', agent=key, agent_name=agent.name, task=task, split=split,
-                            env_version=ENV_VERSION, task_version=TASKS[task].version, data_source=panel.source,
+                            env_version=ENV_VERSION, task_version=TASKS[task].version, data_source=panel.source, data_fingerprint=fingerprint,
                             tradellm_version=_version())
                 if getattr(agent, 'prompt_version', None): tags['prompt_version'] = agent.prompt_version
                 params = {**{f'agent.{k}': v for k, v in agent.config().items()}, 'agent': key, 'task': task, 'split': split,
@@ -593,7 +594,7 @@ def evaluate(agents=BASELINES, # specs or `Agent`s for every task, or a dict tas
                    f"--split {split} --episodes {episodes} --seed {seed}" + (f" --data {data}" if isinstance(data, (str, Path)) else ''))
     meta = dict(title=title, split=split, split_range=_split_range(panel, split), episodes=episodes, seed=seed, tasks=tasks,
                 env_version=ENV_VERSION, task_versions={t: TASKS[t].version for t in tasks}, data_source=panel.source,
-                data_symbols=len(panel.symbols), data_range=f"{panel.dates[0].date()} .. {panel.dates[-1].date()}",
+                data_fingerprint=fingerprint, data_symbols=len(panel.symbols), data_range=f"{panel.dates[0].date()} .. {panel.dates[-1].date()}",
                 date=dt.datetime.now(dt.timezone.utc).strftime('%Y-%m-%d %H:%M UTC'), tradellm_version=_version(),
                 command=command, mlflow_uri=uri, n_resamples=n_resamples, seconds=time.time() - t0)
     result = dict(meta=meta, rows=rows, records=records, out=None)
@@ -601,7 +602,7 @@ def evaluate(agents=BASELINES, # specs or `Agent`s for every task, or a dict tas
         with _sigterm_raises(): result['out'] = str(write_results(result, out))
     return result
 
-# %% ../nbs/06_evaluate.ipynb #c037
+# %% ../nbs/06_evaluate.ipynb #c039
 def _default_llm_available() -> bool:
     try: from tradellm.llm import default_model_available
     except ImportError: return False
@@ -647,7 +648,7 @@ def leaderboard(episodes:int=50, # episodes per agent and task
     return evaluate(plan, tasks, 'test', episodes, seed, data, out, command=cmd,
                     title='tradellm leaderboard', note=note, **kwargs)
 
-# %% ../nbs/06_evaluate.ipynb #c040
+# %% ../nbs/06_evaluate.ipynb #c042
 def recorded_runs(uri:str|None=None) -> list:
     "Every evaluation run in the MLflow store: run id, agent spec and config, task, split, versions, episodes, seed, resamples, status."
     uri, exp_id = check_tracking(uri)
@@ -705,7 +706,7 @@ def rescore(episodes:int|None=None, # episodes per evaluation (default: as recor
     return dict(stale=stale, rows=rows, skipped=skipped, env_version=ENV_VERSION,
                 task_versions={t: s.version for t, s in TASKS.items()})
 
-# %% ../nbs/06_evaluate.ipynb #c042
+# %% ../nbs/06_evaluate.ipynb #c044
 def _csv(s): return [x.strip() for x in s.split(',') if x.strip()]
 
 def _common_args(p, episodes=50):

@@ -383,6 +383,8 @@ def make_app(data=None, # a loaded `Panel`, a folder of prices, or None (the loo
                                               'its reply holds the session_id to send with every step')
         action = body.action
         if isinstance(action, dict):
+            if 'text' not in action:  # (the model's default would make a client's empty object a clean HOLD)
+                return _error(422, 'invalid_request', "action object has no 'text': send {'text': 'BUY INFY 0.5'} or the text itself")
             try: action = TradeAction.model_validate(action).text
             except Exception as e:
                 return _error(422, 'invalid_request', f"action: {e.errors()[0]['msg'] if hasattr(e, 'errors') else e}")
