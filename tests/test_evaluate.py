@@ -2,6 +2,7 @@
 Ctrl-C and SIGTERM), atomic results, the CLI's bad-input errors, rescore, and the real-data leaderboard."""
 import json
 import math
+import re
 import signal
 import subprocess
 import sys
@@ -157,6 +158,22 @@ def test_run_episodes_pairs_seeds_and_keeps_everything(synth_panel):
     assert all(r['format_errors'] == 20 for r in bad)
     with pytest.raises(RuntimeError, match='returned 3 actions for 2'):
         ev.run_episodes(Scripted(wrong_count=True), 'easy', 'val', 2, data=synth_panel, progress=False)
+
+
+def test_leaderboard_warns_when_episodes_are_too_few_for_its_intervals(synth_panel):
+    "Percentile-bootstrap intervals over a handful of episodes are too narrow; one episode has none at all."
+    one = ev.evaluate(['random:1'], ['easy'], 'test', 1, data=synth_panel, track=False, progress=False, n_resamples=200)
+    md = ev.leaderboard_markdown(one)
+    row = one['rows'][0] if one['rows'][0]['spec'] == 'random:1' else one['rows'][1]
+    assert f"| random:1 | {row['score_mean']:.3f} | {row['diff_do_nothing']:+.3f} | " in md  # a mean, no interval
+    assert '**Only 1 episode per agent: these intervals are too narrow to cite.**' in md
+    five = ev.evaluate(['random:1'], ['easy'], 'test', 5, data=synth_panel, track=False, progress=False, n_resamples=200)
+    md = ev.leaderboard_markdown(five)
+    assert '**Only 5 episodes per agent' in md and f'use {ev.FEW_EPISODES} or more' in md
+    assert re.search(r"\| random:1 \| [\d.]+ \[[\d.]+, [\d.]+\] \|", md)
+    enough = ev.evaluate(['do_nothing'], ['easy'], 'test', ev.FEW_EPISODES, data=synth_panel, track=False, progress=False,
+                         n_resamples=200)
+    assert 'too narrow' not in ev.leaderboard_markdown(enough)
 
 
 def test_runs_on_changed_prices_are_told_apart(synth_panel, mlflow_uri):

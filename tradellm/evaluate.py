@@ -31,8 +31,8 @@ from .env import TradingEnv
 from .agents import Agent, BASELINES, make_agent
 
 # %% auto #0
-__all__ = ['EXPERIMENT', 'METRICS', 'run_episodes', 'mean', 'bootstrap_ci', 'paired_diff', 'summarize', 'TrackingError',
-           'default_tracking_uri', 'check_tracking', 'tracked_run', 'Terminated', 'buy_and_hold_curve',
+__all__ = ['EXPERIMENT', 'FEW_EPISODES', 'METRICS', 'run_episodes', 'mean', 'bootstrap_ci', 'paired_diff', 'summarize',
+           'TrackingError', 'default_tracking_uri', 'check_tracking', 'tracked_run', 'Terminated', 'buy_and_hold_curve',
            'drawdown_curve', 'showcase_episode', 'plot_scores', 'plot_episode', 'OutputError', 'check_out',
            'episodes_frame', 'leaderboard_markdown', 'write_results', 'evaluate', 'leaderboard_agents', 'leaderboard',
            'recorded_runs', 'rescore', 'cli_evaluate', 'cli_leaderboard', 'cli_rescore']
@@ -401,11 +401,16 @@ def _task_table(rows) -> list:
     lines = ['| agent | score [95% CI] | vs do-nothing [95% CI] | return | Sharpe | max DD | trades/ep | beats B&H |' + (' format errors |' if llm else ''),
              '|---|---|---|---|---|---|---|---|' + ('---|' if llm else '')]
     for r in sorted(rows, key=lambda r: -r['score_mean']):
-        diff = f"{r['diff_do_nothing']:+.3f} [{r['diff_lo']:+.3f}, {r['diff_hi']:+.3f}]" if 'diff_do_nothing' in r else '-'
-        lines.append(f"| {r['spec']} | {r['score_mean']:.3f} [{r['score_lo']:.3f}, {r['score_hi']:.3f}] | {diff} | "
+        one = r['episodes'] < 2  # one episode: a mean, and no interval to show
+        diff = ('-' if 'diff_do_nothing' not in r else f"{r['diff_do_nothing']:+.3f}" if one else
+                f"{r['diff_do_nothing']:+.3f} [{r['diff_lo']:+.3f}, {r['diff_hi']:+.3f}]")
+        score = f"{r['score_mean']:.3f}" + ('' if one else f" [{r['score_lo']:.3f}, {r['score_hi']:.3f}]")
+        lines.append(f"| {r['spec']} | {score} | {diff} | "
                      f"{_pct(r['return_mean'])} | {r['sharpe_mean']:.2f} | {100 * r['max_drawdown_mean']:.2f}% | "
                      f"{r['trades_mean']:.1f} | {100 * r['beat_buy_and_hold']:.0f}% |" + (f" {100 * r.get('format_error_rate', 0):.1f}% |" if llm else ''))
     return lines
+
+FEW_EPISODES = 30  # below this many episodes the leaderboard warns that its intervals are too narrow to cite
 
 def leaderboard_markdown(result:dict) -> str:
     "The leaderboard as markdown: one table per task, and how it was made."
@@ -424,6 +429,10 @@ def leaderboard_markdown(result:dict) -> str:
              "max drawdown and trades are means per episode; *beats B&H* is the share of episodes whose return beat the "
              "equal-weight buy-and-hold of the same stocks and window (frictionless, from day 1's open). *Format errors* (shown "
              "when language models play) is the share of days whose answer the parser could not fully read.", '']
+    if meta['episodes'] < FEW_EPISODES:
+        lines += [f"**Only {meta['episodes']} episode{'s' if meta['episodes'] > 1 else ''} per agent: these intervals are too "
+                  f"narrow to cite.** A percentile bootstrap over few episodes covers the true mean less often than it says "
+                  f"(one episode gives no interval at all); use {FEW_EPISODES} or more episodes for numbers you report.", '']
     for task in meta['tasks']:
         t = TASKS[task]
         rows = sorted([r for r in result['rows'] if r['task'] == task], key=lambda r: -r['score_mean'])
