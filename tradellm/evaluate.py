@@ -401,7 +401,7 @@ def _task_table(rows) -> list:
     lines = ['| agent | score [95% CI] | vs do-nothing [95% CI] | return | Sharpe | max DD | trades/ep | beats B&H |' + (' format errors |' if llm else ''),
              '|---|---|---|---|---|---|---|---|' + ('---|' if llm else '')]
     for r in sorted(rows, key=lambda r: -r['score_mean']):
-        one = r['episodes'] < 2  # one episode: a mean, and no interval to show
+        one = r.get('episodes', 2) < 2  # one episode: a mean, and no interval to show
         diff = ('-' if 'diff_do_nothing' not in r else f"{r['diff_do_nothing']:+.3f}" if one else
                 f"{r['diff_do_nothing']:+.3f} [{r['diff_lo']:+.3f}, {r['diff_hi']:+.3f}]")
         score = f"{r['score_mean']:.3f}" + ('' if one else f" [{r['score_lo']:.3f}, {r['score_hi']:.3f}]")
