@@ -2,6 +2,7 @@
 import dataclasses
 import json
 import time
+import warnings
 
 import numpy as np
 import pandas as pd
@@ -149,6 +150,49 @@ def test_non_numeric_value_counts_as_missing(tmp_path):
     cells = lines[3].split(','); cells[4] = 'n/a'; lines[3] = ','.join(cells)
     f.write_text('\n'.join(lines) + '\n')
     assert only(load_panel(tmp_path / 'd').problems, 'missing_value').date == day(2)
+
+
+@pytest.mark.parametrize('column', [1, 4])  # high, volume
+def test_infinite_value_dropped_and_reported(tmp_path, column):
+    "An 'inf' cell (a vendor's divide by zero) passed validation and then broke the environment; it is a bad bar."
+    check_dropped(tmp_path, lambda df: df.iloc.__setitem__((4, column), np.inf), 'infinite_value', 4, 'infinite')
+
+
+def test_problems_are_announced_once_per_load(tmp_path):
+    df = bars(10)
+    df.iloc[3, 1] = np.nan
+    write_nifty(tmp_path / 'd', 'INFY', df)
+    with pytest.warns(data.DataWarning, match=r"1 data problem found \(1 of them bad bars that were dropped\).*INFY: 1 bar "
+                                               r".*tradellm data check"):
+        p = load_panel(tmp_path / 'd')
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')
+        assert load_panel(tmp_path / 'd') is p  # the cached panel: already announced
+        write_nifty(tmp_path / 'clean', 'INFY', bars(10))
+        load_panel(tmp_path / 'clean')  # clean data: no warning
+
+
+@pytest.mark.parametrize('stamp, date', [
+    ('2024-01-01 18:30:00+00:00', '2024-01-02'),  # UTC evening: the next day in India
+    ('2024-01-01T18:30:00Z', '2024-01-02'),
+    ('2024-01-02 00:00:00+05:30', '2024-01-02'),  # the nifty68 files: already Indian time
+    ('2024-01-01 23:00:00-05:00', '2024-01-02'),  # New York evening: 09:30 the next morning in India
+    ('2024-01-02', '2024-01-02'),  # a plain date is that date
+    ('2024-01-02 00:00:00', '2024-01-02'),
+])
+def test_timestamps_with_a_zone_give_the_date_in_india(tmp_path, stamp, date):
+    (tmp_path / 'd').mkdir()
+    (tmp_path / 'd' / 'INFY_daily.csv').write_text(f'timestamp,open,high,low,close,volume\n{stamp},100,101,99,100.5,1000\n')
+    assert load_panel(tmp_path / 'd').dates[0] == pd.Timestamp(date)
+
+
+def test_utc_parquet_timestamps_give_the_date_in_india(tmp_path):
+    "Bars stored in UTC (18:30 the evening before) were put on the previous day, misaligning them with other stocks."
+    df = bars(5).rename_axis('timestamp').reset_index()
+    df['timestamp'] = df['timestamp'].dt.tz_localize('Asia/Kolkata').dt.tz_convert('UTC')
+    (tmp_path / 'd').mkdir()
+    df.to_parquet(tmp_path / 'd' / 'INFY.parquet')
+    assert list(load_panel(tmp_path / 'd').dates) == list(bars(5).index)
 
 
 def test_zero_price_dropped_and_reported(tmp_path):

@@ -9,17 +9,18 @@ import hashlib
 import json
 import os
 import sys
+import warnings
 from dataclasses import dataclass, field, asdict
 from pathlib import Path
 import numpy as np
 import pandas as pd
 
 # %% auto #0
-__all__ = ['FIELDS', 'PRICES', 'LARGE_MOVE', 'DATA_SUFFIXES', 'HOW_TO_GET_DATA', 'SPLITS', 'NIFTY68', 'YAHOO_COLUMNS',
-           'DataError', 'Problem', 'Panel', 'synthetic_panel', 'validate_bars', 'panel_from_frames',
-           'symbol_from_filename', 'data_files', 'read_bars', 'project_root', 'cache_dir', 'resolve_data_dir',
-           'clear_panel_cache', 'load_panel', 'save_panel', 'split_slice', 'full_window_symbols', 'episode_starts',
-           'yahoo_ticker', 'yahoo_frame', 'fetch', 'panel_summary', 'cli_data']
+__all__ = ['FIELDS', 'PRICES', 'LARGE_MOVE', 'EXCHANGE_TZ', 'DATA_SUFFIXES', 'HOW_TO_GET_DATA', 'SPLITS', 'NIFTY68',
+           'YAHOO_COLUMNS', 'DataError', 'DataWarning', 'Problem', 'Panel', 'synthetic_panel', 'validate_bars',
+           'panel_from_frames', 'symbol_from_filename', 'data_files', 'read_bars', 'project_root', 'cache_dir',
+           'resolve_data_dir', 'clear_panel_cache', 'load_panel', 'save_panel', 'split_slice', 'full_window_symbols',
+           'episode_starts', 'yahoo_ticker', 'yahoo_frame', 'fetch', 'panel_summary', 'cli_data']
 
 # %% ../nbs/00_data.ipynb #c006
 FIELDS = ('open', 'high', 'low', 'close', 'volume')  # the fields of a bar, in file order
@@ -31,6 +32,9 @@ class DataError(ValueError):
                  problems=()): # the `Problem`s behind the error, if any
         super().__init__(message)
         self.problems = list(problems)
+
+class DataWarning(UserWarning):
+    "Loaded data had problems that validation handled (bad bars dropped, suspicious moves reported)."
 
 @dataclass(frozen=True)
 class Problem:
@@ -182,12 +186,14 @@ def validate_bars(bars:pd.DataFrame, # one symbol's bars: float64 `FIELDS` index
     v = bars[list(FIELDS)].to_numpy()
     nan = np.isnan(v).any(axis=1)
     record('missing_value', nan, 'missing or non-numeric values', 'dropped')
+    inf = ~nan & np.isinf(v).any(axis=1)
+    record('infinite_value', inf, 'infinite values', 'dropped')
     with np.errstate(invalid='ignore'):
-        nonpos = ~nan & (v[:, :4] <= 0).any(axis=1)
-        negvol = ~nan & ~nonpos & (v[:, 4] < 0)
+        nonpos = ~nan & ~inf & (v[:, :4] <= 0).any(axis=1)
+        negvol = ~nan & ~inf & ~nonpos & (v[:, 4] < 0)
     record('non_positive_price', nonpos, 'zero or negative prices', 'dropped')
     record('negative_volume', negvol, 'negative volume', 'dropped')
-    ok = ~(nan | nonpos | negvol)
+    ok = ~(nan | inf | nonpos | negvol)
     o, h, l, c = (v[:, i] for i in range(4))
     unbound = np.zeros(len(v), dtype=bool)
     with np.errstate(invalid='ignore'):
@@ -226,6 +232,9 @@ def validate_bars(bars:pd.DataFrame, # one symbol's bars: float64 `FIELDS` index
 # %% ../nbs/00_data.ipynb #c019
 _DATE_COLUMNS = ('timestamp', 'date', 'datetime')
 
+EXCHANGE_TZ = 'Asia/Kolkata'  # a bar's date is its date at the exchange (NSE)
+_ZONED = r'\d\d:\d\d(?::\d\d(?:\.\d+)?)?\s*(?:Z|[+-]\d\d:?\d\d)$'  # a time of day with a UTC offset
+
 def _standardise(df:pd.DataFrame, symbol:str, where:str='') -> pd.DataFrame:
     "Bars of one symbol as float64 `FIELDS` indexed by tz-naive calendar date, in file order."
     where = where or symbol
@@ -242,10 +251,15 @@ def _standardise(df:pd.DataFrame, symbol:str, where:str='') -> pd.DataFrame:
                         [Problem(symbol, None, 'empty_file', f"{symbol}: no bars (empty file)", 'error')])
     col = df[date_col]
     if pd.api.types.is_datetime64_any_dtype(col):
-        if col.dt.tz is not None: col = col.dt.tz_localize(None)  # keep the local wall-clock date
+        if col.dt.tz is not None: col = col.dt.tz_convert(EXCHANGE_TZ).dt.tz_localize(None)  # the date in India, whatever zone it was stored in
         dates = col.dt.normalize()
-    else:  # 'YYYY-MM-DD' or 'YYYY-MM-DD 00:00:00+05:30': the local calendar date is the first 10 characters
-        dates = pd.to_datetime(col.astype(str).str[:10], format='%Y-%m-%d', errors='coerce')
+    else:  # 'YYYY-MM-DD': that date; a time with a zone ('2024-01-01 18:30:00+00:00'): its date in India (here 2024-01-02)
+        text = col.astype(str).str.strip()
+        dates = pd.to_datetime(text.str[:10], format='%Y-%m-%d', errors='coerce')
+        zoned = text.str.contains(_ZONED, regex=True).to_numpy()
+        if zoned.any():
+            at = pd.to_datetime(text[zoned], utc=True, errors='coerce', format='ISO8601')
+            dates[zoned] = at.dt.tz_convert(EXCHANGE_TZ).dt.tz_localize(None).dt.normalize()
     bad = np.flatnonzero(dates.isna().to_numpy())
     if len(bad):
         raw = col.iloc[bad[0]]
@@ -417,6 +431,11 @@ def load_panel(data=None, # folder/file of per-symbol CSV or parquet files, a `P
         raise DataError(f"{folder}: {_plural(len(errors), 'file')} cannot be used:\n  " + "\n  ".join(map(str, errors)),
                         [p for e in errors for p in e.problems])
     panel = _build_panel(frames, str(folder), strict)
+    if panel.problems:  # (once per load: a cached panel does not warn again)
+        dropped = sum(p.action == 'dropped' for p in panel.problems)
+        warnings.warn(f"{folder}: {_plural(len(panel.problems), 'data problem')} found ({dropped} of them bad bars that were "
+                      f"dropped), the first: {panel.problems[0].message}. `tradellm data check {folder}` lists them all; "
+                      "`panel.problems` holds them", DataWarning, stacklevel=2)
     if cache:
         while len(_PANELS) >= _MAX_CACHED: _PANELS.pop(next(iter(_PANELS)))
         _PANELS[key] = panel
@@ -521,7 +540,7 @@ def yahoo_frame(raw:pd.DataFrame, # what `yfinance.download` returned (one or ma
     df = df.reindex(columns=list(YAHOO_COLUMNS)).astype(np.float64)
     df = df.dropna(subset=['Open', 'High', 'Low', 'Close'], how='all')
     idx = pd.DatetimeIndex(df.index)
-    if idx.tz is not None: idx = idx.tz_localize(None)
+    if idx.tz is not None: idx = idx.tz_convert(EXCHANGE_TZ).tz_localize(None)
     df.index = idx.normalize().rename('Date')
     return df.sort_index()
 
@@ -653,7 +672,10 @@ def cli_data(argv:list|None=None, # arguments after `tradellm data`
                   f"reach Yahoo Finance (no network, a proxy), fetch on one that can and copy the folder, then pass "
                   f"--data PATH or set TRADELLM_DATA.", file=sys.stderr)
         return 1 if r['failed'] else 0
-    try: panel = load_panel(args.path, symbols=symbols, strict=args.strict, cache=False)
+    try:
+        with warnings.catch_warnings():  # (the check prints every problem itself)
+            warnings.simplefilter('ignore', DataWarning)
+            panel = load_panel(args.path, symbols=symbols, strict=args.strict, cache=False)
     except DataError as e:
         if args.json:
             print(json.dumps({'source': str(args.path), 'ok': False, 'message': str(e),
