@@ -12,7 +12,7 @@ pytest.importorskip('stable_baselines3')
 import tradellm.ppo as ppo
 from tradellm.env import TradingEnv, demo_panel
 from tradellm.market import Order
-from tradellm.ppo import (ACTIONS, HOLD, ObsNormalizer, PPOAgent, PPOTradingEnv, action_orders, cli_train_ppo,
+from tradellm.ppo import (ACTIONS, HOLD, ObsNormalizer, PPOAgent, PPOTradingEnv, action_orders, cli_train_ppo, env_orders,
                           fit_normalizer, load_ppo_agent, policy_feature_names, policy_features, run_agent, train_ppo)
 
 TINY = dict(timesteps=512, n_envs=2, checkpoints=2, val_episodes=4, norm_episodes=10, track=False, progress=False,
@@ -45,7 +45,7 @@ def test_action_orders_properties(picks, blocked):
     sides = [o.side for o in orders]
     assert sides == sorted(sides, key=lambda s: s != 'SELL')  # every SELL before every BUY
     expected = [Order(ACTIONS[a][0], s, ACTIONS[a][1]) for s, a, h in zip(symbols, action, shares)
-                if ACTIONS[a][0] == 'SELL' and h > 0]
+                if ACTIONS[a][0] == 'SELL' and h * ACTIONS[a][1] >= 1]  # at least one share to sell
     expected += [] if blocked else [Order('BUY', s, ACTIONS[a][1]) for s, a in zip(symbols, action) if ACTIONS[a][0] == 'BUY']
     assert orders == expected
 
@@ -59,6 +59,109 @@ def test_action_menu_is_the_documented_one():
 def test_bad_actions_say_what_is_wrong():
     with pytest.raises(ValueError, match='one per stock'): action_orders([1, 2, 3], ['A', 'B'])
     with pytest.raises(ValueError, match=r'0\.\.6'): action_orders([-1], ['A'])
+
+
+def _identity_normalizer(task):
+    names = policy_feature_names(task)
+    return ObsNormalizer(names, [0.0] * len(names), [1.0] * len(names), clip=1e12)
+
+
+def _hard_buy_fill_rates(panel, episodes=20):
+    "Random actions on hard: per group of 5 slots (symbol order), the share of BUY choices that filled (on ungated days)."
+    env = PPOTradingEnv('hard', 'train', panel, _identity_normalizer('hard'))
+    rng = np.random.default_rng(0)
+    chosen, filled = np.zeros(25), np.zeros(25)
+    for ep in range(episodes):
+        env.reset(seed=ep)
+        done = False
+        while not done:
+            a = rng.integers(len(ACTIONS), size=25)  # what an untrained policy samples
+            symbols, blocked = env.env.symbols, env.env.view.buy_blocked
+            _, _, done, _, info = env.step(a)
+            if blocked: continue
+            chosen += [ACTIONS[x][0] == 'BUY' for x in a]
+            for o in info['orders']:
+                if o['side'] == 'BUY' and o['status'] in ('filled', 'reduced'): filled[symbols.index(o['symbol'])] += 1
+    return filled.reshape(5, 5).sum(1) / chosen.reshape(5, 5).sum(1)
+
+
+def test_hard_fills_buys_in_every_slot_alike(synth_panel):
+    "hard trades 25 stocks with 5 orders a day: which orders are sent must not depend on a stock's place in the alphabet."
+    rates = _hard_buy_fill_rates(synth_panel)
+    # symbol order sent slots 0-4 first, so slots 15-24 never filled a BUY; shuffled, each group fills at about the mean rate
+    assert rates.min() > 0.05, rates
+    assert np.all(np.abs(rates / rates.mean() - 1) < 0.25), rates
+
+
+def test_orders_sent_are_shuffled_per_group_and_capped(synth_panel):
+    "Sells before buys, each group in an order drawn from the generator; at most `max_orders` sent."
+    symbols = ['A', 'B', 'C', 'D']
+    kept = {s: 0 for s in symbols}
+    for seed in range(3000):
+        orders = action_orders([6, 0, 6, 6], symbols, [0, 5, 0, 0], rng=np.random.default_rng(seed), max_orders=2)
+        assert len(orders) == 2 and orders[0] == Order('SELL', 'B', 1.0)  # the one SELL always goes first
+        kept[orders[1].symbol] += 1
+    assert kept['B'] == 0 and all(900 < kept[s] < 1100 for s in 'ACD'), kept  # each of the 3 BUYs in 1 of 3 days
+    # the same generator state gives the same orders
+    a = [4, 5, 6, 3, 0, 1]
+    same = [action_orders(a, list('UVWXYZ'), [1, 2, 3, 4, 5, 6], rng=np.random.default_rng(7)) for _ in range(2)]
+    assert same[0] == same[1] and sorted(map(str, same[0])) == sorted(map(str, action_orders(a, list('UVWXYZ'), [1, 2, 3, 4, 5, 6])))
+
+
+def test_same_seed_same_orders_and_the_agent_sends_what_training_sends(synth_panel):
+    "The shuffle is a function of the episode and the day: the same seed replays the same orders, in training and evaluation."
+    norm = _identity_normalizer('hard')
+    rng = np.random.default_rng(1)
+    actions = [rng.integers(len(ACTIONS), size=25) for _ in range(40)]
+    runs = []
+    for _ in range(2):
+        env = PPOTradingEnv('hard', 'train', synth_panel, norm)
+        env.reset(seed=11)
+        sent = []
+        for a in actions:
+            _, _, done, _, info = env.step(a)
+            sent.append([o['order'] for o in info['orders']])
+        assert done
+        runs.append((sent, info['score']))
+    assert runs[0] == runs[1]
+    assert max(len(s) for s in sent) == 5  # the daily limit of hard: the shuffle chose which were sent
+
+    class Replay:  # a "model" that plays the same actions
+        def predict(self, x, deterministic=True): return actions[day][None], None
+    agent = PPOAgent(Replay(), norm, 'hard')
+    env = TradingEnv('hard', 'train', 'numeric', data=synth_panel)
+    obs, _ = env.reset(seed=11)
+    for day in range(len(actions)):
+        orders = agent.act([env], [obs])[0]
+        assert [str(o) for o in orders] == sent[day]
+        obs, *_ = env.step(orders)
+
+
+def test_orders_that_cannot_fill_become_hold():
+    "A BUY of a stock at its cap or without the cash for one share, and a SELL of less than one share, use up no slot."
+    flat = np.full((31, 10), 100.0)  # medium: 200,000 of cash, 30% cap, fills at 100.1 (slippage) plus 0.1% cost
+    env = TradingEnv('medium', 'test', 'numeric', data=demo_panel(flat, flat, [f'S{i}' for i in range(10)]))
+    env.reset(seed=0)
+    act = lambda **k: np.array([k.get(f'S{i}', HOLD) for i in range(10)])
+    _, _, _, _, info = env.step(env_orders(act(S0=6, S1=6, S2=6), env))  # BUY 1 of three stocks: each trimmed to the cap
+    assert [info['positions'][s] for s in ('S0', 'S1', 'S2')] == [599] * 3  # floor(0.3 * 200,000 / 100.1)
+    _, _, _, _, info = env.step(env_orders(act(S3=6), env))
+    assert info['positions']['S3'] == 199 and info['cash'] < 100.1  # floor(19,940.4 / 100.2001): the cash is spent
+    assert env_orders(act(S4=6), env) == []  # no cash for one share: not sent
+    assert env_orders(act(S0=5), env) == []  # S0 is at its cap (0 shares of room): not sent
+    # selling S3 brings in the cash for one: then the BUY is sent (judged at the last close, as the market judges at the open)
+    assert [str(o) for o in env_orders(act(S0=5, S3=0, S4=6), env)] == ['SELL S3 1', 'BUY S4 1']
+    _, _, _, _, info = env.step(env_orders(act(S0=5, S3=0, S4=6), env))
+    assert [o['status'] for o in info['orders']] == ['filled', 'filled']
+
+    one = np.full((21, 1), 60_000.0)  # easy: 100,000 of cash buys one share at 60,000
+    env = TradingEnv('easy', 'test', 'numeric', data=demo_panel(one, one, ['AAA']))
+    env.reset(seed=0)
+    _, _, _, _, info = env.step(env_orders([6], env))
+    assert info['positions'] == {'AAA': 1} and info['cash'] == 40_000
+    assert env_orders([6], env) == []  # 40,000 of cash buys no share at 60,000
+    assert env_orders([1], env) == []  # half of 1 share is no share
+    assert env_orders([0], env) == [Order('SELL', 'AAA', 1.0)]
 
 
 # --- features and normalisation -------------------------------------------------------------------------------
@@ -123,7 +226,7 @@ def test_normalizer_is_fitted_on_train_only(synth_panel, monkeypatch):
         done = False
         while not done:
             rows.append(o)
-            o, _, done, _, _ = env.step(action_orders(rng.integers(len(ACTIONS), size=1), env.symbols, env.pf.shares))
+            o, _, done, _, _ = env.step(env_orders(rng.integers(len(ACTIONS), size=1), env))
     x = policy_features(np.stack(rows), 1)
     np.testing.assert_allclose(norm.mean, x.mean(0))
     np.testing.assert_allclose(norm.std, np.where(x.std(0) > 1e-8, x.std(0), 1.0))

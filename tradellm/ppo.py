@@ -10,6 +10,7 @@ import math
 import sys
 import time
 import warnings
+import zlib
 from dataclasses import dataclass, asdict
 from pathlib import Path
 
@@ -24,31 +25,79 @@ from .market import Order
 from .tasks import ENV_VERSION, get_task
 
 # %% auto #0
-__all__ = ['ACTIONS', 'HOLD', 'DEFAULT_PPO', 'action_orders', 'policy_feature_names', 'policy_features', 'ObsNormalizer',
-           'fit_normalizer', 'PPOTradingEnv', 'PPOAgent', 'run_agent', 'models_dir', 'default_model_dir', 'train_ppo',
-           'load_ppo_agent', 'cli_train_ppo']
+__all__ = ['ACTIONS', 'HOLD', 'DEFAULT_PPO', 'action_orders', 'order_rng', 'env_orders', 'policy_feature_names',
+           'policy_features', 'ObsNormalizer', 'fit_normalizer', 'PPOTradingEnv', 'PPOAgent', 'run_agent', 'models_dir',
+           'default_model_dir', 'train_ppo', 'load_ppo_agent', 'cli_train_ppo']
 
 # %% ../nbs/08_ppo.ipynb #c006
 ACTIONS = (('SELL', 1.0), ('SELL', 0.5), ('HOLD', 0.0), ('BUY', 0.1), ('BUY', 0.25), ('BUY', 0.5), ('BUY', 1.0))
 HOLD = 2  # index of HOLD in `ACTIONS`
 
-def action_orders(action, # one entry of `ACTIONS` per stock (indices)
-                  symbols, # the episode's symbols, in observation order
-                  shares=None, # shares held per stock (a SELL of a stock not held becomes HOLD)
-                  buy_blocked:bool=False, # the regime gate refuses BUY orders today (BUYs become HOLD)
-                 ) -> list:
-    "The `Order`s of a `MultiDiscrete` action: sells first, then buys, each in symbol order."
+def _check_action(action, n:int) -> list:
+    "The action as a list of ints, checked: one entry of `ACTIONS` per stock."
     action = np.asarray(action).ravel()
-    if len(action) != len(symbols):
-        raise ValueError(f"the action has {len(action)} entries but the episode trades {len(symbols)} stocks: one per stock")
+    if len(action) != n:
+        raise ValueError(f"the action has {len(action)} entries but the episode trades {n} stocks: one per stock")
     if ((action < 0) | (action >= len(ACTIONS))).any():
         raise ValueError(f"action entries must lie in 0..{len(ACTIONS) - 1} (see ACTIONS), got {action.tolist()}")
-    held = np.ones(len(symbols)) if shares is None else np.asarray(shares)
-    sells = [Order('SELL', s, ACTIONS[a][1]) for s, a, h in zip(symbols, action, held) if ACTIONS[a][0] == 'SELL' and h > 0]
-    buys = [] if buy_blocked else [Order('BUY', s, ACTIONS[a][1]) for s, a in zip(symbols, action) if ACTIONS[a][0] == 'BUY']
-    return sells + buys
+    return action.tolist()
 
-# %% ../nbs/08_ppo.ipynb #c009
+def _sold(fraction:float, held) -> int:
+    "Shares a SELL of `fraction` of `held` shares sells (as the market rounds it)."
+    return held if fraction >= 1 else math.floor(fraction * held + 1e-9)
+
+def action_orders(action, # one entry of `ACTIONS` per stock (indices)
+                  symbols, # the episode's symbols, in observation order
+                  shares=None, # shares held per stock (a SELL of a stock not held, or of less than one share, becomes HOLD)
+                  buy_blocked:bool=False, # the regime gate refuses BUY orders today (BUYs become HOLD)
+                  rng=None, # a `Generator` (or a function that makes one) shuffling the sells, then the buys; None: symbol order
+                  max_orders:int|None=None, # send at most this many (sells first); the rest become HOLD
+                  min_buy=None, # per stock, the smallest BUY fraction that gets a share (inf: none does); smaller BUYs become HOLD
+                 ) -> list:
+    "The `Order`s of a `MultiDiscrete` action: sells first, then buys (`env_orders` is the rule the agents use)."
+    return _orders(_check_action(action, len(symbols)), symbols, shares, buy_blocked, rng, max_orders, min_buy)
+
+def _orders(action:list, symbols, shares, buy_blocked, rng, max_orders, min_buy) -> list:
+    "`action_orders` of a checked action."
+    held = [1] * len(symbols) if shares is None else list(shares)
+    floor = [0.0] * len(symbols) if min_buy is None else list(min_buy)
+    sells, buys = [], []
+    for s, a, h, m in zip(symbols, action, held, floor):
+        side, f = ACTIONS[a]
+        if side == 'SELL' and h > 0 and _sold(f, h) > 0: sells.append(Order('SELL', s, f))
+        elif side == 'BUY' and not buy_blocked and f >= m: buys.append(Order('BUY', s, f))
+    if rng is not None and (len(sells) > 1 or len(buys) > 1):
+        if callable(rng): rng = rng()
+        if len(sells) > 1: sells = [sells[i] for i in rng.permutation(len(sells))]
+        if len(buys) > 1: buys = [buys[i] for i in rng.permutation(len(buys))]
+    orders = sells + buys
+    return orders if max_orders is None else orders[:max_orders]
+
+def order_rng(env:TradingEnv) -> np.random.Generator:
+    "The generator that orders `env`'s sells and buys today: a function of the episode (first day, stocks) and the day only."
+    cols = zlib.crc32(np.asarray(env._cols, dtype=np.int64).tobytes())
+    return np.random.default_rng([env._start, cols, env._k])
+
+def env_orders(action, # one entry of `ACTIONS` per stock of `env`
+               env:TradingEnv, # the episode, on the day the action is decided
+              ) -> list:
+    "The `Order`s `action` sends on `env`'s current day: the rule training and evaluation share (see above)."
+    t, pf, k = env.task, env.pf, env._k  # (read from the portfolio and the window directly: this runs on every training step)
+    action = _check_action(action, len(env.symbols))
+    close, held, blocked = env._close_rows[k], pf._shares.tolist(), env._blocked_days[k]  # the observation's closes and gate
+    min_buy = None
+    if not blocked and any(ACTIONS[a][0] == 'BUY' for a in action):
+        sold = sum(_sold(ACTIONS[a][1], h) * c for a, h, c in zip(action, held, close) if ACTIONS[a][0] == 'SELL' and h)
+        cash = pf.cash + sold * (1 - t.slippage) * (1 - t.cost)  # once today's sells have filled
+        cap = t.max_position * pf.equity_history[-1]
+        min_buy = []
+        for c, h in zip(close, held):
+            price = c * (1 + t.slippage)
+            room = math.floor(cap / price + 1e-9) - h  # whole shares the cap leaves (as the market computes it at the open)
+            min_buy.append(price * (1 + t.cost) / cash if room >= 1 and cash > 0 else math.inf)
+    return _orders(action, env.symbols, held, blocked, lambda: order_rng(env), t.max_trades, min_buy)
+
+# %% ../nbs/08_ppo.ipynb #c011
 _STOCK_FEATURES = ('change', 'rsi', 'macd_pct', 'macd_signal_pct', 'macd_hist_pct', 'bb_pctb', 'trend', 'volume_ratio',
                    'volatility', 'momentum', 'held', 'pnl_pct', 'weight_pct')
 _GLOBAL_POLICY = ('progress', 'cash_pct', 'return_pct', 'up_share', 'down_share', 'mean_change', 'buy_blocked')
@@ -88,7 +137,7 @@ def policy_features(obs, # numeric observation(s) of `TradingEnv`: (features,) o
     out = np.concatenate([stock.reshape(b, -1), glob], -1)
     return out[0] if single else out
 
-# %% ../nbs/08_ppo.ipynb #c013
+# %% ../nbs/08_ppo.ipynb #c015
 @dataclass
 class ObsNormalizer:
     "Per-feature standardisation with frozen statistics (fitted on the train split)."
@@ -122,13 +171,13 @@ def fit_normalizer(task='easy', # task name
         while not done:
             rows.append(obs)
             a = rng.integers(len(ACTIONS), size=t.n_stocks)
-            obs, _, done, _, _ = env.step(action_orders(a, env.symbols, env.pf.shares))
+            obs, _, done, _, _ = env.step(env_orders(a, env))
     x = policy_features(np.stack(rows), t.n_stocks)
     std = x.std(0)
     std = np.where(std > 1e-8, std, 1.0)  # constant features (e.g. buy_blocked outside hard) pass through centred
     return ObsNormalizer(policy_feature_names(t), x.mean(0).tolist(), std.tolist(), samples=len(x))
 
-# %% ../nbs/08_ppo.ipynb #c018
+# %% ../nbs/08_ppo.ipynb #c020
 class PPOTradingEnv(gym.Env):
     "`TradingEnv` with normalised scale-free observations and a `MultiDiscrete` action per stock."
     metadata = {'render_modes': []}
@@ -159,13 +208,11 @@ class PPOTradingEnv(gym.Env):
         return self._obs(raw), info
 
     def step(self, action):
-        e = self.env
-        orders = action_orders(action, e.symbols, e.pf.shares, e.view.buy_blocked)
-        raw, r, done, trunc, info = e.step(orders)
+        raw, r, done, trunc, info = self.env.step(env_orders(action, self.env))
         reward = self.shaping * 100 * r + (info['score'] if done else 0.0)
         return self._obs(raw), float(reward), done, trunc, info
 
-# %% ../nbs/08_ppo.ipynb #c021
+# %% ../nbs/08_ppo.ipynb #c023
 class PPOAgent(Agent):
     "A trained PPO policy behind the agent protocol of `tradellm.agents` (numeric observations)."
     name = 'ppo'
@@ -196,7 +243,7 @@ class PPOAgent(Agent):
             raise ValueError("the PPO agent reads numeric observations: make the environments with obs_mode='numeric'")
         x = self.normalizer(policy_features(np.stack(observations), envs[0].task.n_stocks))
         actions, _ = self.model.predict(x, deterministic=True)
-        return [action_orders(a, e.symbols, e.pf.shares, e.view.buy_blocked) for a, e in zip(actions, envs)]
+        return [env_orders(a, e) for a, e in zip(actions, envs)]  # the rule the training env applies
 
 def run_agent(agent, # anything with the agent protocol
               task='easy', # task name
@@ -218,7 +265,7 @@ def run_agent(agent, # anything with the agent protocol
             if done: scores[i] = info['score']
     return scores
 
-# %% ../nbs/08_ppo.ipynb #c023
+# %% ../nbs/08_ppo.ipynb #c025
 DEFAULT_PPO = dict(n_steps=256, batch_size=256, n_epochs=10, learning_rate=3e-4, gamma=0.99, gae_lambda=0.95,
                    ent_coef=0.01, clip_range=0.2, policy_kwargs=dict(net_arch=[64, 64]))
 
@@ -243,7 +290,7 @@ def _curve_callback(curve, bar):
             return True
     return Curve()
 
-# %% ../nbs/08_ppo.ipynb #c024
+# %% ../nbs/08_ppo.ipynb #c026
 def train_ppo(task='easy', # task name
               timesteps:int=20_000, # environment steps of training, all envs together (rounded up to whole rollouts)
               seed:int=0, # seeds the normaliser's episodes, the training episodes and the network
@@ -332,7 +379,7 @@ def _log_mlflow(config, out, uri, experiment_id) -> str:
         for f in ('config.json', 'model.zip'): run.client.log_artifact(run.run_id, str(out / f), 'model')
         return run.run_id
 
-# %% ../nbs/08_ppo.ipynb #c028
+# %% ../nbs/08_ppo.ipynb #c030
 def load_ppo_agent(path, # model folder, its model.zip, or a task name ('easy') for `default_model_dir(task)`
                   ) -> PPOAgent:
     "The PPO agent saved by `train_ppo`."
@@ -350,7 +397,7 @@ def load_ppo_agent(path, # model folder, its model.zip, or a task name ('easy') 
     model = PPO.load(p / 'model.zip', device='cpu')
     return PPOAgent(model, norm, config['task'], {**config, 'path': str(p)})
 
-# %% ../nbs/08_ppo.ipynb #c031
+# %% ../nbs/08_ppo.ipynb #c033
 def cli_train_ppo(argv:list|None=None, # arguments after `tradellm train-ppo`
                  ) -> int: # exit status
     "`tradellm train-ppo`: train the PPO baseline on numeric observations."
