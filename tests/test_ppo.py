@@ -12,8 +12,8 @@ pytest.importorskip('stable_baselines3')
 import tradellm.ppo as ppo
 from tradellm.env import TradingEnv, demo_panel
 from tradellm.market import Order
-from tradellm.ppo import (ACTIONS, HOLD, ObsNormalizer, PPOAgent, PPOTradingEnv, action_orders, cli_train_ppo, env_orders,
-                          fit_normalizer, load_ppo_agent, policy_feature_names, policy_features, run_agent, train_ppo)
+from tradellm.ppo import (ACTIONS, HOLD, SELECTION_SEED, ObsNormalizer, PPOAgent, PPOTradingEnv, action_orders, cli_train_ppo,
+                          env_orders, fit_normalizer, load_ppo_agent, policy_feature_names, policy_features, run_agent, train_ppo)
 
 TINY = dict(timesteps=512, n_envs=2, checkpoints=2, val_episodes=4, norm_episodes=10, track=False, progress=False,
             ppo_kwargs=dict(n_steps=128, batch_size=128, n_epochs=2))
@@ -326,12 +326,73 @@ def test_trained_model_keeps_the_best_val_checkpoint(trained, synth_panel):
     best = max(res['val'], key=lambda v: v['val_score'])
     assert (res['best_timesteps'], res['best_val_score']) == (best['timesteps'], best['val_score'])
     agent = load_ppo_agent(out)  # the saved model is that checkpoint: it scores the same on the same val episodes
-    assert np.mean(run_agent(agent, 'easy', 'val', 4, seed=0, data=synth_panel)) == pytest.approx(res['best_val_score'], abs=1e-12)
+    with pytest.warns(UserWarning, match='biased upward'):
+        score = np.mean(run_agent(agent, 'easy', 'val', 4, seed=SELECTION_SEED, data=synth_panel))
+    assert score == pytest.approx(res['best_val_score'], abs=1e-12)
     cfg = json.loads((out / 'config.json').read_text())
     from tradellm.tasks import ENV_VERSION, get_task
     assert (cfg['seed'], cfg['timesteps'], cfg['env_version'], cfg['task_version']) == (0, 512, ENV_VERSION, get_task('easy').version)
     assert len(cfg['learning_curve']) == res['episodes_trained'] > 0
     assert all(0 <= s <= 1 for _, s in cfg['learning_curve'])
+
+
+class _NoModel:
+    def predict(self, x, deterministic=True): return np.full((len(x), 1), HOLD), None
+
+
+def test_checkpoint_selection_is_clear_of_evaluate_defaults():
+    "train_ppo chooses on val seeds from SELECTION_SEED; evaluate plays val seeds 0..49 by default (and --episodes as many)."
+    import inspect
+    from tradellm.evaluate import evaluate
+    assert inspect.signature(evaluate).parameters['seed'].default == 0
+    assert SELECTION_SEED >= 10_000  # evaluate would need 10,000 episodes from seed 0 to reach it
+    assert inspect.signature(train_ppo).parameters['val_episodes'].default <= 1_000
+
+
+def test_agent_warns_when_evaluated_on_its_selection_episodes(synth_panel):
+    norm = _identity_normalizer('easy')
+    envs = [TradingEnv('easy', split, 'numeric', data=synth_panel) for split in ('val', 'val', 'test')]
+
+    def played(agent, seeds):
+        obs = [e.reset(seed=s)[0] for e, s in zip(envs, seeds)]
+        with warnings.catch_warnings(record=True) as w:
+            warnings.simplefilter('always')
+            agent.reset(envs)
+            agent.act(envs, obs)
+        return [str(x.message) for x in w]
+
+    sel = {'split': 'val', 'seed': 10_000, 'episodes': 8}
+    agent = PPOAgent(_NoModel(), norm, 'easy', {'selection': sel, 'path': '/m/easy'})
+    assert agent.selection() == sel and agent.config()['selection'] == sel
+    assert played(agent, [0, 49, 10_003]) == []  # val 0 and 49 (evaluate's defaults) and test 10,003: not selection episodes
+    msgs = played(agent, [10_003, 10_008, 10_007])  # val 10,003 is; val 10,008 is just past 10,000..10,007
+    assert len(msgs) == 1
+    assert 'val seeds 10000..10007' in msgs[0] and '1 of the episodes' in msgs[0] and 'val seeds 10003..10003' in msgs[0]
+    assert 'biased upward' in msgs[0] and '--seed 0 with at most 10000 episodes' in msgs[0] and '/m/easy' in msgs[0]
+    # a config saved before the selection was recorded: train_ppo then chose on val seeds 0..val_episodes-1
+    old = PPOAgent(_NoModel(), norm, 'easy', {'val_episodes': 64})
+    assert old.selection() == {'split': 'val', 'seed': 0, 'episodes': 64, 'inferred': True}
+    msgs = played(old, [5, 63, 70])
+    assert len(msgs) == 1 and '2 of the episodes' in msgs[0] and 'val seeds 5..63' in msgs[0] and '--seed 64' in msgs[0]
+    assert 'predates' in msgs[0]
+    assert played(PPOAgent(_NoModel(), norm, 'easy'), [0, 1, 2]) == []  # no training config: nothing to check
+
+
+@pytest.mark.slow
+def test_cli_evaluate_defaults_do_not_replay_the_selection_episodes(trained, synth_panel, data_folder, capsys):
+    "The reviewer's case: `tradellm evaluate --agents ppo:DIR` on its defaults (val, seeds 0..) gives no selection episode."
+    res, out = trained
+    cfg = json.loads((out / 'config.json').read_text())
+    assert cfg['selection'] == {'split': 'val', 'seed': SELECTION_SEED, 'episodes': 4} == res['selection']
+    from tradellm.evaluate import cli_evaluate
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')
+        assert cli_evaluate(['--agents', f'ppo:{out}', '--tasks', 'easy', '--episodes', '4', '--no-mlflow', '--quiet',
+                             '--data', str(data_folder), '--json']) == 0
+    capsys.readouterr()
+    with pytest.warns(UserWarning, match='biased upward'):
+        assert cli_evaluate(['--agents', f'ppo:{out}', '--tasks', 'easy', '--episodes', '4', '--seed', str(SELECTION_SEED),
+                             '--no-mlflow', '--quiet', '--data', str(data_folder), '--json']) == 0
 
 
 @pytest.mark.slow

@@ -25,7 +25,7 @@ from .market import Order
 from .tasks import ENV_VERSION, get_task
 
 # %% auto #0
-__all__ = ['ACTIONS', 'HOLD', 'DEFAULT_PPO', 'action_orders', 'order_rng', 'env_orders', 'policy_feature_names',
+__all__ = ['ACTIONS', 'HOLD', 'SELECTION_SEED', 'DEFAULT_PPO', 'action_orders', 'order_rng', 'env_orders', 'policy_feature_names',
            'policy_features', 'ObsNormalizer', 'fit_normalizer', 'PPOTradingEnv', 'PPOAgent', 'run_agent', 'models_dir',
            'default_model_dir', 'train_ppo', 'load_ppo_agent', 'cli_train_ppo']
 
@@ -213,6 +213,8 @@ class PPOTradingEnv(gym.Env):
         return self._obs(raw), float(reward), done, trunc, info
 
 # %% ../nbs/08_ppo.ipynb #c023
+SELECTION_SEED = 10_000  # the val episodes that choose the checkpoint use env seeds from here (evaluate plays 0..49 by default)
+
 class PPOAgent(Agent):
     "A trained PPO policy behind the agent protocol of `tradellm.agents` (numeric observations)."
     name = 'ppo'
@@ -227,10 +229,32 @@ class PPOAgent(Agent):
         self.model, self.normalizer, self.task, self.meta = model, normalizer, get_task(task).name, dict(meta or {})
 
     def config(self) -> dict:
-        keys = ('task', 'seed', 'timesteps', 'best_timesteps', 'best_val_score', 'env_version', 'task_version', 'path')
+        keys = ('task', 'seed', 'timesteps', 'best_timesteps', 'best_val_score', 'selection', 'env_version', 'task_version', 'path')
         return {'name': self.name, **{k: self.meta[k] for k in keys if k in self.meta}}
 
-    def reset(self, envs): pass
+    def selection(self) -> dict|None:
+        "The episodes its checkpoint was chosen on, `{'split', 'seed', 'episodes'}` (None when unknown: no training config)."
+        if 'selection' in self.meta: return dict(self.meta['selection'])
+        if 'val_episodes' in self.meta:  # saved before the selection was recorded: train_ppo then chose on val seeds 0..
+            return {'split': 'val', 'seed': 0, 'episodes': int(self.meta['val_episodes']), 'inferred': True}
+        return None
+
+    def reset(self, envs):
+        "Warns when any of `envs` (already reset) is one of the episodes the checkpoint was chosen on."
+        sel = self.selection()
+        if sel is None: return
+        lo, hi = sel['seed'], sel['seed'] + sel['episodes'] - 1
+        played = [getattr(e, '_seed', None) for e in envs if getattr(e, 'split', None) == sel['split']]
+        seeds = sorted({s for s in played if s is not None and lo <= s <= hi})
+        if not seeds: return
+        other = f"--seed {hi + 1}" if lo == 0 else f"--seed 0 with at most {lo} episodes"
+        why = (f" (this model's config predates recorded selection episodes: train_ppo chose on val seeds 0..val_episodes-1; "
+               f"models trained now choose on seeds from {SELECTION_SEED})" if sel.get('inferred') else '')
+        name = f"PPO model {self.meta['path']}" if self.meta.get('path') else 'this PPO model'
+        warnings.warn(f"{name}: its checkpoint was chosen as the best on {sel['split']} seeds "
+                      f"{lo}..{hi}, and {len(seeds)} of the episodes evaluated now are among them ({sel['split']} seeds "
+                      f"{seeds[0]}..{seeds[-1]}): its score on them is biased upward. Evaluate it on the test split, or on "
+                      f"{sel['split']} seeds outside {lo}..{hi} (e.g. {other}){why}.", stacklevel=2)
 
     def act(self, envs, observations) -> list:
         "One list of `Order`s per environment."
@@ -298,7 +322,7 @@ def train_ppo(task='easy', # task name
               out=None, # folder for model.zip and config.json (default: `default_model_dir(task)`)
               n_envs:int=4, # training environments stepped together
               checkpoints:int=4, # val evaluations, at about equal intervals (between rollouts); the best is kept
-              val_episodes:int=64, # val episodes per evaluation (seeds 0..val_episodes-1)
+              val_episodes:int=64, # val episodes per evaluation (env seeds SELECTION_SEED..SELECTION_SEED+val_episodes-1)
               norm_episodes:int=200, # random-action train episodes the normaliser is fitted on
               shaping:float=0.1, # weight of the daily equity change in the reward
               threads:int=1, # torch CPU threads
@@ -331,7 +355,8 @@ def train_ppo(task='easy', # task name
     model = PPO('MlpPolicy', venv, seed=seed, device='cpu', verbose=0, **kw)
     model.set_logger(Logger(None, []))  # SB3's default logger makes an empty folder in /tmp on every learn()
     config = {'task': t.name, 'seed': seed, 'timesteps': timesteps, 'n_envs': n_envs, 'checkpoints': checkpoints,
-              'val_episodes': val_episodes, 'norm_episodes': norm_episodes, 'shaping': shaping, 'threads': threads,
+              'val_episodes': val_episodes, 'selection': {'split': 'val', 'seed': SELECTION_SEED, 'episodes': val_episodes},
+              'norm_episodes': norm_episodes, 'shaping': shaping, 'threads': threads,
               'env_version': ENV_VERSION, 'task_version': t.version, 'data': panel.source, 'actions': [list(a) for a in ACTIONS],
               'ppo': kw}
     curve, vals = [], []
@@ -343,7 +368,7 @@ def train_ppo(task='easy', # task name
     for end in ends:
         model.learn(end * rollout - model.num_timesteps, callback=_curve_callback(curve, bar), reset_num_timesteps=False)
         agent = PPOAgent(model, norm, t.name)
-        scores = run_agent(agent, t, 'val', val_episodes, seed=0, data=panel)
+        scores = run_agent(agent, t, 'val', val_episodes, seed=SELECTION_SEED, data=panel)
         vals.append({'timesteps': int(model.num_timesteps), 'val_score': float(np.mean(scores)),
                      'val_score_std': float(np.std(scores))})
         if vals[-1]['val_score'] > best:
@@ -360,13 +385,16 @@ def train_ppo(task='easy', # task name
     summary = {k: v for k, v in config.items() if k not in ('normalizer', 'learning_curve')}
     return {**summary, 'path': str(out), 'episodes_trained': len(curve)}
 
+def _seed_range(sel) -> str: return f"{sel['split']} {sel['seed']}..{sel['seed'] + sel['episodes'] - 1}"
+
 def _log_mlflow(config, out, uri, experiment_id) -> str:
     "One MLflow run: params, the learning curve, val score per checkpoint, the model files."
     from mlflow.entities import Metric
     from tradellm.evaluate import tracked_run
     keys = ('task', 'seed', 'timesteps', 'trained_timesteps', 'n_envs', 'checkpoints', 'val_episodes', 'norm_episodes',
             'shaping', 'env_version', 'task_version', 'data')
-    params = {**{k: config[k] for k in keys}, **{f'ppo.{k}': v for k, v in config['ppo'].items()}}
+    params = {**{k: config[k] for k in keys}, 'selection_seeds': _seed_range(config['selection']),
+              **{f'ppo.{k}': v for k, v in config['ppo'].items()}}
     tags = {'agent': 'ppo', 'stage': 'train-ppo', 'task': config['task'], 'split': 'val',
             'env_version': config['env_version'], 'task_version': config['task_version']}
     with tracked_run(uri, experiment_id, f"train-ppo {config['task']} seed {config['seed']}", tags, params) as run:
@@ -411,7 +439,8 @@ def cli_train_ppo(argv:list|None=None, # arguments after `tradellm train-ppo`
     p.add_argument('--data', default=None, help='folder of prices (default: $TRADELLM_DATA, then the cache)')
     p.add_argument('--n-envs', type=int, default=4, help='training environments (default: 4)')
     p.add_argument('--checkpoints', type=int, default=4, help='val evaluations; the best is kept (default: 4)')
-    p.add_argument('--val-episodes', type=int, default=64, help='val episodes per evaluation (default: 64)')
+    p.add_argument('--val-episodes', type=int, default=64,
+                   help=f'val episodes per evaluation, env seeds from {SELECTION_SEED} (default: 64)')
     p.add_argument('--no-mlflow', action='store_true', help='do not log to MLflow')
     p.add_argument('--json', action='store_true', help='print a JSON summary')
     try: args = p.parse_args(argv)
@@ -430,6 +459,6 @@ def cli_train_ppo(argv:list|None=None, # arguments after `tradellm train-ppo`
     if args.json: print(json.dumps(r, indent=1))
     else:
         print(f"{r['path']}: PPO on {r['task']}, {r['trained_timesteps']} steps in {r['train_seconds']:.1f}s; "
-              f"best val score {r['best_val_score']:.3f} at {r['best_timesteps']} steps")
+              f"best val score {r['best_val_score']:.3f} at {r['best_timesteps']} steps ({_seed_range(r['selection'])})")
         for v in r['val']: print(f"  {v['timesteps']:>8} steps: val score {v['val_score']:.3f} (std {v['val_score_std']:.3f})")
     return 0
