@@ -432,6 +432,70 @@ def test_load_errors_and_version_warning(trained, tmp_path, monkeypatch):
         load_ppo_agent(out)
 
 
+@pytest.mark.slow
+def test_interrupted_retrain_leaves_a_model_with_its_own_normaliser(trained, synth_panel, tmp_path, monkeypatch):
+    "The reviewer's case: a retrain into a folder stopped after its first checkpoint must not pair new weights with the old config."
+    import shutil
+    res, out = trained
+    folder = tmp_path / 'm'
+    shutil.copytree(out, folder)  # a finished run, seed 0, normaliser of 10 episodes
+    real, calls = ppo.run_agent, []
+
+    def stops_at_the_second_val(*a, **k):
+        calls.append(1)
+        if len(calls) == 2: raise KeyboardInterrupt
+        return real(*a, **k)
+    monkeypatch.setattr(ppo, 'run_agent', stops_at_the_second_val)
+    with pytest.raises(KeyboardInterrupt):
+        train_ppo('easy', seed=1, data=synth_panel, out=folder, **{**TINY, 'norm_episodes': 12})
+    monkeypatch.setattr(ppo, 'run_agent', real)
+    assert sorted(p.name for p in folder.iterdir()) == ['config.json', 'model.zip']  # no temporary file left behind
+    with pytest.warns(UserWarning, match='stopped after 256 of its 512 steps'):
+        agent = load_ppo_agent(folder)
+    assert (agent.meta['seed'], agent.meta['complete'], agent.meta['best_timesteps']) == (1, False, 256)
+    assert agent.normalizer == fit_normalizer('easy', synth_panel, episodes=12, seed=1)  # the new model's own statistics
+    assert agent.normalizer.samples == 12 * 20
+
+
+@pytest.mark.slow
+def test_loader_refuses_a_model_of_another_checkpoint(trained, synth_panel, tmp_path, monkeypatch):
+    "Stopped between writing model.zip and config.json: the sha256 in the config is the old model's, so loading fails."
+    import shutil
+    res, out = trained
+    cfg = json.loads((out / 'config.json').read_text())
+    assert cfg['complete'] is True and len(cfg['model_sha256']) == 64
+    import hashlib
+    assert hashlib.sha256((out / 'model.zip').read_bytes()).hexdigest() == cfg['model_sha256']
+    folder = tmp_path / 'm'
+    shutil.copytree(out, folder)
+    real = ppo.os.replace
+
+    def stop_before_the_config(src, dst):
+        if str(dst).endswith('config.json'): raise KeyboardInterrupt
+        return real(src, dst)
+    monkeypatch.setattr(ppo.os, 'replace', stop_before_the_config)
+    with pytest.raises(KeyboardInterrupt):
+        train_ppo('easy', seed=1, data=synth_panel, out=folder, **TINY)
+    monkeypatch.setattr(ppo.os, 'replace', real)
+    assert json.loads((folder / 'config.json').read_text()) == cfg  # the old config, beside the new model
+    with pytest.raises(ValueError, match='model.zip does not belong with config.json.*train-ppo --task easy'):
+        load_ppo_agent(folder)
+
+
+@pytest.mark.slow
+def test_loader_warns_on_old_task_rules_and_unchecked_pairs(trained, tmp_path):
+    import shutil
+    res, out = trained
+    for name, change, match in (('task', {'task_version': '0.9.0'}, 'task easy version 0.9.0'),
+                                ('nohash', {'model_sha256': None}, 'records no sha256')):
+        shutil.copytree(out, tmp_path / name)
+        cfg = {**json.loads((out / 'config.json').read_text()), **change}
+        cfg = {k: v for k, v in cfg.items() if v is not None}
+        (tmp_path / name / 'config.json').write_text(json.dumps(cfg))
+        with pytest.warns(UserWarning, match=match):
+            assert load_ppo_agent(tmp_path / name).task == 'easy'
+
+
 def test_train_rejects_bad_sizes(synth_panel):
     with pytest.raises(ValueError, match='timesteps'): train_ppo('easy', 0, data=synth_panel, track=False)
     with pytest.raises(ValueError, match='at least 1'): train_ppo('easy', 10, data=synth_panel, n_envs=0, track=False)

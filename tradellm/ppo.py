@@ -5,8 +5,11 @@
 # %% ../nbs/08_ppo.ipynb #c003
 from __future__ import annotations
 import argparse
+import hashlib
+import io
 import json
 import math
+import os
 import sys
 import time
 import warnings
@@ -358,8 +361,12 @@ def train_ppo(task='easy', # task name
               'val_episodes': val_episodes, 'selection': {'split': 'val', 'seed': SELECTION_SEED, 'episodes': val_episodes},
               'norm_episodes': norm_episodes, 'shaping': shaping, 'threads': threads,
               'env_version': ENV_VERSION, 'task_version': t.version, 'data': panel.source, 'actions': [list(a) for a in ACTIONS],
-              'ppo': kw}
+              'ppo': kw, 'normalizer': norm.as_dict(), 'complete': False}
     curve, vals = [], []
+    def snapshot(**extra):  # the config as it stands: a checkpoint's or, once training is over, the final one
+        config.update(trained_timesteps=int(model.num_timesteps), val=list(vals), train_seconds=round(time.perf_counter() - t0, 2),
+                      learning_curve=[[s, round(v, 6)] for s, v in curve], **extra)
+        return config
     bar = tqdm(total=math.ceil(timesteps / (kw['n_steps'] * n_envs)) * kw['n_steps'] * n_envs, desc=f"ppo {t.name}", unit='step', disable=not progress)
     rollout = kw['n_steps'] * n_envs  # PPO trains on whole rollouts: checkpoints fall between them
     n_roll = math.ceil(timesteps / rollout)
@@ -373,17 +380,33 @@ def train_ppo(task='easy', # task name
                      'val_score_std': float(np.std(scores))})
         if vals[-1]['val_score'] > best:
             best = vals[-1]['val_score']
-            model.save(out / 'model.zip')
-            config.update(best_timesteps=int(model.num_timesteps), best_val_score=float(best))
+            _save_checkpoint(out, model, snapshot(best_timesteps=int(model.num_timesteps), best_val_score=float(best)))
     bar.close()
-    config.update(trained_timesteps=int(model.num_timesteps), val=vals, normalizer=norm.as_dict(),
-                  train_seconds=round(time.perf_counter() - t0, 2),
-                  learning_curve=[[s, round(v, 6)] for s, v in curve])
-    (out / 'config.json').write_text(json.dumps(config, indent=1))
+    _write_atomic(out / 'config.json', json.dumps(snapshot(complete=True), indent=1).encode())  # (model.zip is the best checkpoint's)
     venv.close()
     if track: config['mlflow_run_id'] = _log_mlflow(config, out, *tracking)
     summary = {k: v for k, v in config.items() if k not in ('normalizer', 'learning_curve')}
     return {**summary, 'path': str(out), 'episodes_trained': len(curve)}
+
+def _write_atomic(path:Path, data:bytes):
+    "Write `path` through a temporary file beside it and `os.replace`: a reader finds the old file or the new one, never a part."
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, 'wb') as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally: tmp.unlink(missing_ok=True)
+
+def _save_checkpoint(out:Path, model, config:dict):
+    "model.zip and the config.json that goes with it (normaliser included); the config records the sha256 of the model."
+    buf = io.BytesIO()
+    model.save(buf)
+    data = buf.getvalue()
+    config['model_sha256'] = hashlib.sha256(data).hexdigest()  # `load_ppo_agent` refuses a model.zip of another checkpoint
+    _write_atomic(out / 'model.zip', data)
+    _write_atomic(out / 'config.json', json.dumps(config, indent=1).encode())
 
 def _seed_range(sel) -> str: return f"{sel['split']} {sel['seed']}..{sel['seed'] + sel['episodes'] - 1}"
 
@@ -419,10 +442,28 @@ def load_ppo_agent(path, # model folder, its model.zip, or a task name ('easy') 
         raise FileNotFoundError(f"no PPO model at {p} (needs model.zip and config.json): "
                                 f"train one with `tradellm train-ppo --task easy --out {p}`")
     config = json.loads((p / 'config.json').read_text())
+    data = (p / 'model.zip').read_bytes()
+    retrain = f"`tradellm train-ppo --task {config.get('task', 'easy')} --out {p}`"
+    if 'model_sha256' not in config:
+        warnings.warn(f"{p}: config.json records no sha256 of model.zip (it was saved before train_ppo recorded one), so "
+                      f"whether the model goes with this config's normaliser cannot be checked; retrain with {retrain} "
+                      "if a training run into this folder may have stopped part-way", stacklevel=2)
+    elif hashlib.sha256(data).hexdigest() != config['model_sha256']:
+        raise ValueError(f"{p}: model.zip does not belong with config.json (its sha256 is not the one config.json records), "
+                         f"so the normaliser and val scores there are not this model's: a training run into this folder "
+                         f"probably stopped between writing the two. Retrain with {retrain}, or put back both files of one run")
+    if config.get('complete') is False:
+        warnings.warn(f"{p}: this checkpoint ({config.get('best_timesteps')} steps) comes from a training run that stopped "
+                      f"after {config.get('trained_timesteps')} of its {config.get('timesteps')} steps; its val choice "
+                      f"covers only the checkpoints before that. Retrain with {retrain} to finish it", stacklevel=2)
     if config.get('env_version') != ENV_VERSION:
         warnings.warn(f"{p}: trained on env {config.get('env_version')}, this is env {ENV_VERSION}: retrain for a fair comparison", stacklevel=2)
+    task_version = get_task(config['task']).version
+    if config.get('task_version') != task_version:
+        warnings.warn(f"{p}: trained on task {config['task']} version {config.get('task_version')}, this is version "
+                      f"{task_version} (its rules may have changed): retrain for a fair comparison", stacklevel=2)
     norm = ObsNormalizer(**config['normalizer'])
-    model = PPO.load(p / 'model.zip', device='cpu')
+    model = PPO.load(io.BytesIO(data), device='cpu')
     return PPOAgent(model, norm, config['task'], {**config, 'path': str(p)})
 
 # %% ../nbs/08_ppo.ipynb #c033
