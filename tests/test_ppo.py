@@ -450,7 +450,7 @@ def test_interrupted_retrain_leaves_a_model_with_its_own_normaliser(trained, syn
         train_ppo('easy', seed=1, data=synth_panel, out=folder, **{**TINY, 'norm_episodes': 12})
     monkeypatch.setattr(ppo, 'run_agent', real)
     assert sorted(p.name for p in folder.iterdir()) == ['config.json', 'model.zip']  # no temporary file left behind
-    with pytest.warns(UserWarning, match='stopped after 256 of its 512 steps'):
+    with pytest.warns(UserWarning, match="did not finish.*saved at 256 of the run's 512 steps"):
         agent = load_ppo_agent(folder)
     assert (agent.meta['seed'], agent.meta['complete'], agent.meta['best_timesteps']) == (1, False, 256)
     assert agent.normalizer == fit_normalizer('easy', synth_panel, episodes=12, seed=1)  # the new model's own statistics

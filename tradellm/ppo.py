@@ -453,9 +453,9 @@ def load_ppo_agent(path, # model folder, its model.zip, or a task name ('easy') 
                          f"so the normaliser and val scores there are not this model's: a training run into this folder "
                          f"probably stopped between writing the two. Retrain with {retrain}, or put back both files of one run")
     if config.get('complete') is False:
-        warnings.warn(f"{p}: this checkpoint ({config.get('best_timesteps')} steps) comes from a training run that stopped "
-                      f"after {config.get('trained_timesteps')} of its {config.get('timesteps')} steps; its val choice "
-                      f"covers only the checkpoints before that. Retrain with {retrain} to finish it", stacklevel=2)
+        warnings.warn(f"{p}: this checkpoint comes from a training run that did not finish (or is still running): it was "
+                      f"saved at {config.get('trained_timesteps')} of the run's {config.get('timesteps')} steps, and its val "
+                      f"choice covers only the checkpoints up to then. Retrain with {retrain} to finish it", stacklevel=2)
     if config.get('env_version') != ENV_VERSION:
         warnings.warn(f"{p}: trained on env {config.get('env_version')}, this is env {ENV_VERSION}: retrain for a fair comparison", stacklevel=2)
     task_version = get_task(config['task']).version
