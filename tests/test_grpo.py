@@ -94,6 +94,36 @@ def test_unreadable_answer_executes_as_hold(held_state):
     assert trade(panel, row, ['I like this stock', 'BUY AAA 7', '', '<think>BUY AAA 1'], horizon=5) == [0.0] * 4
 
 
+def test_cut_completions_execute_as_hold_with_format_zero(held_state):
+    "A completion TRL cut at max_completion_length (its last id ends nothing) is HOLD with format 0, whatever it reads as."
+    panel, _, row = held_state
+    rw = TradingReward(GRPOEnvConfig(scale='capital'), panel, eos_token_ids=[2, 0])
+    # held: 500 AAA at 100, 50,000 cash; closes 100 (day 2 open) .. 104 (day 6): BUY 1.0 adds 500 shares: +2,000 = +2%;
+    # SELL AAA sells the 500 at 100 and misses the +2,000: -2%
+    comps = ['BUY AAA 1.0', 'BUY AAA 1.0', 'BUY AAA', '<think>RSI is low', 'SELL AAA', 'SELL AAA']
+    ids = [[5, 6, 2], [5, 6, 7], [5, 6], [9, 9], [5, 0], [5, 6]]  # ends: end-of-turn, cut, cut, cut, pad, cut
+    cols = columns([row], 6)
+    assert rw.trade_reward(comps, completion_ids=ids, **cols) == pytest.approx([2.0, 0.0, 0.0, 0.0, -2.0, 0.0])
+    assert rw.format_reward(comps, completion_ids=ids, **cols) == [1.0, 0.0, 0.0, 0.0, 1.0, 0.0]
+    assert rw.history[-1]['truncated_share'] == pytest.approx(4 / 6) and rw.history[-1]['format_error_rate'] == pytest.approx(4 / 6)
+    assert [s['truncated'] for s in rw.samples] == [False, True, True, True, False, True]
+    # without completion_ids (a plain call) the text alone is scored, as before
+    assert rw.trade_reward(comps[:2], **columns([row], 2)) == pytest.approx([2.0, 2.0])
+    with pytest.raises(ValueError, match='eos_token_ids=end_token_ids'):
+        TradingReward(GRPOEnvConfig(), panel).format_reward(comps, completion_ids=ids, **cols)
+    with pytest.raises(ValueError, match='2 completion_ids for 6 completions'):
+        rw.format_reward(comps, completion_ids=ids[:2], **cols)
+
+
+def test_end_token_ids_are_trls():
+    from types import SimpleNamespace as NS
+    from tradellm.grpo import end_token_ids
+    model = lambda eos: NS(generation_config=NS(eos_token_id=eos))
+    assert end_token_ids(model([2, 5]), NS(eos_token_id=2, pad_token_id=0)) == [2, 5, 0]
+    assert end_token_ids(model(2), NS(eos_token_id=3, pad_token_id=3)) == [3, 2]
+    assert end_token_ids(model(None), NS(eos_token_id=None, pad_token_id=None)) == []
+
+
 def test_group_statistics(held_state):
     panel, _, row = held_state
     rw = TradingReward(GRPOEnvConfig(scale='capital'), panel)
@@ -323,6 +353,7 @@ def test_train_grpo_end_to_end_with_a_tiny_model(tiny_model, panel, tmp_path, mo
     assert (out / 'adapter' / 'adapter_config.json').is_file() and (out / 'checkpoints' / 'checkpoint-2').is_dir()
     assert json.loads((out / 'grpo.json').read_text())['steps_done'] == 2
     assert 0 <= s['zero_spread_share'] <= 1 and 0 <= s['format_error_rate'] <= 1 and s['steps_per_minute'] > 0
+    assert s['clipped_ratio'] is not None and s['truncated_share'] == pytest.approx(s['clipped_ratio'])  # our count of cut ones is TRL's
     from mlflow import MlflowClient
     c = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     run = c.get_run(s['mlflow_run_id'])

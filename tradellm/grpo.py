@@ -23,8 +23,9 @@ from .tasks import ENV_VERSION, get_task
 
 # %% auto #0
 __all__ = ['POLICIES', 'STATE_COLUMNS', 'SCALES', 'DEFAULT_SFT_ADAPTER', 'state_row', 'rebuild_state', 'prompt_rows',
-           'StateCache', 'GRPOEnvConfig', 'completion_text', 'format_score', 'risk_scale', 'equity_after', 'columns',
-           'TradingReward', 'TradingToolEnv', 'default_out', 'train_grpo', 'cli_grpo', 'compare_agents']
+           'StateCache', 'GRPOEnvConfig', 'completion_text', 'end_token_ids', 'format_score', 'risk_scale',
+           'equity_after', 'columns', 'TradingReward', 'TradingToolEnv', 'default_out', 'train_grpo', 'cli_grpo',
+           'compare_agents']
 
 # %% ../nbs/10_grpo.ipynb #c006
 POLICIES = ('mixed', 'rsi', 'random', 'do_nothing')
@@ -168,6 +169,14 @@ def completion_text(completion) -> str:
         return '\n'.join(str(m.get('content', '')) if isinstance(m, dict) else str(m) for m in completion)
     return str(completion)
 
+def end_token_ids(model, tok) -> list:
+    "The token ids that end a completion for TRL's `GRPOTrainer`: the model's EOS ids, the tokenizer's EOS, and its pad id."
+    ids = model.generation_config.eos_token_id
+    ids = [] if ids is None else [ids] if isinstance(ids, int) else list(ids)
+    if tok.eos_token_id is not None and tok.eos_token_id not in ids: ids = [tok.eos_token_id, *ids]
+    if tok.pad_token_id is not None and tok.pad_token_id not in ids: ids.append(tok.pad_token_id)
+    return [int(i) for i in ids]
+
 def format_score(text:str, symbols, graded:bool=True) -> float:
     "1 when the answer parses cleanly; 0.5 (graded) when some orders were read and some lines were not; else 0."
     p = parse_action(text, list(symbols), symbols[0] if len(symbols) == 1 else None)
@@ -206,10 +215,12 @@ class TradingReward:
                  data=None, # a loaded `Panel` or a folder of prices (ignored when `states` is given)
                  states:StateCache|None=None, # share a cache of snapshots
                  keep_samples:int=8, # completions kept from the last batch (for logging)
+                 eos_token_ids:list|None=None, # ids that end a completion (`end_token_ids(model, tok)`): tells a cut completion from a finished one
                 ):
         self.config = config or GRPOEnvConfig()
         self.states = states or StateCache(data)
         self.keep_samples = keep_samples
+        self.eos_token_ids = None if eos_token_ids is None else [int(i) for i in eos_token_ids]
         self.history, self.samples = [], []  # one stats dict per scored batch; the last batch's sample completions
         self._noop = {}  # (state_id, horizon) -> equity of doing nothing
 
@@ -218,13 +229,27 @@ class TradingReward:
         if missing: raise ValueError(f"the reward needs the dataset columns {', '.join(missing)} (rows from `prompt_rows`)")
         return [{k: cols[k][i] for k in STATE_COLUMNS} for i in range(n)]
 
-    def score(self, completions:list, rows:list) -> list:
-        "One dict per completion: trade (the reward), excess (P&L over doing nothing / capital), scale, format, format_ok."
+    def truncated(self, completion_ids, n:int) -> list:
+        "Per completion: True when TRL cut it at `max_completion_length` (its last id ends nothing); all False without ids."
+        if completion_ids is None: return [False] * n
+        if self.eos_token_ids is None:
+            raise ValueError("the reward got completion_ids but does not know which token ids end a completion, so it cannot "
+                             "tell a finished answer from one cut at max_completion_length: make it with "
+                             "TradingReward(..., eos_token_ids=end_token_ids(model, tokenizer)) (train_grpo does)")
+        if len(completion_ids) != n: raise ValueError(f"{len(completion_ids)} completion_ids for {n} completions")
+        end = set(self.eos_token_ids)
+        return [len(ids) > 0 and int(ids[-1]) not in end for ids in completion_ids]
+
+    def score(self, completions:list, rows:list,
+              truncated:list|None=None, # per completion, True when it was cut at the token limit: executed as HOLD, format 0
+             ) -> list:
+        "One dict per completion: trade (the reward), excess (P&L over doing nothing / capital), scale, format, format_ok, truncated."
         c = self.config
+        cut = [False] * len(completions) if truncated is None else [bool(t) for t in truncated]
         out, done = [None] * len(completions), {}
         for i, (comp, row) in enumerate(zip(completions, rows)):
             text = completion_text(comp)
-            key = (row['state_id'], text)
+            key = (row['state_id'], text, cut[i])
             if key in done:
                 out[i] = dict(done[key])
                 continue
@@ -232,15 +257,16 @@ class TradingReward:
             k = int(snap['k'])
             h = min(int(c.horizon), env.task.days - k)
             if h < 1: raise ValueError(f"row {row['state_id']} is the end of its episode: no day is left to trade")
-            nk = (row['state_id'], h)
-            if nk not in self._noop: self._noop[nk] = equity_after(env, snap, 'HOLD', h)
-            eq = equity_after(env, snap, text, h)
-            excess = (eq - self._noop[nk]) / env.task.capital
             scale = risk_scale(env, k, h, c)
+            if cut[i]: excess, fmt = 0.0, 0.0  # an unfinished answer: HOLD (the same equity as doing nothing), no format credit
+            else:
+                nk = (row['state_id'], h)
+                if nk not in self._noop: self._noop[nk] = equity_after(env, snap, 'HOLD', h)
+                excess = (equity_after(env, snap, text, h) - self._noop[nk]) / env.task.capital
+                fmt = format_score(text, row['symbols'], c.graded_format)
             trade = float(np.clip(excess / scale, -c.clip, c.clip))
-            fmt = format_score(text, row['symbols'], c.graded_format)
             done[key] = out[i] = dict(trade=trade, excess=excess, scale=scale, horizon=h, format=fmt, format_ok=fmt == 1.0,
-                                      state_id=row['state_id'], completion=text)
+                                      truncated=cut[i], state_id=row['state_id'], completion=text)
         return out
 
     def _record(self, scores, log_metric=None):
@@ -258,25 +284,28 @@ class TradingReward:
                  'zero_spread_share': float(np.mean([x < 1e-9 for x in g_tot])),
                  'trade_zero_spread_share': float(np.mean([x < 1e-9 for x in g_trade])),
                  'format_error_rate': float(np.mean([not s['format_ok'] for s in scores])),
+                 'truncated_share': float(np.mean([s.get('truncated', False) for s in scores])),
                  'groups': len(groups)}
         self.history.append(stats)
-        self.samples = [dict(state_id=s['state_id'], completion=s['completion'][:500], trade=s['trade'], format=s['format'])
-                        for s in scores[:self.keep_samples]]
+        self.samples = [dict(state_id=s['state_id'], completion=s['completion'][:500], trade=s['trade'], format=s['format'],
+                             truncated=s.get('truncated', False)) for s in scores[:self.keep_samples]]
         if log_metric is not None:
             for k, v in stats.items(): log_metric(f'env/{k}', v)
         return stats
 
-    def trade_reward(self, completions, **cols) -> list:
-        "TRL reward function: each completion's risk-adjusted P&L over the horizon, relative to doing nothing."
-        scores = self.score(completions, self._rows(len(completions), cols))
+    def trade_reward(self, completions, completion_ids=None, **cols) -> list:
+        "TRL reward function: each completion's risk-adjusted P&L over the horizon, relative to doing nothing (0 when cut)."
+        cut = self.truncated(completion_ids, len(completions))
+        scores = self.score(completions, self._rows(len(completions), cols), cut)
         self._record(scores, cols.get('log_metric'))
         return [s['trade'] for s in scores]
 
-    def format_reward(self, completions, **cols) -> list:
-        "TRL reward function: 1 for a cleanly parsed answer (0.5 partly, graded), else 0."
+    def format_reward(self, completions, completion_ids=None, **cols) -> list:
+        "TRL reward function: 1 for a cleanly parsed answer (0.5 partly, graded), else 0; 0 for a completion cut at the token limit."
         syms = cols.get('symbols')
         if syms is None: raise ValueError("the format reward needs the dataset column 'symbols' (rows from `prompt_rows`)")
-        return [format_score(completion_text(c), s, self.config.graded_format) for c, s in zip(completions, syms)]
+        cut = self.truncated(completion_ids, len(completions))
+        return [0.0 if x else format_score(completion_text(c), s, self.config.graded_format) for c, s, x in zip(completions, syms, cut)]
 
     @property
     def funcs(self) -> list:
@@ -287,7 +316,7 @@ class TradingReward:
     def weights(self) -> list:
         return [self.config.trade_weight, self.config.format_weight]
 
-# %% ../nbs/10_grpo.ipynb #c029
+# %% ../nbs/10_grpo.ipynb #c031
 class TradingToolEnv:
     "A multi-turn environment for TRL's `environment_factory`: the model trades one day per tool call."
     def __init__(self,
@@ -359,7 +388,7 @@ class TradingToolEnv:
         excess = (self.env.pf.equity_history[-1] - noop) / self.env.task.capital
         return float(np.clip(excess / risk_scale(self.env, k, self.days, c), -c.clip, c.clip))
 
-# %% ../nbs/10_grpo.ipynb #c034
+# %% ../nbs/10_grpo.ipynb #c036
 def default_out(task:str) -> Path:
     "Where `train_grpo` writes by default: `data/models/grpo-<task>` (next to the model cache)."
     from tradellm.llm import model_cache_dir
@@ -392,7 +421,12 @@ def _load_policy(model, adapter, device, dtype, lora_r, lora_alpha):
     return lm, tok, LoraConfig(r=lora_r, lora_alpha=lora_alpha or 2 * lora_r, lora_dropout=0.0,
                                target_modules='all-linear', task_type='CAUSAL_LM')
 
-# %% ../nbs/10_grpo.ipynb #c035
+# %% ../nbs/10_grpo.ipynb #c037
+def _mean_log(logs:list, key:str):
+    "The mean of one logged metric over the steps that logged it (None when none did)."
+    xs = [r[key] for r in logs if key in r]
+    return float(np.mean(xs)) if xs else None
+
 def _callback(reward:TradingReward, run, bar, t0):
     "A transformers callback: per-step metrics, step times and sample completions to MLflow; a progress bar."
     from transformers import TrainerCallback
@@ -413,12 +447,13 @@ def _callback(reward:TradingReward, run, bar, t0):
             self.logs.append(dict(step=state.global_step, **logs))
             run.log_metrics({k.replace('train/', ''): v for k, v in logs.items()}, step=state.global_step)
             if reward.samples and getattr(run, 'client', None) is not None:
-                text = '\n\n'.join(f"### {s['state_id']}  trade {s['trade']:+.3f}  format {s['format']:.1f}\n```\n{s['completion']}\n```"
+                text = '\n\n'.join(f"### {s['state_id']}  trade {s['trade']:+.3f}  format {s['format']:.1f}"
+                                   + ("  (cut at the token limit)" if s.get('truncated') else '') + f"\n```\n{s['completion']}\n```"
                                    for s in reward.samples)
                 run.client.log_text(run.run_id, text, f"samples/step_{state.global_step:05d}.md")
     return GRPOLogger()
 
-# %% ../nbs/10_grpo.ipynb #c036
+# %% ../nbs/10_grpo.ipynb #c038
 def train_grpo(model:str='smollm2', # 'smollm2', a folder written by save_pretrained, or a hub id
                adapter:str|None=None, # an SFT adapter folder to continue (default path); None: a fresh LoRA on the base
                task:str='easy', # the task whose train-split states are the prompts
@@ -468,8 +503,8 @@ def train_grpo(model:str='smollm2', # 'smollm2', a folder written by save_pretra
     from tradellm.llm import PROMPT_VERSION, adapter_prompt_style, write_adapter_meta
     if prompt_style is None: prompt_style = adapter_prompt_style(adapter) if adapter is not None else 'full'
     rows = prompt_rows(t.name, prompts, 'train', seed, cfg.horizon, policy, panel, style=prompt_style)
-    reward = TradingReward(cfg, states=StateCache(panel))
     lm, tok, peft_config = _load_policy(model, adapter, device, dtype, lora_r, lora_alpha)
+    reward = TradingReward(cfg, states=StateCache(panel), eos_token_ids=end_token_ids(lm, tok))
     args = GRPOConfig(output_dir=str(ck_dir), max_steps=int(steps), per_device_train_batch_size=group_size * prompts_per_step,
                       gradient_accumulation_steps=1, num_generations=group_size, max_completion_length=max_completion_length,
                       learning_rate=learning_rate, beta=beta, temperature=temperature, reward_weights=reward.weights,
@@ -509,16 +544,19 @@ def train_grpo(model:str='smollm2', # 'smollm2', a folder written by save_pretra
                        zero_spread_share=float(np.mean([h['zero_spread_share'] for h in hist])) if hist else None,
                        trade_zero_spread_share=float(np.mean([h['trade_zero_spread_share'] for h in hist])) if hist else None,
                        format_error_rate=float(np.mean([h['format_error_rate'] for h in hist])) if hist else None,
+                       truncated_share=float(np.mean([h['truncated_share'] for h in hist])) if hist else None,
+                       clipped_ratio=_mean_log(cb.logs, 'completions/clipped_ratio'),
                        reward_mean=float(np.mean([h['reward_mean'] for h in hist])) if hist else None,
                        env_version=ENV_VERSION, task_version=t.version, prompt_version=PROMPT_VERSION,
                        torch_threads=torch.get_num_threads(), mlflow_run_id=getattr(run, 'run_id', None))
-        run.log_metrics({k: summary[k] for k in ('zero_spread_share', 'format_error_rate', 'steps_per_minute') if summary[k] is not None},
+        run.log_metrics({k: summary[k] for k in ('zero_spread_share', 'format_error_rate', 'truncated_share', 'steps_per_minute')
+                         if summary[k] is not None},
                         step=summary['steps_done'])
         (out / 'grpo.json').write_text(json.dumps(dict(summary, history=hist, last_samples=reward.samples), indent=1))
         if getattr(run, 'client', None) is not None: run.log_artifact(out / 'grpo.json')
     return summary
 
-# %% ../nbs/10_grpo.ipynb #c041
+# %% ../nbs/10_grpo.ipynb #c043
 DEFAULT_SFT_ADAPTER = 'sft_adapter'  # `tradellm sft`'s default output folder
 
 def _parser():
@@ -582,11 +620,12 @@ def cli_grpo(argv:list) -> int:
     if a.json: print(json.dumps(s, indent=1))
     else:
         print(f"GRPO {s['task']}: {s['steps_done']} steps, {s['seconds_per_step']} s/step, zero-spread groups "
-              f"{s['zero_spread_share']:.0%}, format errors {s['format_error_rate']:.0%}\nadapter: {s['adapter_out']}\n"
+              f"{s['zero_spread_share']:.0%}, format errors {s['format_error_rate']:.0%}, completions cut at "
+              f"{s['max_completion_length']} tokens {s['truncated_share']:.0%}\nadapter: {s['adapter_out']}\n"
               f"evaluate: tradellm evaluate --agents llm:{s['model']}+{s['adapter_out']} --task {s['task']} --split val")
     return 0
 
-# %% ../nbs/10_grpo.ipynb #c044
+# %% ../nbs/10_grpo.ipynb #c046
 def compare_agents(agents:list, # the reference first: specs like 'llm:smollm2', 'llm:smollm2+SFT', 'llm:smollm2+GRPO', or `Agent`s
                    task:str='easy', # task
                    splits=('val', 'test'), # splits to evaluate on
