@@ -368,12 +368,30 @@ def test_train_grpo_end_to_end_with_a_tiny_model(tiny_model, panel, tmp_path, mo
     assert json.loads((out / 'adapter' / 'tradellm_adapter.json').read_text())['prompt_style'] == 'full'
     # the SFT path: continue a saved adapter (here the one just trained, marked as trained on compact prompts),
     # with a KL term against its frozen copy; the prompts take the adapter's style, and the new adapter keeps it
-    from tradellm.llm import adapter_prompt_style, write_adapter_meta
-    write_adapter_meta(s['adapter_out'], prompt_style='compact', stage='sft')
-    s3 = _tiny_train(tiny_model, panel, tmp_path / 'b', steps=1, adapter=s['adapter_out'], beta=0.04)
+    from tradellm.llm import adapter_meta, adapter_prompt_style, write_adapter_meta
+    answers = {'easy': {'n': 6, 'mean': 30.0, 'p99': 40, 'max': 40}}
+    write_adapter_meta(s['adapter_out'], prompt_style='compact', stage='sft', answer_tokens=answers)
+    with pytest.warns(UserWarning, match=r'max_completion_length=8 is below the longest answer .* \(40 tokens.*use 48, or pass at least 40'):
+        s3 = _tiny_train(tiny_model, panel, tmp_path / 'b', steps=1, adapter=s['adapter_out'], beta=0.04)
+    meta = adapter_meta(tmp_path / 'b' / 'adapter')  # the GRPO adapter keeps the SFT answer lengths and records its own limit
+    assert meta['answer_tokens'] == answers and meta['max_completion_length'] == 8 and meta['stage'] == 'grpo'
     assert s3['adapter'] == s['adapter_out'] and s3['lora_r'] is None and s3['steps_done'] == 1
     assert s3['prompt_style'] == 'compact' and adapter_prompt_style(tmp_path / 'b' / 'adapter') == 'compact'
     assert (tmp_path / 'b' / 'adapter' / 'adapter_config.json').is_file() and not (tmp_path / 'b' / 'adapter' / 'ref').exists()
+
+
+def test_completion_length_comes_from_the_adapters_answers(tmp_path):
+    "Default max_completion_length: the adapter's longest SFT answer on the task + 5% (>= 4), rounded up to 8; else 192."
+    from tradellm.grpo import DEFAULT_COMPLETION_LENGTH, _parser, completion_budget
+    from tradellm.llm import write_adapter_meta
+    assert DEFAULT_COMPLETION_LENGTH == 192 and _parser().parse_args([]).max_completion_length is None
+    assert completion_budget(None, 'easy') == (192, None) and completion_budget(tmp_path, 'medium') == (192, None)
+    write_adapter_meta(tmp_path, prompt_style='compact', answer_tokens={'easy': {'max': 55}, 'medium': {'max': 287}})
+    assert completion_budget(tmp_path, 'easy') == (64, 55)  # easy compact answers of the design's teacher: 59 -> 64
+    assert completion_budget(tmp_path, 'medium') == (304, 287)  # 287 + 15 = 302 -> 304
+    assert completion_budget(tmp_path, 'hard') == (304, None)  # not recorded: 192, or more when another task needs more
+    write_adapter_meta(tmp_path, prompt_style='compact', answer_tokens={'easy': {'max': 73}})
+    assert completion_budget(tmp_path, 'easy') == (80, 73) and completion_budget(tmp_path, 'hard') == (192, None)
 
 
 def test_resume_without_checkpoint_and_bad_adapter(tiny_model, panel, tmp_path):

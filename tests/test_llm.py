@@ -324,6 +324,18 @@ def test_completion_issues_become_hold(tiny, synth_panel, monkeypatch):
     assert completion_issue('BUY X 0.5\nHOLD', ['INFY', 'TCS'])[0] == 'partly_read'
 
 
+def test_answer_budget_and_recorded_answer_lengths(tmp_path):
+    "A limit for answers of n tokens: n + 5% (at least 4), rounded up to a multiple of 8; lengths read from tradellm_adapter.json."
+    assert [llm.answer_budget(n) for n in (1, 55, 60, 73, 287, 543)] == [8, 64, 64, 80, 304, 576]
+    assert llm.answer_budget(287, margin=0.25) == 360  # 287 + 72 = 359 -> 360
+    assert llm.adapter_answer_tokens(tmp_path) == {}
+    llm.write_adapter_meta(tmp_path, prompt_style='compact', answer_tokens={'easy': {'n': 3, 'mean': 50.0, 'p99': 60, 'max': 61},
+                                                                           'medium': 'junk'})
+    assert llm.adapter_answer_tokens(tmp_path) == {'easy': {'n': 3, 'mean': 50.0, 'p99': 60, 'max': 61}}
+    (tmp_path / llm.ADAPTER_META).write_text('[1, 2]')
+    with pytest.raises(ModelError, match='not a JSON object'): llm.adapter_answer_tokens(tmp_path)
+
+
 def test_make_llm_agent_on_a_folder(tiny_dir):
     agent = make_llm_agent(tiny_dir, device='cpu', max_new_tokens=7, name='t')
     assert agent.max_new_tokens == 7 and agent.name == 't' and agent.config()['device'] == 'cpu'

@@ -301,6 +301,14 @@ def test_tiny_sft_end_to_end(tmp_path, synth_panel, tiny_model, monkeypatch):
     assert (ad / 'checkpoints' / 'checkpoint-2').is_dir()
     meta = json.loads((ad / 'tradellm_sft.json').read_text())
     assert meta['config']['dataset_fingerprint'] == dataset_fingerprint(data)
+    # the answers' token lengths (each with its end-of-turn token) are recorded for GRPO and the evaluation's limits
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    train = load_sft_dataset(data)['train'].shuffle(seed=0, keep_in_memory=True).select(range(5))  # what limit=5 trains on
+    want = [len(tok(e['messages'][2]['content'], add_special_tokens=False)['input_ids']) + 1 for e in train]
+    rec = json.loads((ad / 'tradellm_adapter.json').read_text())['answer_tokens']
+    assert rec == meta['answer_tokens'] and rec['easy']['n'] == 5 and rec['easy']['max'] == max(want)
+    assert rec['easy']['mean'] == round(sum(want) / 5, 1) and 20 < max(want) < 120
     # logged to MLflow: config, fingerprint, loss curve
     import mlflow
     run = mlflow.get_run(res['mlflow_run_id'])

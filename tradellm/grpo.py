@@ -10,6 +10,7 @@ import json
 import math
 import sys
 import time
+import warnings
 from collections import OrderedDict
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -22,10 +23,10 @@ from .market import parse_action
 from .tasks import ENV_VERSION, get_task
 
 # %% auto #0
-__all__ = ['POLICIES', 'STATE_COLUMNS', 'SCALES', 'DEFAULT_SFT_ADAPTER', 'state_row', 'rebuild_state', 'prompt_rows',
-           'StateCache', 'GRPOEnvConfig', 'completion_text', 'end_token_ids', 'format_score', 'risk_scale',
-           'equity_after', 'columns', 'TradingReward', 'TradingToolEnv', 'default_out', 'train_grpo', 'cli_grpo',
-           'compare_agents']
+__all__ = ['POLICIES', 'STATE_COLUMNS', 'SCALES', 'DEFAULT_COMPLETION_LENGTH', 'DEFAULT_SFT_ADAPTER', 'state_row',
+           'rebuild_state', 'prompt_rows', 'StateCache', 'GRPOEnvConfig', 'completion_text', 'end_token_ids',
+           'format_score', 'risk_scale', 'equity_after', 'columns', 'TradingReward', 'TradingToolEnv', 'default_out',
+           'completion_budget', 'train_grpo', 'cli_grpo', 'compare_agents']
 
 # %% ../nbs/10_grpo.ipynb #c006
 POLICIES = ('mixed', 'rsi', 'random', 'do_nothing')
@@ -404,6 +405,19 @@ def _last_checkpoint(folder:Path):
     cks = [p for p in Path(folder).glob('checkpoint-*') if p.is_dir() and p.name.split('-')[-1].isdigit()]
     return max(cks, key=lambda p: int(p.name.split('-')[-1])) if cks else None
 
+DEFAULT_COMPLETION_LENGTH = 192  # tokens per completion where no SFT answer lengths are known (a fresh LoRA, an adapter made elsewhere)
+
+def completion_budget(adapter, # an SFT (or GRPO) adapter folder; None for a fresh LoRA
+                      task:str, # the task GRPO trains on
+                     ) -> tuple:
+    "(the default `max_completion_length`, the longest answer the adapter was fine-tuned on for `task` or None)."
+    from tradellm.llm import adapter_answer_tokens, answer_budget
+    rec = {} if adapter is None else adapter_answer_tokens(adapter)
+    if task in rec:
+        need = int(rec[task]['max'])
+        return answer_budget(need), need
+    return max([DEFAULT_COMPLETION_LENGTH] + [answer_budget(int(v['max'])) for v in rec.values()]), None
+
 def _load_policy(model, adapter, device, dtype, lora_r, lora_alpha):
     "The model to train (a PeftModel when continuing an adapter), its tokenizer, and the LoRA config for a fresh adapter."
     import torch
@@ -421,7 +435,7 @@ def _load_policy(model, adapter, device, dtype, lora_r, lora_alpha):
     return lm, tok, LoraConfig(r=lora_r, lora_alpha=lora_alpha or 2 * lora_r, lora_dropout=0.0,
                                target_modules='all-linear', task_type='CAUSAL_LM')
 
-# %% ../nbs/10_grpo.ipynb #c037
+# %% ../nbs/10_grpo.ipynb #c038
 def _mean_log(logs:list, key:str):
     "The mean of one logged metric over the steps that logged it (None when none did)."
     xs = [r[key] for r in logs if key in r]
@@ -453,7 +467,7 @@ def _callback(reward:TradingReward, run, bar, t0):
                 run.client.log_text(run.run_id, text, f"samples/step_{state.global_step:05d}.md")
     return GRPOLogger()
 
-# %% ../nbs/10_grpo.ipynb #c038
+# %% ../nbs/10_grpo.ipynb #c039
 def train_grpo(model:str='smollm2', # 'smollm2', a folder written by save_pretrained, or a hub id
                adapter:str|None=None, # an SFT adapter folder to continue (default path); None: a fresh LoRA on the base
                task:str='easy', # the task whose train-split states are the prompts
@@ -461,7 +475,7 @@ def train_grpo(model:str='smollm2', # 'smollm2', a folder written by save_pretra
                steps:int=50, # optimizer steps
                group_size:int=4, # completions per prompt (TRL `num_generations`)
                horizon:int=5, # days a completion is held and scored over
-               max_completion_length:int=64, # tokens per completion
+               max_completion_length:int|None=None, # tokens per completion (None: `completion_budget` of the adapter)
                prompts:int=256, # train-split states in the dataset (cycled)
                prompts_per_step:int=1, # prompts (groups) per optimizer step
                learning_rate:float=2e-5, # AdamW learning rate of the LoRA weights
@@ -483,13 +497,20 @@ def train_grpo(model:str='smollm2', # 'smollm2', a folder written by save_pretra
                prompt_style:str|None=None, # system prompt style (None: the adapter's, from its tradellm_adapter.json; 'full' without one)
               ) -> dict:
     "Fine-tune with GRPO, the environment as the reward; returns a summary (also written to OUT/grpo.json)."
+    t = get_task(task)
+    auto_length, need = completion_budget(adapter, t.name)
+    if max_completion_length is None: max_completion_length = auto_length
+    elif need is not None and max_completion_length < need:
+        warnings.warn(f"max_completion_length={max_completion_length} is below the longest answer the adapter was fine-tuned on for "
+                      f"{t.name} ({need} tokens with its end-of-turn token): a completion cut at the limit scores format 0 and "
+                      f"trades as HOLD, which teaches the policy to answer short (to hold). Leave max_completion_length unset (no "
+                      f"--max-completion-length) to use {auto_length}, or pass at least {need}", stacklevel=2)
     for name, v, lo in (('steps', steps, 1), ('group_size', group_size, 2), ('max_completion_length', max_completion_length, 1),
                         ('prompts', prompts, 1), ('prompts_per_step', prompts_per_step, 1), ('save_steps', save_steps, 1)):
         if int(v) != v or v < lo: raise ValueError(f"{name} must be a whole number >= {lo}, got {v}")
     if beta < 0: raise ValueError(f"beta must be >= 0, got {beta}")
     if not temperature > 0: raise ValueError(f"temperature must be above 0 (GRPO samples its groups), got {temperature}")
     cfg = env_config or GRPOEnvConfig(horizon=horizon)
-    t = get_task(task)
     out = Path(out) if out is not None else default_out(t.name)
     ck_dir = out / 'checkpoints'
     last = _last_checkpoint(ck_dir) if resume else None
@@ -500,7 +521,7 @@ def train_grpo(model:str='smollm2', # 'smollm2', a folder written by save_pretra
     from trl import GRPOConfig, GRPOTrainer
     from tqdm.auto import tqdm
     from tradellm.evaluate import check_tracking, tracked_run
-    from tradellm.llm import PROMPT_VERSION, adapter_prompt_style, write_adapter_meta
+    from tradellm.llm import PROMPT_VERSION, adapter_meta, adapter_prompt_style, write_adapter_meta
     if prompt_style is None: prompt_style = adapter_prompt_style(adapter) if adapter is not None else 'full'
     rows = prompt_rows(t.name, prompts, 'train', seed, cfg.horizon, policy, panel, style=prompt_style)
     lm, tok, peft_config = _load_policy(model, adapter, device, dtype, lora_r, lora_alpha)
@@ -533,8 +554,10 @@ def train_grpo(model:str='smollm2', # 'smollm2', a folder written by save_pretra
         bar.close()
         trainer.model.save_pretrained(out / 'adapter', selected_adapters=['default'])  # not TRL's frozen 'ref' copy
         tok.save_pretrained(out / 'adapter')
-        write_adapter_meta(out / 'adapter', prompt_style=prompt_style, stage='grpo', base_model=str(model),
-                           started_from=None if adapter is None else str(adapter), prompt_version=PROMPT_VERSION)
+        answers = adapter_meta(adapter).get('answer_tokens') if adapter is not None else None  # the SFT answers' lengths carry on
+        write_adapter_meta(out / 'adapter', prompt_style=prompt_style, stage='grpo', base_model=str(model), task=t.name,
+                           started_from=None if adapter is None else str(adapter), prompt_version=PROMPT_VERSION,
+                           max_completion_length=max_completion_length, **({'answer_tokens': answers} if answers else {}))
         hist = reward.history
         times = cb.step_times
         summary = dict(params, out=str(out), adapter_out=str(out / 'adapter'), steps_done=int(trainer.state.global_step),
@@ -556,7 +579,7 @@ def train_grpo(model:str='smollm2', # 'smollm2', a folder written by save_pretra
         if getattr(run, 'client', None) is not None: run.log_artifact(out / 'grpo.json')
     return summary
 
-# %% ../nbs/10_grpo.ipynb #c043
+# %% ../nbs/10_grpo.ipynb #c044
 DEFAULT_SFT_ADAPTER = 'sft_adapter'  # `tradellm sft`'s default output folder
 
 def _parser():
@@ -573,7 +596,9 @@ def _parser():
     p.add_argument('--steps', type=int, default=50, help='optimizer steps (default 50)')
     p.add_argument('--group-size', type=int, default=4, help='completions per prompt (default 4)')
     p.add_argument('--horizon', type=int, default=5, help='days a completion is held and scored over (default 5)')
-    p.add_argument('--max-completion-length', type=int, default=64, help='tokens per completion (default 64)')
+    p.add_argument('--max-completion-length', type=int, default=None,
+                   help="tokens per completion (default: the adapter's longest SFT answer on the task plus 5%%, rounded up to 8; "
+                   f"{DEFAULT_COMPLETION_LENGTH} when the adapter records none)")
     p.add_argument('--prompts', type=int, default=256, help='train-split states to sample prompts from (default 256)')
     p.add_argument('--prompts-per-step', type=int, default=1, help='groups per optimizer step (default 1)')
     p.add_argument('--lr', type=float, default=2e-5, help='learning rate (default 2e-5)')
@@ -625,7 +650,7 @@ def cli_grpo(argv:list) -> int:
               f"evaluate: tradellm evaluate --agents llm:{s['model']}+{s['adapter_out']} --task {s['task']} --split val")
     return 0
 
-# %% ../nbs/10_grpo.ipynb #c046
+# %% ../nbs/10_grpo.ipynb #c047
 def compare_agents(agents:list, # the reference first: specs like 'llm:smollm2', 'llm:smollm2+SFT', 'llm:smollm2+GRPO', or `Agent`s
                    task:str='easy', # task
                    splits=('val', 'test'), # splits to evaluate on

@@ -5,6 +5,7 @@
 # %% ../nbs/07_llm.ipynb #c003
 from __future__ import annotations
 import json
+import math
 import os
 import re
 import shutil
@@ -21,8 +22,8 @@ from .tasks import TaskSpec, get_task, REGIME_FALL_SHARE, REGIME_MEAN_CHANGE, WE
 __all__ = ['SMOLLM2', 'SMOLLM2_WHEEL', 'SMOLLM2_PIN', 'SMOLLM2_FOLDER', 'INSTALL_SMOLLM2', 'CHATML_TEMPLATE', 'PROMPT_VERSION',
            'PROMPT_STYLES', 'ADAPTER_MAX_NEW_TOKENS', 'ADAPTER_META', 'ModelError', 'model_cache_dir', 'smollm2_gguf',
            'default_model_available', 'convert_smollm2', 'load_model', 'system_prompt', 'build_messages', 'Generation',
-           'generate_batch', 'generate', 'completion_issue', 'LLMAgent', 'adapter_prompt_style', 'write_adapter_meta',
-           'make_llm_agent']
+           'generate_batch', 'generate', 'completion_issue', 'LLMAgent', 'adapter_meta', 'adapter_prompt_style',
+           'adapter_answer_tokens', 'answer_budget', 'write_adapter_meta', 'make_llm_agent']
 
 # %% ../nbs/07_llm.ipynb #c006
 SMOLLM2 = 'smollm2'  # the name of the default model
@@ -484,15 +485,35 @@ class LLMAgent(Agent):
 ADAPTER_MAX_NEW_TOKENS = 192  # SFT answers (a <think> block, then the orders) run to ~140 tokens: leave room
 ADAPTER_META = 'tradellm_adapter.json'  # written beside an adapter by the SFT and GRPO stages
 
+def adapter_meta(adapter:str|Path, # a PEFT adapter folder
+                ) -> dict:
+    "What the SFT/GRPO stage recorded beside an adapter (its `tradellm_adapter.json`; {} for adapters made elsewhere)."
+    f = Path(adapter).expanduser() / ADAPTER_META
+    if not f.is_file(): return {}
+    try: meta = json.loads(f.read_text())
+    except ValueError as e: raise ModelError(f"{f}: not readable JSON ({e}); delete it to use the full prompt and default token limits") from None
+    if not isinstance(meta, dict): raise ModelError(f"{f}: not a JSON object; delete it to use the full prompt and default token limits")
+    return meta
+
 def adapter_prompt_style(adapter:str|Path, # a PEFT adapter folder
                         ) -> str:
     "The prompt style an adapter was trained with (its `tradellm_adapter.json`; 'full' for adapters made elsewhere)."
-    f = Path(adapter).expanduser() / ADAPTER_META
-    if not f.is_file(): return 'full'
-    try: style = json.loads(f.read_text()).get('prompt_style', 'full')
-    except (ValueError, AttributeError) as e: raise ModelError(f"{f}: not readable JSON ({e}); delete it to use the full prompt") from None
-    if style not in PROMPT_STYLES: raise ModelError(f"{f}: unknown prompt_style {style!r} (this tradellm knows {', '.join(PROMPT_STYLES)}): upgrade tradellm")
+    style = adapter_meta(adapter).get('prompt_style', 'full')
+    if style not in PROMPT_STYLES:
+        raise ModelError(f"{Path(adapter) / ADAPTER_META}: unknown prompt_style {style!r} (this tradellm knows {', '.join(PROMPT_STYLES)}): upgrade tradellm")
     return style
+
+def adapter_answer_tokens(adapter:str|Path, # a PEFT adapter folder
+                         ) -> dict:
+    "Per task, the token lengths of the answers the adapter was fine-tuned on ({task: {n, mean, p99, max}}; {} when not recorded)."
+    rec = adapter_meta(adapter).get('answer_tokens') or {}
+    return {t: v for t, v in rec.items() if isinstance(v, dict) and isinstance(v.get('max'), (int, float))}
+
+def answer_budget(tokens:int, # the longest answer, its end-of-turn token included
+                  margin:float=0.05, # extra room, as a share of `tokens` (at least 4 tokens)
+                 ) -> int:
+    "A token limit for answers up to `tokens` long: the length plus the margin, rounded up to a multiple of 8."
+    return int(math.ceil((tokens + max(4, math.ceil(tokens * margin))) / 8) * 8)
 
 def write_adapter_meta(adapter:str|Path, # the adapter folder just saved
                        **meta, # prompt_style, stage, base model, ...

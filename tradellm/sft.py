@@ -23,8 +23,8 @@ from .tasks import ENV_VERSION
 
 # %% auto #0
 __all__ = ['SFT_DATA_VERSION', 'explain', 'rule_examples', 'data_card', 'build_sft_dataset', 'dataset_fingerprint',
-           'load_sft_dataset', 'SFTError', 'resolve_backend', 'to_prompt_completion', 'train_sft', 'tiny_chat_model',
-           'cli_sft_data', 'cli_sft']
+           'load_sft_dataset', 'SFTError', 'resolve_backend', 'to_prompt_completion', 'token_lengths', 'train_sft',
+           'tiny_chat_model', 'cli_sft_data', 'cli_sft']
 
 # %% ../nbs/09_sft.ipynb #c006
 SFT_DATA_VERSION = '1.1.0'  # bump when the example format or the reasoning templates change (1.1.0: veto line, compact style)
@@ -408,7 +408,25 @@ def to_prompt_completion(ds, # a `Dataset` with a `messages` column ending in th
     return ds.map(lambda ex: {'prompt': ex['messages'][:-1], 'completion': ex['messages'][-1:]},
                   remove_columns=ds.column_names, keep_in_memory=True)  # in memory: no cache files in the dataset folder
 
-# %% ../nbs/09_sft.ipynb #c037
+# %% ../nbs/09_sft.ipynb #c035
+def token_lengths(tok, # the tokenizer (with its chat template) the model is trained with
+                  ds, # a `Dataset` with a `messages` column ending in the assistant turn (and a `task` column)
+                 ) -> dict:
+    "Per example: its `task` and the `answer` tokens the model generates for it (the assistant turn and its end-of-turn token)."
+    msgs = ds['messages']
+    answers = tok([m[-1]['content'] for m in msgs], add_special_tokens=False)['input_ids']
+    return {'task': list(ds['task']) if 'task' in ds.column_names else ['all'] * len(msgs),
+            'answer': [len(a) + 1 for a in answers]}
+
+def _length_stats(tasks, lengths) -> dict:
+    "Per task: n, mean, p99 and max of `lengths` (tokens)."
+    out = {}
+    for t in dict.fromkeys(tasks):
+        a = np.array([n for x, n in zip(tasks, lengths) if x == t])
+        out[t] = {'n': len(a), 'mean': round(float(a.mean()), 1), 'p99': int(np.ceil(np.percentile(a, 99))), 'max': int(a.max())}
+    return out
+
+# %% ../nbs/09_sft.ipynb #c038
 def _mlflow_callback(run):
     "A `TrainerCallback` that logs every trainer log line (loss, learning rate, ...) to the MLflow run."
     from transformers import TrainerCallback
@@ -419,7 +437,7 @@ def _mlflow_callback(run):
             if m: run.log_metrics(m, step=int(state.global_step))
     return MLflowLoss()
 
-# %% ../nbs/09_sft.ipynb #c039
+# %% ../nbs/09_sft.ipynb #c040
 @contextlib.contextmanager
 def _labelled_positions_only(cpu:bool):
     "While inside, TRL's fused LM head scores only labelled positions on the CPU too (its GPU behaviour; same loss)."
@@ -433,7 +451,7 @@ def _labelled_positions_only(cpu:bool):
     try: yield
     finally: tu._use_triton = orig
 
-# %% ../nbs/09_sft.ipynb #c040
+# %% ../nbs/09_sft.ipynb #c041
 def _no_template(model) -> str:
     return (f"{model}: the tokenizer has no chat template (a base model, not an instruct/chat one), and the examples are "
             "chat turns. Fix: use an instruct model (e.g. 'smollm2' or 'Qwen/Qwen2.5-0.5B-Instruct'), or set "
@@ -467,7 +485,7 @@ def _load_for_training(model, backend, qlora, max_length, cuda):
     tok.padding_side = 'right'
     return lm, tok
 
-# %% ../nbs/09_sft.ipynb #c041
+# %% ../nbs/09_sft.ipynb #c042
 def _data_prompt_style(data) -> str:
     "The prompt style a dataset was written in (its card; datasets from before styles existed are 'full')."
     f = Path(data) / 'data_card.json'
@@ -518,6 +536,8 @@ def train_sft(model:str='smollm2', # 'smollm2', a model folder or a hub id (an i
     if val is not None: val = val.select(range(min(eval_examples, val.num_rows)))
     fingerprint = dataset_fingerprint(data)
     lm, tok = _load_for_training(model, backend, qlora, max_length, cuda)
+    lens = token_lengths(tok, train)
+    answer_tokens = _length_stats(lens['task'], lens['answer'])
     from peft import LoraConfig
     from trl import SFTConfig, SFTTrainer
     targets = 'all-linear' if backend == 'trl' else ['q_proj', 'k_proj', 'v_proj', 'o_proj', 'gate_proj', 'up_proj', 'down_proj']
@@ -563,16 +583,17 @@ def train_sft(model:str='smollm2', # 'smollm2', a model folder or a hub id (an i
         style = _data_prompt_style(data)
         summary = {'adapter': str(out), 'base_model': str(model), **metrics, 'config': config, 'mlflow_run_id': run.run_id,
                    'sft_data_version': SFT_DATA_VERSION, 'env_version': ENV_VERSION, 'prompt_version': _prompt_version(),
-                   'prompt_style': style, 'agent_spec': f"llm:{model}+{out}"}
+                   'prompt_style': style, 'answer_tokens': answer_tokens, 'agent_spec': f"llm:{model}+{out}"}
         (out / 'tradellm_sft.json').write_text(json.dumps(summary, indent=1))
         from tradellm.llm import write_adapter_meta
-        if style in ('full', 'compact'):  # how the agent must prompt this adapter (a custom system prompt: pass it yourself)
-            write_adapter_meta(out, prompt_style=style, stage='sft', base_model=str(model), prompt_version=_prompt_version())
+        meta = dict(stage='sft', base_model=str(model), prompt_version=_prompt_version(), answer_tokens=answer_tokens)
+        if style in ('full', 'compact'): meta['prompt_style'] = style  # a custom system prompt: the agent must be given it
+        write_adapter_meta(out, **meta)
         run.log_metrics(metrics)
         run.log_artifact(out / 'tradellm_sft.json')
     return summary
 
-# %% ../nbs/09_sft.ipynb #c043
+# %% ../nbs/09_sft.ipynb #c044
 def tiny_chat_model(out, # folder to write
                     base:str='smollm2', # whose tokenizer and chat template to use
                     hidden:int=32, # hidden size
@@ -594,7 +615,7 @@ def tiny_chat_model(out, # folder to write
     tok.save_pretrained(out)
     return out
 
-# %% ../nbs/09_sft.ipynb #c052
+# %% ../nbs/09_sft.ipynb #c053
 def _fail(cmd, e) -> int:
     print(f"tradellm {cmd}: {e}", file=sys.stderr)
     return 2
