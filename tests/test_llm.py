@@ -154,6 +154,33 @@ def test_adapter(tiny_dir, tmp_path):
         load_model(tiny_dir, adapter=tmp_path / 'nothing', device='cpu')
 
 
+def test_adapter_agent_limit_covers_its_training_answers(tiny_dir, tmp_path, synth_panel, monkeypatch):
+    "An adapter is evaluated with room for the answers it was trained on: longest + 25%, rounded up to 8, >= 192."
+    peft = pytest.importorskip('peft')
+    from transformers import AutoModelForCausalLM
+    lora = peft.get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_dir), peft.LoraConfig(r=2, target_modules=['q_proj']))
+    lora.save_pretrained(tmp_path / 'adapter')
+    agent = make_llm_agent(tiny_dir, tmp_path / 'adapter', device='cpu')  # records nothing: the safe defaults
+    assert agent.max_new_tokens == {'easy': 192, 'medium': 640, 'hard': 640}
+    llm.write_adapter_meta(tmp_path / 'adapter', prompt_style='compact', answer_tokens={'easy': {'max': 300}})
+    agent = make_llm_agent(tiny_dir, tmp_path / 'adapter', device='cpu')
+    assert agent.max_new_tokens == {'easy': 376, 'medium': 640, 'hard': 640}  # 300 + 75 = 375 -> 376
+    assert make_llm_agent(tiny_dir, tmp_path / 'adapter', device='cpu', max_new_tokens=7).max_new_tokens == 7
+    seen = []
+
+    def canned(model, tok, chats, max_new_tokens, *args):
+        seen.append(max_new_tokens)
+        return llm.Generation(['HOLD'] * len(chats), [10] * len(chats), [1] * len(chats), [True] * len(chats))
+    monkeypatch.setattr(llm, 'generate_batch', canned)
+    for task in ('easy', 'medium'):
+        env = TradingEnv(task, 'test', data=synth_panel)
+        agent.reset([env])
+        agent.act([env], [env.reset(seed=0)[0]])
+    assert seen == [376, 640] and agent.max_new_tokens_for('hard') == 640
+    with pytest.raises(ValueError, match='max_new_tokens must be a whole number'):
+        LLMAgent(agent.model, agent.tok, max_new_tokens={'easy': 0})
+
+
 def test_default_model_missing_wheel(monkeypatch, tmp_path):
     import importlib.metadata as md
     monkeypatch.setenv('TRADELLM_CACHE', str(tmp_path))

@@ -23,7 +23,7 @@ __all__ = ['SMOLLM2', 'SMOLLM2_WHEEL', 'SMOLLM2_PIN', 'SMOLLM2_FOLDER', 'INSTALL
            'PROMPT_STYLES', 'ADAPTER_MAX_NEW_TOKENS', 'ADAPTER_META', 'ModelError', 'model_cache_dir', 'smollm2_gguf',
            'default_model_available', 'convert_smollm2', 'load_model', 'system_prompt', 'build_messages', 'Generation',
            'generate_batch', 'generate', 'completion_issue', 'LLMAgent', 'adapter_meta', 'adapter_prompt_style',
-           'adapter_answer_tokens', 'answer_budget', 'write_adapter_meta', 'make_llm_agent']
+           'adapter_answer_tokens', 'answer_budget', 'write_adapter_meta', 'adapter_max_new_tokens', 'make_llm_agent']
 
 # %% ../nbs/07_llm.ipynb #c006
 SMOLLM2 = 'smollm2'  # the name of the default model
@@ -412,7 +412,7 @@ class LLMAgent(Agent):
 
     def __init__(self, model, tok, # from `load_model`
                  name:str|None=None, # the leaderboard row (default 'llm:' + the model's name)
-                 max_new_tokens:int=96, # a completion is cut after this many tokens
+                 max_new_tokens:int|dict=96, # a completion is cut after this many tokens (or per task: {'easy': 192, ...})
                  temperature:float=0.0, # 0: greedy; above 0: seeded sampling
                  seed:int=0, # sampling seed (day d of a run samples with seed + d)
                  batch_size:int|None=None, # chats per generate call (None: all envs at once; 1: one at a time)
@@ -421,6 +421,9 @@ class LLMAgent(Agent):
                  prompt_style:str='full', # the system prompt's style: 'full' (zero-shot) or 'compact' (what SFT adapters learn)
                 ):
         if batch_size is not None and batch_size < 1: raise ValueError(f"batch_size must be None or at least 1, got {batch_size}")
+        limits = list(max_new_tokens.values()) if isinstance(max_new_tokens, dict) else [max_new_tokens]
+        if not limits or any(int(n) != n or n < 1 for n in limits):
+            raise ValueError(f"max_new_tokens must be a whole number >= 1, or a dict of them per task, got {max_new_tokens!r}")
         self.model, self.tok = model, tok
         self.source = dict(getattr(model, 'tradellm_source', {'model': type(model).__name__}))
         m = self.source.get('model', 'model')
@@ -437,6 +440,11 @@ class LLMAgent(Agent):
                 'prompt_version': PROMPT_VERSION, 'max_new_tokens': self.max_new_tokens, 'temperature': self.temperature,
                 'seed': self.seed, 'prompt_style': self.prompt_style, 'custom_system_prompt': self.system is not None, 'reuse_prefix': self.reuse_prefix,
                 'device': self.source.get('device'), 'dtype': self.source.get('dtype')}
+
+    def max_new_tokens_for(self, task:str) -> int:
+        "The token limit of a completion on `task` (a per-task dict without the task: its largest limit)."
+        m = self.max_new_tokens
+        return int(m.get(task, max(m.values()))) if isinstance(m, dict) else int(m)
 
     def reset(self, envs):
         "New episodes start (one per env): open a log for each."
@@ -459,7 +467,8 @@ class LLMAgent(Agent):
         gens = []
         for k in range(0, len(chats), size):
             seed = None if self.temperature <= 0 else self.seed + self._day
-            g = generate_batch(self.model, self.tok, chats[k:k + size], self.max_new_tokens, self.temperature, seed, self.reuse_prefix)
+            limit = max(self.max_new_tokens_for(e.task.name) for e in envs[k:k + size])
+            g = generate_batch(self.model, self.tok, chats[k:k + size], limit, self.temperature, seed, self.reuse_prefix)
             gens.append(g)
             self.stats['generate_calls'] += 1
             self.stats['seconds'] += g.seconds
@@ -482,7 +491,7 @@ class LLMAgent(Agent):
         self._day += 1
         return texts
 
-ADAPTER_MAX_NEW_TOKENS = 192  # SFT answers (a <think> block, then the orders) run to ~140 tokens: leave room
+ADAPTER_MAX_NEW_TOKENS = {'easy': 192, 'medium': 640, 'hard': 640}  # evaluation limits of an adapter that records no answer lengths
 ADAPTER_META = 'tradellm_adapter.json'  # written beside an adapter by the SFT and GRPO stages
 
 def adapter_meta(adapter:str|Path, # a PEFT adapter folder
@@ -523,6 +532,18 @@ def write_adapter_meta(adapter:str|Path, # the adapter folder just saved
     f.write_text(json.dumps(meta, indent=1))
     return f
 
+def adapter_max_new_tokens(adapter:str|Path, # a PEFT adapter folder
+                          ) -> dict:
+    "Per task, the evaluation token limit of an adapter: its longest recorded answer plus 25%, at least 192 (else `ADAPTER_MAX_NEW_TOKENS`)."
+    meta = adapter_meta(adapter)
+    need = {t: int(v['max']) for t, v in adapter_answer_tokens(adapter).items()}
+    if meta.get('task') and isinstance(meta.get('max_completion_length'), int):  # a GRPO adapter: the limit it was trained under
+        need[meta['task']] = max(need.get(meta['task'], 0), meta['max_completion_length'])
+    budgets = [answer_budget(n, margin=0.25) for n in need.values()]
+    floor = min(ADAPTER_MAX_NEW_TOKENS.values())
+    return {t: max(floor, answer_budget(need[t], margin=0.25)) if t in need else max([d] + budgets)
+            for t, d in ADAPTER_MAX_NEW_TOKENS.items()}
+
 def make_llm_agent(model:str|Path=SMOLLM2, # 'smollm2', a folder or a hub id
                    adapter:str|Path|None=None, # a PEFT adapter folder
                    device:str|None=None, # None: CUDA when present, else CPU
@@ -531,6 +552,6 @@ def make_llm_agent(model:str|Path=SMOLLM2, # 'smollm2', a folder or a hub id
     "Load `model` (+ `adapter`, prompted the way it was trained) and wrap it in an `LLMAgent`: what `make_agent('llm:MODEL[+ADAPTER]')` calls."
     if adapter is not None:
         kwargs.setdefault('prompt_style', adapter_prompt_style(_check_adapter(adapter)))
-        kwargs.setdefault('max_new_tokens', ADAPTER_MAX_NEW_TOKENS)
+        kwargs.setdefault('max_new_tokens', adapter_max_new_tokens(adapter))
     lm, tok = load_model(model, adapter, device)
     return LLMAgent(lm, tok, **kwargs)
