@@ -273,6 +273,21 @@ def test_data_card_counts_by_hand():
     assert c['dates'] == ['2021-03-01', '2021-03-02'] and c['episodes'] == 1
 
 
+def test_fit_max_length_counts_by_hand():
+    from datasets import Dataset
+    ds = Dataset.from_dict({'task': ['easy', 'easy', 'hard', 'hard', 'hard'], 'x': [0, 1, 2, 3, 4]})
+    lens = {'task': ds['task'], 'total': [300, 1100, 2900, 3600, 1000], 'answer': [50] * 5}
+    sets = {'train': (ds, lens)}
+    same, dropped = sft._fit_max_length(sets, 4096, drop=False)
+    assert same['train'] is ds and dropped == {}
+    with pytest.raises(SFTError, match=r'longer than max_length=1024 tokens \(train: easy 1 of 2, hard 2 of 3; the longest has 3600\)'
+                                       r'.*--max-length 3600.*--drop-long'):
+        sft._fit_max_length(sets, 1024, drop=False)
+    kept, dropped = sft._fit_max_length(sets, 1024, drop=True)
+    assert kept['train']['x'] == [0, 4] and dropped == {'train': {'easy': 1, 'hard': 2}}
+    with pytest.raises(SFTError, match='no train example fits in max_length=200'): sft._fit_max_length(sets, 200, drop=True)
+
+
 # ---------------------------------------------------------------- slow: a tiny LoRA run end to end
 
 @pytest.fixture(scope='module')
@@ -337,6 +352,31 @@ def test_tiny_sft_end_to_end(tmp_path, synth_panel, tiny_model, monkeypatch):
     res2 = sft.train_sft(tiny_model, data, ad, max_steps=3, lora_rank=4, batch_size=2, grad_accum=1, max_length=1024, save_steps=1,
                          eval_examples=0, resume=True, progress=False, track=False)
     assert res2['steps'] == 3 and res2['config']['resumed_from'].endswith('checkpoint-2')
+
+
+def test_examples_longer_than_max_length_stop_the_run(tmp_path, synth_panel, tiny_model):
+    "Hard examples (~3,000 tokens) do not fit max_length=1024: an error naming them, not a silent drop by TRL."
+    from transformers import AutoTokenizer
+    data = tmp_path / 'data'
+    build_sft_dataset(data, easy_steps=3, medium_steps=0, hard_steps=2, val_fraction=0, data=synth_panel, progress=False)
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    total = [len(tok.apply_chat_template(e['messages'], tokenize=True, return_dict=True)['input_ids'])
+             for e in load_sft_dataset(data)['train']]
+    assert max(total[:3]) <= 1024 < min(total[3:])  # 3 easy examples fit, the 2 hard ones do not
+    with pytest.raises(SFTError, match=rf"train: hard 2 of 2; the longest has {max(total)}\).*--max-length {max(total)}"):
+        sft.train_sft(tiny_model, data, tmp_path / 'a', max_steps=1, lora_rank=2, max_length=1024, track=False, progress=False)
+    assert not (tmp_path / 'a').exists()
+
+
+@pytest.mark.slow
+def test_drop_long_trains_on_the_examples_that_fit(tmp_path, synth_panel, tiny_model):
+    data = tmp_path / 'data'
+    build_sft_dataset(data, easy_steps=3, medium_steps=0, hard_steps=2, val_fraction=0, data=synth_panel, progress=False)
+    with pytest.warns(UserWarning, match=r"left out \{'train': \{'hard': 2\}\} examples longer than max_length=1024"):
+        res = sft.train_sft(tiny_model, data, tmp_path / 'a', max_steps=1, lora_rank=2, batch_size=1, grad_accum=1, max_length=1024,
+                            drop_long=True, eval_examples=0, track=False, progress=False)
+    assert res['config']['train_examples'] == 3 and res['config']['dropped_too_long'] == {'train': {'hard': 2}}
+    assert list(res['answer_tokens']) == ['easy']
 
 
 @pytest.mark.slow

@@ -12,6 +12,7 @@ import json
 import math
 import sys
 import time
+import warnings
 from collections import Counter
 from pathlib import Path
 import numpy as np
@@ -412,11 +413,35 @@ def to_prompt_completion(ds, # a `Dataset` with a `messages` column ending in th
 def token_lengths(tok, # the tokenizer (with its chat template) the model is trained with
                   ds, # a `Dataset` with a `messages` column ending in the assistant turn (and a `task` column)
                  ) -> dict:
-    "Per example: its `task` and the `answer` tokens the model generates for it (the assistant turn and its end-of-turn token)."
-    msgs = ds['messages']
+    "Per example: its `task`, the `total` tokens TRL trains on (the whole chat), and the `answer` tokens the model generates."
+    msgs = [list(m) for m in ds['messages']]
+    if not msgs: return {'task': [], 'total': [], 'answer': []}
+    total = tok.apply_chat_template(msgs, tokenize=True, return_dict=True)['input_ids']  # as TRL tokenises prompt + completion
     answers = tok([m[-1]['content'] for m in msgs], add_special_tokens=False)['input_ids']
     return {'task': list(ds['task']) if 'task' in ds.column_names else ['all'] * len(msgs),
-            'answer': [len(a) + 1 for a in answers]}
+            'total': [len(t) for t in total], 'answer': [len(a) + 1 for a in answers]}  # + 1: the end-of-turn token
+
+def _fit_max_length(sets:dict, # name -> (Dataset, token_lengths of it)
+                    max_length:int, drop:bool) -> tuple:
+    "(the sets without examples longer than `max_length`, dropped counts per set and task); `SFTError` unless `drop`."
+    over = {name: Counter(t for t, n in zip(lens['task'], lens['total']) if n > max_length) for name, (_, lens) in sets.items()}
+    over = {name: dict(c) for name, c in over.items() if c}
+    if not over: return {name: ds for name, (ds, _) in sets.items()}, {}
+    if not drop:
+        longest = max(max(lens['total']) for _, lens in sets.values())
+        what = '; '.join(f"{name}: " + ', '.join(f"{t} {k} of {Counter(sets[name][1]['task'])[t]}" for t, k in c.items())
+                         for name, c in over.items())
+        raise SFTError(f"examples longer than max_length={max_length} tokens ({what}; the longest has {longest}): TRL would drop "
+                       "the ones whose prompt alone fills max_length and train the rest on cut answers (no </think>, no orders, "
+                       f"no end of turn). Fix: --max-length {longest} (max_length={longest}) fits every example (memory and time "
+                       "grow with it); or --drop-long (drop_long=True) leaves those examples out; or build the dataset without "
+                       "them (hard examples run to ~3,600 tokens: --hard-steps 0)")
+    out = {}
+    for name, (ds, lens) in sets.items():
+        keep = [i for i, n in enumerate(lens['total']) if n <= max_length]
+        if not keep: raise SFTError(f"no {name} example fits in max_length={max_length} tokens (the shortest has {min(lens['total'])}): raise --max-length")
+        out[name] = ds if len(keep) == ds.num_rows else ds.select(keep)
+    return out, over
 
 def _length_stats(tasks, lengths) -> dict:
     "Per task: n, mean, p99 and max of `lengths` (tokens)."
@@ -507,7 +532,8 @@ def train_sft(model:str='smollm2', # 'smollm2', a model folder or a hub id (an i
               lr:float=2e-4, # peak learning rate (linear decay, short warm-up)
               batch_size:int|None=None, # examples per device step (default: 4 on CUDA, 1 on CPU)
               grad_accum:int|None=None, # device steps per optimizer step (default: 1 on CUDA, 4 on CPU)
-              max_length:int=2048, # tokens per example (longer ones are cut)
+              max_length:int=2048, # tokens per example: a longer one is an error (or left out with `drop_long`)
+              drop_long:bool=False, # leave out examples longer than `max_length` instead of refusing to train
               limit:int|None=None, # train on a seeded random subset of this many examples
               eval_examples:int=64, # validation examples for the eval loss at the end (0: none)
               gradient_checkpointing:bool|None=None, # recompute activations: less memory, ~30% slower (default: on CUDA only)
@@ -537,6 +563,13 @@ def train_sft(model:str='smollm2', # 'smollm2', a model folder or a hub id (an i
     fingerprint = dataset_fingerprint(data)
     lm, tok = _load_for_training(model, backend, qlora, max_length, cuda)
     lens = token_lengths(tok, train)
+    sets = {'train': (train, lens)} | ({} if val is None else {'validation': (val, token_lengths(tok, val))})
+    fitted, dropped = _fit_max_length(sets, max_length, drop_long)
+    if dropped:
+        warnings.warn(f"left out {dropped} examples longer than max_length={max_length} tokens (drop_long)", stacklevel=2)
+        keep = [n <= max_length for n in lens['total']]
+        lens = {k: [x for x, ok in zip(v, keep) if ok] for k, v in lens.items()}
+        train, val = fitted['train'], fitted.get('validation')
     answer_tokens = _length_stats(lens['task'], lens['answer'])
     from peft import LoraConfig
     from trl import SFTConfig, SFTTrainer
@@ -559,6 +592,7 @@ def train_sft(model:str='smollm2', # 'smollm2', a model folder or a hub id (an i
     config = dict(model=str(model), backend=backend, qlora=qlora, epochs=epochs, max_steps=max_steps, lora_rank=lora_rank,
                   lora_alpha=lora['lora_alpha'], lora_dropout=lora_dropout, lr=lr, batch_size=batch_size, grad_accum=grad_accum,
                   max_length=max_length, gradient_checkpointing=args.gradient_checkpointing, train_examples=train.num_rows,
+                  dropped_too_long=dropped or None,
                   eval_examples=0 if val is None else val.num_rows,
                   seed=seed, device='cuda' if cuda else 'cpu', dataset=str(Path(data).resolve()), dataset_fingerprint=fingerprint,
                   resumed_from=None if last is None else str(last))
@@ -571,6 +605,9 @@ def train_sft(model:str='smollm2', # 'smollm2', a model folder or a hub id (an i
         trainer = SFTTrainer(model=lm, args=args, train_dataset=to_prompt_completion(train),
                              eval_dataset=None if val is None else to_prompt_completion(val), processing_class=tok,
                              peft_config=peft_config, callbacks=[_mlflow_callback(run)])
+        if len(trainer.train_dataset) != train.num_rows:  # the length check above should leave TRL nothing to drop
+            warnings.warn(f"TRL kept {len(trainer.train_dataset)} of the {train.num_rows} training examples", stacklevel=2)
+            config['train_examples'] = len(trainer.train_dataset)
         t0 = time.time()
         with _labelled_positions_only(not cuda):
             result = trainer.train(resume_from_checkpoint=str(last) if last else None)
@@ -668,7 +705,9 @@ def cli_sft(argv:list|None=None, # arguments after `tradellm sft`
     p.add_argument('--lr', type=float, default=2e-4, help='learning rate (default 2e-4)')
     p.add_argument('--batch-size', type=int, default=None, help='examples per device step (default 4 on CUDA, 1 on CPU)')
     p.add_argument('--grad-accum', type=int, default=None, help='gradient accumulation steps (default 1 on CUDA, 4 on CPU)')
-    p.add_argument('--max-length', type=int, default=2048, help='max tokens per example (default 2048)')
+    p.add_argument('--max-length', type=int, default=2048,
+                   help='max tokens per example (default 2048); a longer example is an error unless --drop-long')
+    p.add_argument('--drop-long', action='store_true', help='leave out examples longer than --max-length instead of stopping')
     p.add_argument('--limit', type=int, default=None, help='train on a seeded random subset of N examples')
     p.add_argument('--eval-examples', type=int, default=64, help='validation examples for the final eval loss (default 64)')
     p.add_argument('--gradient-checkpointing', action=argparse.BooleanOptionalAction, default=None,
@@ -685,7 +724,7 @@ def cli_sft(argv:list|None=None, # arguments after `tradellm sft`
     from tradellm.evaluate import TrackingError
     try:
         res = train_sft(a.model, a.data, a.out, a.epochs, a.max_steps, a.lora_rank, a.lora_alpha, lr=a.lr, batch_size=a.batch_size,
-                        grad_accum=a.grad_accum, max_length=a.max_length, limit=a.limit, eval_examples=a.eval_examples,
+                        grad_accum=a.grad_accum, max_length=a.max_length, drop_long=a.drop_long, limit=a.limit, eval_examples=a.eval_examples,
                         gradient_checkpointing=a.gradient_checkpointing,
                         qlora=a.qlora, backend=a.backend, resume=a.resume, save_steps=a.save_steps, seed=a.seed,
                         track=not a.no_mlflow, progress=not a.json)
