@@ -273,6 +273,22 @@ def test_data_card_counts_by_hand():
     assert c['dates'] == ['2021-03-01', '2021-03-02'] and c['episodes'] == 1
 
 
+def test_eval_subset_takes_an_equal_seeded_share_per_task(sft_dir):
+    "The eval loss's examples: not the first rows (all easy, first episodes) but a seeded equal share of each task."
+    from collections import Counter
+    val = load_sft_dataset(sft_dir[0])['validation']
+    assert Counter(val['task']) == {'easy': 12, 'medium': 18} and set(val.select(range(12))['task']) == {'easy'}
+    sub = sft.eval_subset(val, 16, seed=0)
+    assert Counter(sub['task']) == {'easy': 8, 'medium': 8}
+    assert Counter(sft.eval_subset(val, 28, seed=0)['task']) == {'easy': 12, 'medium': 16}  # easy has 12: medium takes the rest
+    assert Counter(sft.eval_subset(val, 3, seed=0)['task']) == {'easy': 2, 'medium': 1}
+    assert sft.eval_subset(val, 16, seed=0)['messages'] == sub['messages']  # the same seed, the same examples
+    assert sft.eval_subset(val, 16, seed=1)['messages'] != sub['messages']
+    easy = [(r['seed'], r['day']) for r in sub if r['task'] == 'easy']
+    first = [(r['seed'], r['day']) for r in val.select(range(8))]
+    assert easy != first  # drawn from all the easy days, not the first eight
+
+
 def test_fit_max_length_counts_by_hand():
     from datasets import Dataset
     ds = Dataset.from_dict({'task': ['easy', 'easy', 'hard', 'hard', 'hard'], 'x': [0, 1, 2, 3, 4]})
@@ -311,6 +327,7 @@ def test_tiny_sft_end_to_end(tmp_path, synth_panel, tiny_model, monkeypatch):
     assert sorted(p.relative_to(data) for p in data.rglob('*')) == files  # training writes nothing into the dataset folder
     assert res['config']['train_examples'] == 5
     assert res['steps'] == 2 and math.isfinite(res['train_loss']) and math.isfinite(res['eval_loss'])
+    assert res['eval_loss_easy'] == pytest.approx(res['eval_loss']) and res['config']['eval_examples_by_task'] == {'easy': 2}
     ad = tmp_path / 'adapter'
     assert json.loads((ad / 'adapter_config.json').read_text())['r'] == 4
     assert (ad / 'checkpoints' / 'checkpoint-2').is_dir()
@@ -377,6 +394,17 @@ def test_drop_long_trains_on_the_examples_that_fit(tmp_path, synth_panel, tiny_m
                             drop_long=True, eval_examples=0, track=False, progress=False)
     assert res['config']['train_examples'] == 3 and res['config']['dropped_too_long'] == {'train': {'hard': 2}}
     assert list(res['answer_tokens']) == ['easy']
+
+
+@pytest.mark.slow
+def test_eval_loss_is_reported_per_task(tmp_path, synth_panel, tiny_model):
+    data = tmp_path / 'data'
+    build_sft_dataset(data, easy_steps=4, medium_steps=4, val_fraction=0.5, data=synth_panel, progress=False)
+    res = sft.train_sft(tiny_model, data, tmp_path / 'a', max_steps=1, lora_rank=2, batch_size=1, grad_accum=1, max_length=2048,
+                        eval_examples=4, track=False, progress=False)
+    assert res['config']['eval_examples_by_task'] == {'easy': 2, 'medium': 2}
+    assert res['eval_loss'] == pytest.approx((res['eval_loss_easy'] * 2 + res['eval_loss_medium'] * 2) / 4)
+    assert res['eval_loss_easy'] != res['eval_loss_medium']
 
 
 @pytest.mark.slow

@@ -24,8 +24,8 @@ from .tasks import ENV_VERSION
 
 # %% auto #0
 __all__ = ['SFT_DATA_VERSION', 'explain', 'rule_examples', 'data_card', 'build_sft_dataset', 'dataset_fingerprint',
-           'load_sft_dataset', 'SFTError', 'resolve_backend', 'to_prompt_completion', 'token_lengths', 'train_sft',
-           'tiny_chat_model', 'cli_sft_data', 'cli_sft']
+           'load_sft_dataset', 'SFTError', 'resolve_backend', 'to_prompt_completion', 'token_lengths', 'eval_subset',
+           'train_sft', 'tiny_chat_model', 'cli_sft_data', 'cli_sft']
 
 # %% ../nbs/09_sft.ipynb #c006
 SFT_DATA_VERSION = '1.1.0'  # bump when the example format or the reasoning templates change (1.1.0: veto line, compact style)
@@ -443,6 +443,29 @@ def _fit_max_length(sets:dict, # name -> (Dataset, token_lengths of it)
         out[name] = ds if len(keep) == ds.num_rows else ds.select(keep)
     return out, over
 
+def eval_subset(val, # the validation `Dataset` (with a `task` column)
+                n:int, # examples to keep
+                seed:int=0, # which ones
+               ):
+    "A seeded random subset of `n` examples with an equal quota per task (a task short of its quota gives the rest to the others)."
+    tasks = list(val['task']) if 'task' in val.column_names else ['all'] * val.num_rows
+    by = {t: [i for i, x in enumerate(tasks) if x == t] for t in dict.fromkeys(tasks)}
+    quota, left, open_ = dict.fromkeys(by, 0), min(int(n), len(tasks)), list(by)
+    while left > 0 and open_:  # fill the quotas evenly; a full task drops out and the others share what is left
+        share, extra = divmod(left, len(open_))
+        for j, t in enumerate(open_):
+            add = min(share + (j < extra), len(by[t]) - quota[t])
+            quota[t] += add
+            left -= add
+        open_ = [t for t in open_ if quota[t] < len(by[t])]
+    rng = np.random.default_rng([int(seed) % 2**32, 11])
+    return val.select([i for t in by for i in sorted(rng.choice(by[t], quota[t], replace=False).tolist())])
+
+def _by_task(ds) -> dict:
+    "task -> the examples of that task (`all` without a task column)."
+    tasks = list(ds['task']) if 'task' in ds.column_names else ['all'] * ds.num_rows
+    return {t: ds.select([i for i, x in enumerate(tasks) if x == t]) for t in dict.fromkeys(tasks)}
+
 def _length_stats(tasks, lengths) -> dict:
     "Per task: n, mean, p99 and max of `lengths` (tokens)."
     out = {}
@@ -451,7 +474,7 @@ def _length_stats(tasks, lengths) -> dict:
         out[t] = {'n': len(a), 'mean': round(float(a.mean()), 1), 'p99': int(np.ceil(np.percentile(a, 99))), 'max': int(a.max())}
     return out
 
-# %% ../nbs/09_sft.ipynb #c038
+# %% ../nbs/09_sft.ipynb #c039
 def _mlflow_callback(run):
     "A `TrainerCallback` that logs every trainer log line (loss, learning rate, ...) to the MLflow run."
     from transformers import TrainerCallback
@@ -462,7 +485,7 @@ def _mlflow_callback(run):
             if m: run.log_metrics(m, step=int(state.global_step))
     return MLflowLoss()
 
-# %% ../nbs/09_sft.ipynb #c040
+# %% ../nbs/09_sft.ipynb #c041
 @contextlib.contextmanager
 def _labelled_positions_only(cpu:bool):
     "While inside, TRL's fused LM head scores only labelled positions on the CPU too (its GPU behaviour; same loss)."
@@ -476,7 +499,7 @@ def _labelled_positions_only(cpu:bool):
     try: yield
     finally: tu._use_triton = orig
 
-# %% ../nbs/09_sft.ipynb #c041
+# %% ../nbs/09_sft.ipynb #c042
 def _no_template(model) -> str:
     return (f"{model}: the tokenizer has no chat template (a base model, not an instruct/chat one), and the examples are "
             "chat turns. Fix: use an instruct model (e.g. 'smollm2' or 'Qwen/Qwen2.5-0.5B-Instruct'), or set "
@@ -510,7 +533,7 @@ def _load_for_training(model, backend, qlora, max_length, cuda):
     tok.padding_side = 'right'
     return lm, tok
 
-# %% ../nbs/09_sft.ipynb #c042
+# %% ../nbs/09_sft.ipynb #c043
 def _data_prompt_style(data) -> str:
     "The prompt style a dataset was written in (its card; datasets from before styles existed are 'full')."
     f = Path(data) / 'data_card.json'
@@ -535,7 +558,7 @@ def train_sft(model:str='smollm2', # 'smollm2', a model folder or a hub id (an i
               max_length:int=2048, # tokens per example: a longer one is an error (or left out with `drop_long`)
               drop_long:bool=False, # leave out examples longer than `max_length` instead of refusing to train
               limit:int|None=None, # train on a seeded random subset of this many examples
-              eval_examples:int=64, # validation examples for the eval loss at the end (0: none)
+              eval_examples:int=64, # validation examples for the eval loss at the end, a seeded equal share per task (0: none)
               gradient_checkpointing:bool|None=None, # recompute activations: less memory, ~30% slower (default: on CUDA only)
               qlora:bool=False, # 4-bit base model (CUDA + bitsandbytes)
               backend:str='auto', # 'auto', 'trl' or 'unsloth'
@@ -559,7 +582,7 @@ def train_sft(model:str='smollm2', # 'smollm2', a model folder or a hub id (an i
     if lora_rank < 1: raise SFTError(f"lora_rank must be at least 1, got {lora_rank}")
     train = ds['train'] if limit is None else ds['train'].shuffle(seed=seed, keep_in_memory=True).select(range(min(int(limit), ds['train'].num_rows)))
     val = ds['validation'] if 'validation' in ds and eval_examples else None
-    if val is not None: val = val.select(range(min(eval_examples, val.num_rows)))
+    if val is not None: val = eval_subset(val, eval_examples, seed)
     fingerprint = dataset_fingerprint(data)
     lm, tok = _load_for_training(model, backend, qlora, max_length, cuda)
     lens = token_lengths(tok, train)
@@ -594,6 +617,7 @@ def train_sft(model:str='smollm2', # 'smollm2', a model folder or a hub id (an i
                   max_length=max_length, gradient_checkpointing=args.gradient_checkpointing, train_examples=train.num_rows,
                   dropped_too_long=dropped or None,
                   eval_examples=0 if val is None else val.num_rows,
+                  eval_examples_by_task=None if val is None else {t: d.num_rows for t, d in _by_task(val).items()},
                   seed=seed, device='cuda' if cuda else 'cpu', dataset=str(Path(data).resolve()), dataset_fingerprint=fingerprint,
                   resumed_from=None if last is None else str(last))
     from tradellm.evaluate import check_tracking, tracked_run
@@ -603,7 +627,8 @@ def train_sft(model:str='smollm2', # 'smollm2', a model folder or a hub id (an i
         card = Path(data) / 'data_card.json'
         if card.exists(): run.log_artifact(card)
         trainer = SFTTrainer(model=lm, args=args, train_dataset=to_prompt_completion(train),
-                             eval_dataset=None if val is None else to_prompt_completion(val), processing_class=tok,
+                             eval_dataset=None if val is None else {t: to_prompt_completion(d) for t, d in _by_task(val).items()},
+                             processing_class=tok,
                              peft_config=peft_config, callbacks=[_mlflow_callback(run)])
         if len(trainer.train_dataset) != train.num_rows:  # the length check above should leave TRL nothing to drop
             warnings.warn(f"TRL kept {len(trainer.train_dataset)} of the {train.num_rows} training examples", stacklevel=2)
@@ -614,7 +639,11 @@ def train_sft(model:str='smollm2', # 'smollm2', a model folder or a hub id (an i
         seconds = time.time() - t0
         metrics = {'train_loss': float(result.training_loss), 'steps': int(result.global_step), 'train_seconds': round(seconds, 1),
                    'seconds_per_step': round(seconds / max(1, result.global_step), 3)}
-        if val is not None: metrics['eval_loss'] = float(trainer.evaluate()['eval_loss'])
+        if val is not None:  # the eval loss per task, and over all of them (weighted by examples)
+            ev, sizes = trainer.evaluate(), config['eval_examples_by_task']
+            by_task = {t: float(ev[f'eval_{t}_loss']) for t in sizes}
+            metrics['eval_loss'] = sum(by_task[t] * n for t, n in sizes.items()) / sum(sizes.values())
+            metrics.update({f'eval_loss_{t}': v for t, v in by_task.items()})
         trainer.model.save_pretrained(str(out))
         tok.save_pretrained(str(out))
         style = _data_prompt_style(data)
@@ -630,7 +659,7 @@ def train_sft(model:str='smollm2', # 'smollm2', a model folder or a hub id (an i
         run.log_artifact(out / 'tradellm_sft.json')
     return summary
 
-# %% ../nbs/09_sft.ipynb #c044
+# %% ../nbs/09_sft.ipynb #c045
 def tiny_chat_model(out, # folder to write
                     base:str='smollm2', # whose tokenizer and chat template to use
                     hidden:int=32, # hidden size
@@ -652,7 +681,7 @@ def tiny_chat_model(out, # folder to write
     tok.save_pretrained(out)
     return out
 
-# %% ../nbs/09_sft.ipynb #c053
+# %% ../nbs/09_sft.ipynb #c054
 def _fail(cmd, e) -> int:
     print(f"tradellm {cmd}: {e}", file=sys.stderr)
     return 2
@@ -709,7 +738,8 @@ def cli_sft(argv:list|None=None, # arguments after `tradellm sft`
                    help='max tokens per example (default 2048); a longer example is an error unless --drop-long')
     p.add_argument('--drop-long', action='store_true', help='leave out examples longer than --max-length instead of stopping')
     p.add_argument('--limit', type=int, default=None, help='train on a seeded random subset of N examples')
-    p.add_argument('--eval-examples', type=int, default=64, help='validation examples for the final eval loss (default 64)')
+    p.add_argument('--eval-examples', type=int, default=64,
+                   help='validation examples for the final eval loss, a seeded equal share per task (default 64)')
     p.add_argument('--gradient-checkpointing', action=argparse.BooleanOptionalAction, default=None,
                    help='recompute activations: less memory, ~30%% slower (default: on with CUDA, off on CPU)')
     p.add_argument('--qlora', action='store_true', help='4-bit base model (CUDA + bitsandbytes)')
@@ -732,6 +762,7 @@ def cli_sft(argv:list|None=None, # arguments after `tradellm sft`
     if a.json: print(json.dumps(res, indent=1))
     else:
         print(f"adapter saved to {res['adapter']}: {res['steps']} steps in {res['train_seconds']:.0f}s, train loss "
-              f"{res['train_loss']:.4f}" + (f", eval loss {res['eval_loss']:.4f}" if 'eval_loss' in res else '') +
+              f"{res['train_loss']:.4f}" + (f", eval loss {res['eval_loss']:.4f} (" + ', '.join(
+                  f"{t} {res['eval_loss_' + t]:.4f}" for t in res['config']['eval_examples_by_task']) + ')' if 'eval_loss' in res else '') +
               f". Use it as --agents {res['agent_spec']}")
     return 0
