@@ -238,6 +238,24 @@ def test_sampling_is_seeded(tiny, easy_envs):
     assert a == b
 
 
+def test_sampled_answers_do_not_depend_on_the_batch(tiny, synth_panel):
+    "Sampling: an episode-day's answer comes from (agent seed, episode seed, day), whatever the batch size or the other episodes."
+    model, tok = tiny
+
+    def run(env_seeds, batch_size, agent_seed=0):
+        envs = [TradingEnv('easy', 'test', data=synth_panel) for _ in env_seeds]
+        obs = [e.reset(seed=s)[0] for e, s in zip(envs, env_seeds)]
+        agent = LLMAgent(model, tok, max_new_tokens=8, temperature=1.0, seed=agent_seed, batch_size=batch_size)
+        _run_days(agent, envs, obs, 2)
+        return {s: ep['completions'] for s, ep in zip(env_seeds, agent.episode_logs())}
+    batched = run([0, 1, 2], None)
+    assert run([0, 1, 2], 1) == batched and run([0, 1, 2], 2) == batched  # batch_size does not change a sample
+    assert run([1], None)[1] == batched[1] and run([2, 1], None)[1] == batched[1]  # nor which episodes share the batch
+    assert len({c for cs in batched.values() for c in cs}) == 6  # different episodes and days sample differently
+    assert run([1], None, agent_seed=5)[1] != batched[1]  # the agent's seed matters
+    assert llm.chat_seed(0, 1, 2) == llm.chat_seed(0, 1, 2) != llm.chat_seed(0, 2, 1)
+
+
 def test_reused_prefix_gives_the_same_answers(tiny_dir, easy_envs):
     model, tok = load_model(tiny_dir, device='cpu')  # a fresh model: no prefix cached yet
     _, obs = easy_envs(3)

@@ -4,6 +4,7 @@
 
 # %% ../nbs/07_llm.ipynb #c003
 from __future__ import annotations
+import hashlib
 import json
 import math
 import os
@@ -22,8 +23,9 @@ from .tasks import TaskSpec, get_task, REGIME_FALL_SHARE, REGIME_MEAN_CHANGE, WE
 __all__ = ['SMOLLM2', 'SMOLLM2_WHEEL', 'SMOLLM2_PIN', 'SMOLLM2_FOLDER', 'INSTALL_SMOLLM2', 'CHATML_TEMPLATE', 'PROMPT_VERSION',
            'PROMPT_STYLES', 'ADAPTER_MAX_NEW_TOKENS', 'ADAPTER_META', 'ModelError', 'model_cache_dir', 'smollm2_gguf',
            'default_model_available', 'convert_smollm2', 'load_model', 'system_prompt', 'build_messages', 'Generation',
-           'generate_batch', 'generate', 'completion_issue', 'LLMAgent', 'adapter_meta', 'adapter_prompt_style',
-           'adapter_answer_tokens', 'answer_budget', 'write_adapter_meta', 'adapter_max_new_tokens', 'make_llm_agent']
+           'chat_seed', 'generate_batch', 'generate', 'completion_issue', 'LLMAgent', 'adapter_meta',
+           'adapter_prompt_style', 'adapter_answer_tokens', 'answer_budget', 'write_adapter_meta',
+           'adapter_max_new_tokens', 'make_llm_agent']
 
 # %% ../nbs/07_llm.ipynb #c006
 SMOLLM2 = 'smollm2'  # the name of the default model
@@ -326,11 +328,28 @@ def _cache_arg(model) -> str:
     base = model.get_base_model() if hasattr(model, 'get_base_model') else model
     return 'cache' if 'cache' in inspect.signature(base.forward).parameters else 'past_key_values'
 
+def chat_seed(*parts) -> int:
+    "A 63-bit sampling seed made from `parts` (whole numbers or None), e.g. (agent seed, episode seed, day)."
+    return int.from_bytes(hashlib.sha256(repr(tuple(None if p is None else int(p) for p in parts)).encode()).digest()[:8], 'little') >> 1
+
+def _row_sampler(seeds:list, temperature:float, device):
+    "A logits processor that samples each row's next token from its own seeded generator and leaves greedy decoding one choice."
+    import torch
+    from transformers import LogitsProcessor
+
+    class RowSampler(LogitsProcessor):
+        def __init__(self): self.gens = [torch.Generator(device=device).manual_seed(int(s)) for s in seeds]
+        def __call__(self, input_ids, scores):
+            probs = torch.softmax(scores.float() / temperature, dim=-1)
+            pick = torch.cat([torch.multinomial(probs[i], 1, generator=g) for i, g in enumerate(self.gens)])
+            return torch.full_like(scores, float('-inf')).scatter_(1, pick[:, None], 0.0)
+    return RowSampler()
+
 def generate_batch(model, tok, # from `load_model`
                    batch_of_messages:list, # one chat (list of messages) per completion
                    max_new_tokens:int=96, # a completion is cut after this many tokens
                    temperature:float=0.0, # 0: greedy; above 0: sampling at this temperature
-                   seed:int|None=None, # seeds the sampling (torch.manual_seed) when given
+                   seed:int|list|None=None, # seeds the sampling: one seed for the call (torch.manual_seed), or one per chat
                    reuse_prefix:bool=True, # compute the shared system prompt's cache once and reuse it
                   ) -> Generation:
     "One batched, left-padded `generate` over `batch_of_messages`, with token counts."
@@ -339,6 +358,9 @@ def generate_batch(model, tok, # from `load_model`
     if not batch_of_messages: return Generation([], [], [], [])
     if max_new_tokens < 1: raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
     if temperature < 0: raise ValueError(f"temperature must be >= 0 (0 is greedy), got {temperature}")
+    per_chat = isinstance(seed, (list, tuple))
+    if per_chat and len(seed) != len(batch_of_messages):
+        raise ValueError(f"seed: {len(seed)} seeds for {len(batch_of_messages)} chats (give one per chat, or one int)")
     t0 = time.time()
     prompts = [tok.apply_chat_template(m, add_generation_prompt=True, tokenize=False) for m in batch_of_messages]
     rows = [tok(p, add_special_tokens=False)['input_ids'] for p in prompts]
@@ -361,7 +383,9 @@ def generate_batch(model, tok, # from `load_model`
         mask = torch.tensor([[0] * (L - len(r)) + [1] * len(r) for r in rows], device=model.device)
         extra = {}
     kw = dict(do_sample=True, temperature=float(temperature), top_p=1.0, top_k=0) if temperature > 0 else dict(do_sample=False)
-    if seed is not None: torch.manual_seed(seed)
+    if temperature > 0 and per_chat:  # each chat its own stream: the sampler picks, greedy decoding takes its pick
+        kw = dict(do_sample=False, logits_processor=[_row_sampler(seed, float(temperature), model.device)])
+    elif seed is not None and not per_chat: torch.manual_seed(seed)
     with torch.inference_mode():
         out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, pad_token_id=pad,
                              eos_token_id=eos, **extra, **kw)
@@ -378,13 +402,13 @@ def generate(model, tok, # from `load_model`
              batch_of_messages:list, # one chat (list of messages) per completion
              max_new_tokens:int=96, # a completion is cut after this many tokens
              temperature:float=0.0, # 0: greedy; above 0: sampling at this temperature
-             seed:int|None=None, # seeds the sampling when given
+             seed:int|list|None=None, # seeds the sampling: one seed for the call, or one per chat
              reuse_prefix:bool=True, # compute the shared system prompt's cache once and reuse it
             ) -> list[str]:
     "One completion per chat, from one batched, left-padded `generate` call."
     return generate_batch(model, tok, batch_of_messages, max_new_tokens, temperature, seed, reuse_prefix).texts
 
-# %% ../nbs/07_llm.ipynb #c032
+# %% ../nbs/07_llm.ipynb #c034
 def _non_latin_share(text) -> float:
     letters = [c for c in text if c.isalpha()]
     return sum(ord(c) > 0x24F for c in letters) / len(letters) if letters else 0.0
@@ -404,7 +428,7 @@ def completion_issue(text:str, # the raw completion
     if not stopped: return 'endless', 'hit max_new_tokens without a readable answer: ' + detail
     return 'unreadable', detail
 
-# %% ../nbs/07_llm.ipynb #c036
+# %% ../nbs/07_llm.ipynb #c038
 class LLMAgent(Agent):
     "A language model trading many episodes in lockstep: one batched `generate` per day."
     obs_mode = 'text'
@@ -414,7 +438,7 @@ class LLMAgent(Agent):
                  name:str|None=None, # the leaderboard row (default 'llm:' + the model's name)
                  max_new_tokens:int|dict=96, # a completion is cut after this many tokens (or per task: {'easy': 192, ...})
                  temperature:float=0.0, # 0: greedy; above 0: seeded sampling
-                 seed:int=0, # sampling seed (day d of a run samples with seed + d)
+                 seed:int=0, # sampling seed: each chat samples with `chat_seed(seed, episode seed, day)`
                  batch_size:int|None=None, # chats per generate call (None: all envs at once; 1: one at a time)
                  system:str|None=None, # a system prompt to use instead of `system_prompt(task, prompt_style)`
                  reuse_prefix:bool=True, # reuse the system prompt's key/value cache (same answers, less work)
@@ -464,11 +488,16 @@ class LLMAgent(Agent):
         if len(self._active) != len(envs): self.reset(envs)
         chats = [build_messages(e.task, o, self.system, self.prompt_style) for e, o in zip(envs, observations)]
         size = self.batch_size or max(1, len(chats))
+        # sampling: one stream per chat from (agent seed, episode seed, day), so an episode's answers do not depend on
+        # the batch it is in (batch_size, --episodes); an env reset without a seed uses its position instead
+        seeds = None if self.temperature <= 0 else [
+            chat_seed(self.seed, getattr(e, '_seed', None), None if getattr(e, '_seed', None) is not None else i,
+                      getattr(e, '_k', self._day)) for i, e in enumerate(envs)]
         gens = []
         for k in range(0, len(chats), size):
-            seed = None if self.temperature <= 0 else self.seed + self._day
             limit = max(self.max_new_tokens_for(e.task.name) for e in envs[k:k + size])
-            g = generate_batch(self.model, self.tok, chats[k:k + size], limit, self.temperature, seed, self.reuse_prefix)
+            g = generate_batch(self.model, self.tok, chats[k:k + size], limit, self.temperature,
+                               None if seeds is None else seeds[k:k + size], self.reuse_prefix)
             gens.append(g)
             self.stats['generate_calls'] += 1
             self.stats['seconds'] += g.seconds
