@@ -108,6 +108,25 @@ def test_hold_share_keeps_every_trade_and_draws_the_holds(synth_panel):
     assert [(r['seed'], r['day']) for r in rows] == sorted((r['seed'], r['day']) for r in rows)  # in play order
 
 
+def test_hold_share_above_the_teachers_own_still_gives_steps_examples(synth_panel):
+    "A teacher that holds less than hold_share: HOLD days are collected until there are enough, not cut short silently."
+    from collections import Counter
+    teacher = RSIAgent(buy_below=45, trend_veto=-2.0)
+    natural = rule_examples('medium', 'train', 60, seed=1, data=synth_panel, agent=teacher, progress=False)
+    assert Counter(r['decision'] for r in natural)['HOLD'] == 24  # 40% of its first 60 medium days
+    rows = rule_examples('medium', 'train', 40, seed=1, data=synth_panel, agent=teacher, hold_share=0.5, progress=False)
+    assert len(rows) == 40 and [r['decision'] for r in rows].count('HOLD') == 20
+    first_trades = [(r['seed'], r['day']) for r in natural if r['decision'] != 'HOLD'][:20]
+    assert [(r['seed'], r['day']) for r in rows if r['decision'] != 'HOLD'] == first_trades
+    # the decision limit first (one 30-day episode): a warning with the numbers, and what there is
+    holds30 = [r['decision'] for r in natural[:30]].count('HOLD')
+    with pytest.warns(UserWarning, match=rf'{holds30} HOLD days in 30 decisions, short of the 36 .* beside 4 trades: '
+                                         rf'returning {4 + holds30} examples instead of 40'):
+        short = rule_examples('medium', 'train', 40, seed=1, data=synth_panel, agent=teacher, hold_share=0.9, max_decisions=30,
+                              progress=False)
+    assert len(short) == 4 + holds30 and [r['decision'] for r in short].count('HOLD') == holds30
+
+
 def test_hold_share_errors_name_the_fix(synth_panel):
     never = RSIAgent(buy_below=0.0)  # never buys, so never trades
     with pytest.raises(DataError, match='rarely trades.*--hold-share.*--buy-below'):

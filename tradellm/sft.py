@@ -201,7 +201,7 @@ def rule_examples(task:str='easy', # 'easy', 'medium' or 'hard'
                   system:str|None=None, # the system prompt (default: `tradellm.llm.system_prompt(task, style)`)
                   progress:bool=True, # show a progress bar
                   style:str='compact', # 'compact': short system prompt and reasons only; 'full': the zero-shot prompt, longer reasoning
-                  hold_share:float|None=None, # keep HOLD days at most this share of the examples (None: as the rule decides)
+                  hold_share:float|None=None, # keep HOLD days at most this share: `steps` examples, ceil(steps x (1 - hold_share)) of them trades (None: as the rule decides)
                   max_decisions:int|None=None, # give up after this many decisions (default: 400 x `steps` when `hold_share` is set)
                  ) -> list:
     "One chat example per decision of the rule agent over seeded episodes of `task` in `split`."
@@ -217,17 +217,24 @@ def rule_examples(task:str='easy', # 'easy', 'medium' or 'hard'
     spec = env.task
     system = _system_prompt(spec.name, style) if system is None else system
     rules = _rule_params(agent)
-    # with hold_share: collect every trade and every HOLD until there are enough trades, then draw the HOLDs
+    # with hold_share: collect every trade and every HOLD until there are enough of both, keep the first trades, draw the HOLDs
     want_trades = steps if hold_share is None else math.ceil(steps * (1 - hold_share))
+    want_holds = 0 if hold_share is None else steps - want_trades
     limit = max_decisions or (400 * steps if hold_share is not None else None)
     trades, holds, n, k = [], [], 0, 0
-    wanted = lambda: len(trades) < want_trades and (hold_share is not None or len(trades) + len(holds) < steps)  # more examples to collect
-    bar = tqdm(total=want_trades, desc=f'{spec.name} {split}', disable=not progress, leave=False)
+    wanted = (lambda: len(trades) + len(holds) < steps) if hold_share is None else \
+             (lambda: len(trades) < want_trades or len(holds) < want_holds)  # more examples to collect
+    bar = tqdm(total=steps, desc=f'{spec.name} {split}', disable=not progress, leave=False)
     while wanted():
         if limit is not None and n >= limit:
-            raise DataError(f"{spec.name}/{split}: {len(trades)} trading decisions in {n} days, short of the {want_trades} that "
-                            f"hold_share={hold_share} needs for {steps} examples. The rule agent rarely trades here: lower --hold-share, "
-                            "ask for fewer steps, or use a teacher that trades more (e.g. --buy-below 40 --trend-veto -1)")
+            if len(trades) < want_trades:
+                raise DataError(f"{spec.name}/{split}: {len(trades)} trading decisions in {n} days, short of the {want_trades} that "
+                                f"hold_share={hold_share} needs for {steps} examples. The rule agent rarely trades here: lower --hold-share, "
+                                "ask for fewer steps, or use a teacher that trades more (e.g. --buy-below 40 --trend-veto -1)")
+            warnings.warn(f"{spec.name}/{split}: {len(holds)} HOLD days in {n} decisions, short of the {want_holds} that "
+                          f"hold_share={hold_share} allows beside {want_trades} trades: returning {want_trades + len(holds)} examples "
+                          f"instead of {steps}. The teacher rarely holds here: lower hold_share, or raise max_decisions", stacklevel=2)
+            break
         obs, info = env.reset(seed=seed + k)
         if hasattr(agent, 'reset'): agent.reset([env])
         rng = np.random.default_rng([seed % 2**32, k, sum(map(ord, spec.name)), sum(map(ord, split))])
@@ -241,13 +248,15 @@ def rule_examples(task:str='easy', # 'easy', 'medium' or 'hard'
                    'task': spec.name, 'split': split, 'date': view.date, 'seed': seed + k, 'day': view.day,
                    'symbols': list(env.symbols), 'action': action, 'decision': _decision_label(action, env.symbols),
                    'rules': [d.get('rule', '') for d in decisions]}
-            (holds if row['decision'] == 'HOLD' else trades).append((n, row))
+            kept = holds if row['decision'] == 'HOLD' else trades
+            kept.append((n, row))
             obs, _, done, _, info = env.step(action)
             n += 1
-            bar.update(row['decision'] != 'HOLD' if hold_share is not None else 1)
+            bar.update(hold_share is None or len(kept) <= (want_holds if kept is holds else want_trades))
         k += 1
     bar.close()
     if hold_share is not None:
+        trades = trades[:want_trades]  # more may have come while the HOLDs were collected
         m = min(len(holds), steps - len(trades))
         pick = np.random.default_rng([seed % 2**32, 7, sum(map(ord, spec.name))]).choice(len(holds), m, replace=False)
         holds = [holds[i] for i in sorted(pick)]
