@@ -312,6 +312,7 @@ def _prefix_cache(model, ids):
     "The key/value cache of the token ids `ids` (batch 1), computed once per model and kept on it."
     import torch
     from transformers import DynamicCache
+    # keyed by token ids only: after changing the weights in place (a training step, set_adapter) clear this store
     store = model.__dict__.setdefault('_tradellm_prefix_caches', {})
     key = tuple(ids)
     if key not in store:
