@@ -48,6 +48,7 @@ def orders(text, symbols=SYMS, default=None):
     ('Final decision: SELL TCS 30%', ['SELL TCS 0.3']),
     ('Sell half of my TCS shares now', ['SELL TCS 0.5']),  # words that change nothing
     ('BUY INFY with 50% of the available cash', ['BUY INFY 0.5']),
+    ('SELL TCS entirely', ['SELL TCS 1']),
 ])
 def test_grammar_reads_orders(text, want):
     got, errors = orders(text)
@@ -76,6 +77,7 @@ def test_hold_answers_do_not_share_their_lists():
     ('Buy some INFY', "could not read 'some'"),
     ('Buy INFY, a small position', "could not read 'small'"),
     ('BUY INFY 0.5 (strong trend)', "could not read 'strong', 'trend'"),
+    ('BUY INFY 0.5 - oversold', "could not read 'oversold';"),  # punctuation is not a word it failed to read
     ('Sell signals on INFY are weak, so keep it.', "could not read 'signals', 'on', 'are'"),
     ('BUY 1 share of INFY', 'not share counts'),
     ('SELL INFY 1 share', 'not share counts'),

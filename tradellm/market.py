@@ -51,7 +51,7 @@ _LINES = re.compile(r'[\n;]')  # an answer holds one order per line or per ';'
 _PLAIN = re.compile(r"[ \t]*(BUY|SELL|buy|sell)[ \t]+([A-Za-z][A-Za-z0-9&_-]*)[ \t]+([0-9]+(?:\.[0-9]+)?)[ \t]*")  # the usual line, 'BUY INFY 0.5'
 _SIZE_WORDS = {'ALL': 1.0, 'EVERYTHING': 1.0, 'HALF': 0.5}  # words read as sizes
 _FILLER = frozenset(('A AN THE OF SHARE SHARES STOCK STOCKS CASH NOW TODAY TOMORROW MY IT AT WITH POSITION ORDER AND OR '
-                     'OPEN MARKET HOLDING ENTIRE WHOLE AVAILABLE PLEASE').split())  # words an order may carry that change nothing
+                     'OPEN MARKET HOLDING ENTIRE WHOLE ENTIRELY FULLY COMPLETELY AVAILABLE PLEASE').split())  # words an order may carry that change nothing
 _SYMBOLISH = re.compile(r"[A-Za-z][A-Za-z0-9&\-_]*")
 _ORDER_IN = re.compile(r"\b(?:buy|sell)\b[\s:*`]+([^\s,;]+)", re.IGNORECASE)  # an order inside a HOLD line
 
@@ -147,7 +147,7 @@ def parse_action(text, # the agent's answer
             elif _NUM.match(t): sizes.append(_size(t)); after_size = True
             elif any(ch.isnumeric() for ch in t): bad_sizes.append(t)
             elif u in ('SHARE', 'SHARES') and was_size: counted = True  # '1 share': a count, not a fraction
-            elif u not in _FILLER: words.append(t)
+            elif u not in _FILLER and any(ch.isalnum() for ch in t): words.append(t)  # ('-', '#', '->': punctuation)
         if bad_sizes:
             errors.append(f"{line!r}: size {bad_sizes[0]!r} is not a number; write a fraction like 0.5 or 50%")
             continue
