@@ -203,6 +203,19 @@ def test_reasoning_never_contradicts_the_action(rsi, trend, held, pnl, blocked, 
     if rule == 'regime_gate': assert 'gate' in think or 'blocked' in think or 'refused' in think
 
 
+def test_gate_sentence_names_the_rule_that_shut_it():
+    "On a day only the mean-change rule shut the gate, the trace must not say that most stocks fell (SFT data 1.2.0)."
+    import dataclasses
+    syms = tuple(f'S{i:02d}' for i in range(25))
+    for breadth, want in (((9, 16, -0.63), 'the mean change was -0.63%, below -0.5%'),
+                          ((3, 20, -0.2), '20 of 25 stocks fell today, over 70%')):
+        v = dataclasses.replace(_view(50.0, 1.0, blocked=True, symbols=syms), breadth=breadth)
+        action, decisions = RSIAgent().decide(v)
+        for seed in range(6):  # every wording
+            think = explain(v, action, decisions, np.random.default_rng(seed), sft._rule_params(RSIAgent()))
+            assert want in think and 'most' not in think.lower(), think
+
+
 def test_explain_plain_statement_when_decision_disagrees_with_action():
     "A decision dict that claims another side than the action is not quoted: the action is stated plainly."
     v = _view(20.0, 1.0)

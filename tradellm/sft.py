@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from .data import SPLITS, DataError, Panel, load_panel
-from .env import TradingEnv
+from .env import TradingEnv, _gate_reason
 from .market import parse_action
 from .tasks import ENV_VERSION
 
@@ -28,14 +28,14 @@ __all__ = ['SFT_DATA_VERSION', 'explain', 'rule_examples', 'data_card', 'build_s
            'train_sft', 'tiny_chat_model', 'cli_sft_data', 'cli_sft']
 
 # %% ../nbs/09_sft.ipynb #c006
-SFT_DATA_VERSION = '1.1.0'  # bump when the example format or the reasoning templates change (1.1.0: veto line, compact style)
+SFT_DATA_VERSION = '1.2.0'  # bump when the example format or the reasoning templates change (1.1.0: veto line, compact style; 1.2.0: the gate line names its rule)
 
 _OPENERS = ["Day {day} of {days}.", "Day {day}/{days}, return so far {ret:+.2f}%.", "Day {day} of {days}; checking the rules.",
             "{date}, day {day}.", "Rules check, day {day}/{days}."]
 
-_GATE = ["The regime gate is shut today (most stocks fell), so no BUY can go through.",
-         "Risk-off day: BUY orders are refused, so only sells are possible.",
-         "Most of the stocks fell today and the gate blocks buying."]
+_GATE = ["The regime gate is shut today ({why}), so no BUY can go through.",
+         "Risk-off day ({why}): BUY orders are refused, so only sells are possible.",
+         "The gate blocks buying today: {why}."]
 
 # rule -> (condition on the values, wordings); {fr} is the size in words
 _RULES = {
@@ -145,7 +145,7 @@ def explain(view, # the day's `MarketView`
     pick = lambda options: options[int(rng.integers(len(options)))]
     g = view._globals()
     lines = [] if concise else [pick(_OPENERS).format(day=g[0], days=view.days, date=view.date, ret=g[4])]
-    if view.buy_blocked: lines.append(pick(_GATE))
+    if view.buy_blocked: lines.append(pick(_GATE).format(why=_gate_reason(g[6], len(syms), g[7])))  # the rule that shut it
     said, groups = [], {r: [] for r in _GROUPED}
     for i, sym in enumerate(syms):
         o = orders.get(sym)
