@@ -4,12 +4,11 @@
 
 # %% ../nbs/11b_client.ipynb #c003
 from __future__ import annotations
-import numbers
 import numpy as np
 from gymnasium import spaces
 
 from .env import CHARSET, MarketView, feature_names, _as_text
-from .market import Fill, Order
+from .market import Order, _refusal
 from .tasks import get_task
 
 # %% auto #0
@@ -131,28 +130,12 @@ class RemoteTradingEnv:
     def __enter__(self): return self
     def __exit__(self, *exc): self.close()
 
-# %% ../nbs/11b_client.ipynb #c006aa
-def _fraction_text(x) -> str:
-    "The float `x` in plain digits, exactly (float(text) == float(x)): '0.5', '1', '0.00001'."
-    return np.format_float_positional(float(x), unique=True, trim='-')
-
-def _refused(order, k:int, symbols:tuple, max_trades:int):
-    "The `Fill` `execute` makes of an order it refuses before any price is read (the k-th of the day), or None."
-    if k >= max_trades:
-        return Fill(str(order), order.side, order.symbol, 'rejected', reason=f"beyond the daily limit of {max_trades} orders")
-    if not isinstance(order.symbol, str) or order.symbol not in symbols:
-        return Fill(str(order), order.side, order.symbol, 'rejected', reason=f"{order.symbol} is not in this episode")
-    f = order.fraction
-    if order.side not in ('BUY', 'SELL') or not (isinstance(f, numbers.Real) and 0 < f <= 1):
-        return Fill(str(order), str(order.side), order.symbol, 'rejected',
-                    reason=f"invalid order: side must be BUY or SELL and the fraction in (0, 1], got {order.side} {order.fraction!r}")
-    return None
-
+# %% ../nbs/11b_client.ipynb #c008
 def _orders_text(orders:list, symbols:tuple, max_trades:int) -> tuple:
-    "The action text of the orders `execute` would try to fill, and the fill dicts of those it refuses, by position."
-    lines, refused = [], {}
+    "The action text of the orders `execute` would try to fill (as `TradingEnv.actions` writes them), and the fill dicts of those it refuses (`market._refusal`), by position."
+    sent, refused = [], {}
     for k, o in enumerate(orders):
-        f = _refused(o, k, symbols, max_trades)
-        if f is None: lines.append(f"{o.side} {o.symbol} {_fraction_text(o.fraction)}")
+        f = _refusal(o, k, symbols, max_trades)
+        if f is None: sent.append(o)
         else: refused[k] = f.as_dict()
-    return ';'.join(lines) or 'HOLD', refused
+    return _as_text(sent), refused

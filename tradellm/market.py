@@ -271,12 +271,20 @@ class Portfolio:
         return np.divide(self.cost_basis, self._shares, out=np.zeros(len(self._shares)), where=self._shares > 0)
 
 # %% ../nbs/02_market.ipynb #c018
+def _room(cap:float, price:float, held:int) -> int:
+    "Whole shares a BUY may add at `price` before the holding's value passes `cap` (the per-stock cap in money); can be below 0."
+    return math.floor(cap / price + 1e-9) - held
+
+def _sold(fraction:float, held:int) -> int:
+    "Shares a SELL of `fraction` of `held` whole shares sells: all of them at 1, else rounded down."
+    return held if fraction >= 1 else math.floor(fraction * held + 1e-9)
+
 def _buy(pf, i, order, open_price, equity_open):
     price = open_price * (1 + pf.slippage)
     unit = price * (1 + pf.cost)
     want = math.floor(order.fraction * pf.cash / unit)
     held = int(pf._shares[i])
-    room = math.floor(pf.max_position * equity_open / price + 1e-9) - held
+    room = _room(pf.max_position * equity_open, price, held)
     n, reason = want, ''
     if room < want:
         n = max(room, 0)
@@ -301,7 +309,7 @@ def _sell(pf, i, order, open_price):
     held = int(pf._shares[i])
     price = open_price * (1 - pf.slippage)
     if held == 0: return Fill(str(order), 'SELL', order.symbol, 'rejected', price=price, reason=f"no {order.symbol} shares held")
-    n = held if order.fraction >= 1 else math.floor(order.fraction * held + 1e-9)
+    n = _sold(order.fraction, held)
     if n <= 0:
         return Fill(str(order), 'SELL', order.symbol, 'rejected', price=price,
                     reason=f"{order.fraction:g} of {held} shares is less than one share")
@@ -316,6 +324,17 @@ def _sell(pf, i, order, open_price):
 
 # %% ../nbs/02_market.ipynb #c019
 def _is_real(x) -> bool: return type(x) is float or isinstance(x, numbers.Real)  # (numpy's scalars are registered as Real)
+
+def _refusal(order, k:int, symbols, max_trades:int):
+    "The `Fill` of an order refused before any price is read (the k-th of its day: past the daily limit, a symbol not in `symbols`, an invalid side or fraction), or None."
+    if k >= max_trades:
+        return Fill(str(order), order.side, order.symbol, 'rejected', reason=f"beyond the daily limit of {max_trades} orders")
+    if not isinstance(order.symbol, str) or order.symbol not in symbols:
+        return Fill(str(order), order.side, order.symbol, 'rejected', reason=f"{order.symbol} is not in this episode")
+    if order.side not in ('BUY', 'SELL') or not (_is_real(order.fraction) and 0 < order.fraction <= 1):
+        return Fill(str(order), str(order.side), order.symbol, 'rejected',
+                    reason=f"invalid order: side must be BUY or SELL and the fraction in (0, 1], got {order.side} {order.fraction!r}")
+    return None
 
 def execute(pf:Portfolio, # the portfolio, changed in place
             orders, # `Order`s in the order given
@@ -333,19 +352,13 @@ def execute(pf:Portfolio, # the portfolio, changed in place
         equity_open = pf.equity(open_prices) if buy_allowed and any(o.side == 'BUY' for o in orders[:pf.max_trades]) else None
         open_row = open_prices
     for k, order in enumerate(orders):
-        i = pf._col.get(order.symbol) if isinstance(order.symbol, str) else None
-        if k >= pf.max_trades:
-            f = Fill(str(order), order.side, order.symbol, 'rejected', reason=f"beyond the daily limit of {pf.max_trades} orders")
-        elif i is None:
-            f = Fill(str(order), order.side, order.symbol, 'rejected', reason=f"{order.symbol} is not in this episode")
-        elif order.side not in ('BUY', 'SELL') or not (_is_real(order.fraction) and 0 < order.fraction <= 1):
-            f = Fill(str(order), str(order.side), order.symbol, 'rejected',
-                     reason=f"invalid order: side must be BUY or SELL and the fraction in (0, 1], got {order.side} {order.fraction!r}")
-        elif order.side == 'BUY' and not buy_allowed:
+        f = _refusal(order, k, pf._col, pf.max_trades)  # (a remote client refuses these the same way)
+        if f is None and order.side == 'BUY' and not buy_allowed:
             f = Fill(str(order), 'BUY', order.symbol, 'rejected', reason="regime gate: RISK-OFF on the day the order was placed, BUY orders are refused")
-        else:
+        if f is None:
             if type(order.fraction) is not float:  # a numpy or other real number trades as the float it equals
                 order = order._replace(fraction=float(order.fraction))  # (float32 arithmetic would round the money)
+            i = pf._col[order.symbol]
             f = (_buy(pf, i, order, float(open_row[i]), equity_open) if order.side == 'BUY'
                  else _sell(pf, i, order, float(open_row[i])))
         pf.fills.append((day, f))

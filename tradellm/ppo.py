@@ -24,7 +24,7 @@ from gymnasium import spaces
 from .agents import Agent
 from .data import Panel, load_panel, cache_dir
 from .env import TradingEnv, MARKET_FEATURES, POSITION_FEATURES, GLOBAL_FEATURES
-from .market import Order
+from .market import Order, _room, _sold
 from .tasks import ENV_VERSION, get_task
 
 # %% auto #0
@@ -44,10 +44,6 @@ def _check_action(action, n:int) -> list:
     if ((action < 0) | (action >= len(ACTIONS))).any():
         raise ValueError(f"action entries must lie in 0..{len(ACTIONS) - 1} (see ACTIONS), got {action.tolist()}")
     return action.tolist()
-
-def _sold(fraction:float, held) -> int:
-    "Shares a SELL of `fraction` of `held` shares sells (as the market rounds it)."
-    return held if fraction >= 1 else math.floor(fraction * held + 1e-9)
 
 def action_orders(action, # one entry of `ACTIONS` per stock (indices)
                   symbols, # the episode's symbols, in observation order
@@ -96,7 +92,7 @@ def env_orders(action, # one entry of `ACTIONS` per stock of `env`
         min_buy = []
         for c, h in zip(close, held):
             price = c * (1 + t.slippage)
-            room = math.floor(cap / price + 1e-9) - h  # whole shares the cap leaves (as the market computes it at the open)
+            room = _room(cap, price, h)  # whole shares the cap leaves (as the market computes it, at the open)
             min_buy.append(price * (1 + t.cost) / cash if room >= 1 and cash > 0 else math.inf)
     return _orders(action, env.symbols, held, blocked, lambda: order_rng(env), t.max_trades, min_buy)
 

@@ -419,6 +419,10 @@ def to_prompt_completion(ds, # a `Dataset` with a `messages` column ending in th
                   remove_columns=ds.column_names, keep_in_memory=True)  # in memory: no cache files in the dataset folder
 
 # %% ../nbs/09_sft.ipynb #c035
+def _tasks(ds) -> list:
+    "Each example's task (`all` for a dataset without a task column)."
+    return list(ds['task']) if 'task' in ds.column_names else ['all'] * ds.num_rows
+
 def token_lengths(tok, # the tokenizer (with its chat template) the model is trained with
                   ds, # a `Dataset` with a `messages` column ending in the assistant turn (and a `task` column)
                  ) -> dict:
@@ -427,7 +431,7 @@ def token_lengths(tok, # the tokenizer (with its chat template) the model is tra
     if not msgs: return {'task': [], 'total': [], 'answer': []}
     total = tok.apply_chat_template(msgs, tokenize=True, return_dict=True)['input_ids']  # as TRL tokenises prompt + completion
     answers = tok([m[-1]['content'] for m in msgs], add_special_tokens=False)['input_ids']
-    return {'task': list(ds['task']) if 'task' in ds.column_names else ['all'] * len(msgs),
+    return {'task': _tasks(ds),
             'total': [len(t) for t in total], 'answer': [len(a) + 1 for a in answers]}  # + 1: the end-of-turn token
 
 def _fit_max_length(sets:dict, # name -> (Dataset, token_lengths of it)
@@ -457,7 +461,7 @@ def eval_subset(val, # the validation `Dataset` (with a `task` column)
                 seed:int=0, # which ones
                ):
     "A seeded random subset of `n` examples with an equal quota per task (a task short of its quota gives the rest to the others)."
-    tasks = list(val['task']) if 'task' in val.column_names else ['all'] * val.num_rows
+    tasks = _tasks(val)
     by = {t: [i for i, x in enumerate(tasks) if x == t] for t in dict.fromkeys(tasks)}
     quota, left, open_ = dict.fromkeys(by, 0), min(int(n), len(tasks)), list(by)
     while left > 0 and open_:  # fill the quotas evenly; a full task drops out and the others share what is left
@@ -472,7 +476,7 @@ def eval_subset(val, # the validation `Dataset` (with a `task` column)
 
 def _by_task(ds) -> dict:
     "task -> the examples of that task (`all` without a task column)."
-    tasks = list(ds['task']) if 'task' in ds.column_names else ['all'] * ds.num_rows
+    tasks = _tasks(ds)
     return {t: ds.select([i for i, x in enumerate(tasks) if x == t]) for t in dict.fromkeys(tasks)}
 
 def _length_stats(tasks, lengths) -> dict:
