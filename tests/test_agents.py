@@ -114,11 +114,13 @@ def test_rsi_agent_on_episodes_never_breaks_the_limits(synth_panel):
     assert len(agent.last_decisions) == 3 and len(agent.last_decisions[0]) == 25
 
 
-def test_do_nothing_scores_0300(synth_panel):
+def test_do_nothing_scores_cash(synth_panel):
     envs = [TradingEnv(t, 'test', data=synth_panel) for t in ('easy', 'medium', 'hard')]
     for env in envs:
         infos = play(DoNothingAgent(), [env], [5])
-        assert infos[-1][0]['score'] == 0.3
+        m = infos[-1][0]['metrics']
+        assert (m['total_return'], m['risk_score'], m['trades']) == (0, 0.5, 0)
+        assert infos[-1][0]['score'] == pytest.approx(0.5 + 0.15 * min(1, max(0, 0.5 - m['buy_and_hold_return'] / 0.1)), abs=1e-12)
 
 
 @pytest.mark.parametrize('task', ['easy', 'medium', 'hard'])

@@ -128,19 +128,24 @@ def test_view_market_is_a_copy(synth_panel):
     assert (env.view.market == before).all() and env.render() == text
 
 
-# ---------------------------------------------------------------- doing nothing scores 0.300
+# ---------------------------------------------------------------- doing nothing scores 0.50 + 0.15 clip(0.5 - R_B / 0.1)
+
+def do_nothing_score(R_B):
+    "DESIGN's score of cash in an episode whose buy-and-hold returned R_B."
+    return 0.50 + 0.15 * min(1.0, max(0.0, 0.5 - R_B / 0.1))
+
 
 @pytest.mark.parametrize('split', list(SPLITS))
 @pytest.mark.parametrize('task', list(TASKS))
-def test_do_nothing_scores_exactly_0_300(synth_panel, task, split):
+def test_do_nothing_scores_exactly_its_formula(synth_panel, task, split):
     env = TradingEnv(task, split, 'numeric', synth_panel)
     for seed in (0, 1, 2):
         _, infos, _ = play(env, seed=seed, hold=True)
-        assert infos[-1]['score'] == 0.3, infos[-1]['metrics']
-        assert f"{infos[-1]['score']:.3f}" == '0.300'
         m = infos[-1]['metrics']
-        assert (m['sharpe_score'], m['pnl_score'], m['drawdown_score'], m['activity_score']) == (0, 0.5, 1, 0)
-        assert all(i['equity'] == TASKS[task].capital for i in infos) and m['trades'] == 0
+        assert infos[-1]['score'] == pytest.approx(do_nothing_score(m['buy_and_hold_return']), abs=1e-12), m
+        assert (m['risk_score'], m['pnl_score'], m['drawdown_score']) == (0.5, 0.5, 1)
+        assert m['seed_score'] == pytest.approx(0.3, abs=1e-12)  # the seed's score of doing nothing
+        assert all(i['equity'] == TASKS[task].capital for i in infos) and m['trades'] == 0 and m['exposure'] == 0
 
 
 def test_empty_or_unreadable_answers_also_do_nothing(synth_panel):
@@ -152,16 +157,17 @@ def test_empty_or_unreadable_answers_also_do_nothing(synth_panel):
         _, _, done, _, info = env.step(texts[k % len(texts)])
         assert info['parse_errors'] and info['orders'] == [] and info['format_ok'] is False
         k += 1
-    assert info['score'] == 0.3
+    assert info['score'] == pytest.approx(do_nothing_score(info['metrics']['buy_and_hold_return']), abs=1e-12)
 
 
 @pytest.mark.parametrize('split', list(SPLITS))
 @pytest.mark.parametrize('task', list(TASKS))
-def test_do_nothing_scores_0_300_on_real_data(real_panel, task, split):
+def test_do_nothing_scores_its_formula_on_real_data(real_panel, task, split):
     env = TradingEnv(task, split, 'numeric', real_panel)
     for seed in range(4):
         _, infos, _ = play(env, seed=seed, hold=True)
-        assert infos[-1]['score'] == 0.3, (seed, infos[-1]['metrics'])
+        m = infos[-1]['metrics']
+        assert infos[-1]['score'] == pytest.approx(do_nothing_score(m['buy_and_hold_return']), abs=1e-12), (seed, m)
 
 
 # ---------------------------------------------------------------- no look-ahead

@@ -87,7 +87,6 @@ def test_breadth_and_numeric_globals_at_reset(synth_panel, task):
 
 # --- the score's reductions, the one-stock breadth and the symbol-major feature windows (issue 3, numeric easy) ---
 
-from tradellm import tasks  # noqa: E402
 from tradellm.env import _breadth_one, _panel_features  # noqa: E402
 
 SPECIAL = [0.0, -0.0, 1e-300, -1e-300, 1e300, np.inf, -np.inf, np.nan]
@@ -96,79 +95,6 @@ SPECIAL = [0.0, -0.0, 1e-300, -1e-300, 1e300, np.inf, -np.inf, np.nan]
 def same_float(a, b) -> bool:
     "The same value bit for bit (NaN matches NaN), and the same type."
     return type(a) is type(b) and np.float64(a).tobytes() == np.float64(b).tobytes()
-
-
-def curves(rng, count):
-    "Equity curves of every shape the grader meets: random walks, rounded money, flat stretches, special values."
-    for it in range(count):
-        n, kind = int(rng.integers(1, 50)), it % 5
-        if kind == 0: e = 1e5 * np.cumprod(1 + rng.normal(0, rng.choice([1e-4, 0.02, 0.3]), n))
-        elif kind == 1: e = np.round(1e5 * np.cumprod(1 + rng.normal(0, 0.01, n)), 2)
-        elif kind == 2: e = np.full(n, 1e5) + rng.integers(0, 2, n) * rng.choice([1e-9, 0.01, 1e3])
-        elif kind == 3: e = rng.choice([1e5, 1e5 + 0.01, 99_999.99, 0.0, -1.0] + SPECIAL, n)
-        else: e = rng.lognormal(10, 3, n)
-        yield e
-
-
-def test_score_reductions_are_numpys_mean_std_and_max():
-    "sharpe_ratio, max_drawdown and buy_and_hold_return call the ufunc reductions directly: the same bits as np.mean/std/max."
-    rng = np.random.default_rng(3)
-    with np.errstate(all='ignore'):
-        for e in curves(rng, 3000):
-            r = e[1:] / e[:-1] - 1
-            if len(r) >= 2:
-                sd = r.std(ddof=1)
-                want = 0.0 if sd == 0 or not np.isfinite(sd) else float(np.sqrt(252) * r.mean() / sd)
-                assert same_float(tasks.sharpe_ratio(r), want), r
-            peak = np.maximum.accumulate(e)
-            assert same_float(tasks.max_drawdown(e.tolist()), float(((peak - e) / peak).max())), e
-            o, c = rng.lognormal(5, 1, (3, len(e))), np.vstack([e, e, e])
-            assert same_float(tasks.buy_and_hold_return(o, c), float(np.mean(c[-1] / o[1]) - 1)), e
-
-
-def test_pairwise_sum_is_numpys_sum():
-    "The plain-Python sum adds in numpy's pairwise order: the same bits as np.add.reduce for every length and mix of magnitudes."
-    assert tasks._EXACT_SUM  # (checked at import; without it every curve takes numpy's road)
-    rng = np.random.default_rng(9)
-    for n in list(range(0, 300)) + [511, 1024, 1025]:
-        x = rng.standard_normal(n) * 10.0 ** rng.integers(-12, 12, n)
-        assert same_float(tasks._np_sum(x.tolist()), float(np.add.reduce(x))), n
-
-
-def test_short_lists_score_like_arrays():
-    "score_episode reads a short list of positive money in plain Python: the same bits as the numpy road takes for the array."
-    rng = np.random.default_rng(11)
-    taken = 0
-    with np.errstate(all='ignore'):
-        for e in curves(rng, 4000):
-            for as_list in (e.tolist(), [int(x) if np.isfinite(x) else x for x in e], list(e.astype(np.float32))):
-                taken += tasks._curve_stats(as_list) is not None
-                days = max(len(e) - 1, 1)
-                got = tasks.score_episode(as_list, 3, days)
-                want = tasks.score_episode(np.array(as_list, dtype=np.float64), 3, days)  # an array takes numpy's road
-                assert list(got) == list(want) and all(same_float(got[k], want[k]) for k in got), as_list
-    assert taken > 3000  # the plain road was the one tested
-    assert tasks._curve_stats([1e5] * 33) is None and tasks._curve_stats([1e5, 0.0, 1e5]) is None
-    assert tasks._curve_stats([1e5, float('nan'), 1e5]) is None and tasks._curve_stats([[1e5], [1e5], [1e5]]) is None
-
-
-def test_buy_and_hold_of_rows_is_the_array_function():
-    "The environment's buy-and-hold (two price rows as lists, plain Python) has the bits of buy_and_hold_return on the arrays."
-    rng = np.random.default_rng(13)
-    for it in range(3000):
-        n = [1, 1024, 1025, 2000][it % 4] if it < 8 else int(rng.integers(1, 60))
-        days = int(rng.integers(2, 42))
-        o, c = (rng.lognormal(rng.uniform(0, 8), rng.uniform(0.01, 2), (days, n)) for _ in range(2))
-        assert same_float(tasks._bah_of_rows(o[1].tolist(), c[-1].tolist()), tasks.buy_and_hold_return(o, c)), (o, c)
-
-
-def test_score_episode_parts_and_weights():
-    "The unrolled weighted sum is the sum over WEIGHTS in its order, and the keys keep their order."
-    e = [100., 110., 99., 121., 121.]
-    s = tasks.score_episode(e, trades=2, days=4)
-    assert list(s) == ['score', 'total_return', 'sharpe', 'max_drawdown', 'trades', 'sharpe_score', 'pnl_score',
-                       'drawdown_score', 'activity_score']
-    assert s['score'] == sum(tasks.WEIGHTS[k] * s[f'{k}_score'] for k in tasks.WEIGHTS)
 
 
 def test_breadth_of_one_stock_is_the_sum_over_stocks():

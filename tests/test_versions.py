@@ -27,6 +27,11 @@ FINGERPRINTS = {
     '2.0.0/easy/1.0.0': 'f34431433c332c56b1f73cf2f71246f3acade2d7b009e670540dd79e045517b7',
     '2.0.0/medium/1.0.0': '14da805a97f5a69cbdb26044e4634d6359b1040d8675f8699bb62cbb58351703',
     '2.0.0/hard/1.0.0': 'd8d74cae94a3e01d7c622d77c35126560d50008823b59e2f524091d633939f84',
+    # 3.0.0 / tasks 2.0.0: the score (risk on capital, pnl, drawdown, alpha over buy-and-hold); observations, fills and
+    # rewards of every step hash as under 2.0.0, only the final score and metrics differ
+    '3.0.0/easy/2.0.0': '668def63f2661c338d62871db5da1f33f53838550ef7790f918b1199c11d3a38',
+    '3.0.0/medium/2.0.0': '7c47b45b022b1a7dcb297f2b6f8aa56031a45dcbec84c7b9ca761ecabfb6bfb0',
+    '3.0.0/hard/2.0.0': '8c0349af347f7ebbf0850f04268c84acf31c3790a154be36ffcdb0da25194b75',
 }
 
 
@@ -105,8 +110,8 @@ def test_every_info_carries_versions(task, mode):
         assert info['env_version'] == ENV_VERSION and info['task_version'] == TASKS[task].version
         assert {'date', 'symbols', 'equity', 'cash', 'positions', 'orders'} <= set(info)
     assert {'score', 'metrics'} <= set(infos[-1])
-    assert {'sharpe', 'total_return', 'max_drawdown', 'trades', 'buy_and_hold_return', 'sharpe_score', 'pnl_score',
-            'drawdown_score', 'activity_score'} <= set(infos[-1]['metrics'])
+    assert {'sharpe', 'total_return', 'max_drawdown', 'trades', 'buy_and_hold_return', 'risk_score', 'pnl_score',
+            'drawdown_score', 'alpha_score', 'seed_score', 'exposure', 'costs'} <= set(infos[-1]['metrics'])
 
 
 @pytest.mark.parametrize('task', list(TASKS))

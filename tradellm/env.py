@@ -5,7 +5,6 @@
 # %% ../nbs/04_env.ipynb #c003
 from __future__ import annotations
 import copy
-import math
 from dataclasses import dataclass
 import numpy as np
 import pandas as pd
@@ -15,8 +14,8 @@ from gymnasium import spaces
 from .data import Panel, load_panel, split_slice, DataError
 from .indicators import compute_indicators, LABELS, WARMUP
 from .market import Order, ParsedAction, Portfolio, parse_action, execute, mark, _is_real
-from .tasks import (ENV_VERSION, TaskSpec, get_task, score_episode,
-                            REGIME_FALL_SHARE, REGIME_MEAN_CHANGE, _sum, _bah_of_rows)
+from .tasks import (ENV_VERSION, TaskSpec, get_task, score_episode, buy_and_hold_curve, exposure,
+                            REGIME_FALL_SHARE, REGIME_MEAN_CHANGE)
 
 # %% auto #0
 __all__ = ['MARKET_FEATURES', 'POSITION_FEATURES', 'GLOBAL_FEATURES', 'OBS_BOUND', 'CHARSET', 'position_values', 'MarketView',
@@ -242,6 +241,7 @@ class TradingEnv(TradingEnv):
         one = self._one_stock_window(cols[0], a, b) if t.n_stocks == 1 else None
         rows, up, down, mean = one or self._window(a, b)
         self._close_rows = self._close.tolist()  # the same closes as Python floats, for marking and positions
+        self._benchmark = buy_and_hold_curve(self._open, self._close, t.capital).tolist()  # B_0..B_N, for the score
         blocked = ((down / t.n_stocks) > REGIME_FALL_SHARE) | (mean < REGIME_MEAN_CHANGE) if t.regime_gate else self._ungated
         self._blocked, self._blocked_days = blocked, blocked.tolist()
         self._up_down_mean, self._breadth = (up, down, mean), None  # `_breadth` (tuples per day) is made when a view needs it
@@ -262,12 +262,12 @@ class TradingEnv(TradingEnv):
         self._market = f[ci, a:b].transpose(1, 0, 2)  # (days + 1, n, features)
         if t.n_stocks == 1: up, down, mean = _breadth_one(self._market[:, 0, 1])
         else:
-            ch = self._market[:, :, 1]  # the mean, as `ch.mean(1)` computes it
-            up, down, mean = _sum(ch > 0, 1), _sum(ch < 0, 1), _sum(ch, 1) / t.n_stocks
+            ch = self._market[:, :, 1]
+            up, down, mean = (ch > 0).sum(1), (ch < 0).sum(1), ch.mean(1)
         rows, nm, g = self._rows0.copy(), self._nm, self._g
         rows[:, :nm] = f32[ci, a:b].transpose(1, 0, 2).reshape(b - a, nm)
         rows[:, g + 5], rows[:, g + 6] = up, down
-        rows[:, g + 7] = np.nan_to_num(mean) if math.isnan(_sum(mean)) else mean  # (a sum is NaN when a term is)
+        rows[:, g + 7] = np.nan_to_num(mean)
         return rows, up, down, mean
 
     def _one_stock_window(self, c, a, b):
@@ -350,9 +350,10 @@ class TradingEnv(TradingEnv):
 
     def metrics(self) -> dict:
         "The score, its parts and the raw numbers of the episode so far (complete once it has ended)."
-        m = score_episode(self.pf.equity_history, self.pf.trades, self.task.days)
-        m['buy_and_hold_return'] = _bah_of_rows(self._open[1].tolist(), self._close_rows[self._k]) if self._k else 0.0
-        m['costs'] = self.pf.total_cost
+        pf = self.pf
+        m = score_episode(pf.equity_history, self._benchmark[:self._k + 1], self.task, pf.trades)
+        m['exposure'] = exposure(pf.equity_history, pf.cash_history)
+        m['costs'] = pf.total_cost
         return m
 
 # %% ../nbs/04_env.ipynb #c019

@@ -212,7 +212,7 @@ def _with_adapter(lm, adapter):
     return PeftModel.from_pretrained(lm, str(p))
 
 # %% ../nbs/07_llm.ipynb #c018
-PROMPT_VERSION = '1.1.0'  # 1.1.0 added the 'compact' style; the 'full' text is that of 1.0.0
+PROMPT_VERSION = '1.2.0'  # 1.1.0 added the 'compact' style; 1.2.0: the 'full' style describes the tasks-2.0.0 score
 PROMPT_STYLES = ('full', 'compact')
 
 def _pct(x): return f"{x * 100:g}%"
@@ -251,8 +251,9 @@ def system_prompt(task:str|TaskSpec, # the task (name or `TaskSpec`)
         rules.append(f"Regime gate: on a day when more than {REGIME_FALL_SHARE:.0%} of your stocks fell, or their mean change is "
                      f"below {REGIME_MEAN_CHANGE:g}%, BUY orders are refused; the observation then says 'Regime: RISK-OFF'.")
     w = {k: f"{v:.0%}" for k, v in WEIGHTS.items()}
-    rules.append(f"Your score: Sharpe ratio {w['sharpe']}, total return {w['pnl']}, small drawdown {w['drawdown']}, "
-                 f"activity {w['activity']} (a trade on about a quarter of the days). Doing nothing scores 0.30.")
+    rules.append(f"Your score, all on your whole capital: return per unit of risk {w['risk']}, total return {w['pnl']}, "
+                 f"small drawdown {w['drawdown']}, and beating buy-and-hold of the same stocks {w['alpha']}. "
+                 "Trading more or holding more earns nothing by itself; doing nothing scores about 0.575 in a flat market.")
     ex = 'INFY'  # an example symbol; the observation names the episode's own
     grammar = [f"- BUY SYMBOL FRACTION: spend FRACTION (0 to 1) of your cash on SYMBOL, e.g. BUY {ex} 0.5",
                f"- SELL SYMBOL FRACTION: sell FRACTION of your shares of SYMBOL, e.g. SELL {ex} 1",

@@ -217,6 +217,7 @@ class Portfolio:
         self._held = {}  # column -> shares, for the columns held (kept with `_shares` by the fills)
         self.cost_basis = np.zeros(len(self.symbols))  # money paid for the shares held (fill price + cost)
         self.equity_history = [float(capital)]  # equity at each close, starting with the capital
+        self.cash_history = [float(capital)]  # cash at each close
         self.fills = []  # (day index, Fill) of every order, rejected ones included
         self.trades = 0  # orders that moved shares
         self.total_cost = 0.0
@@ -371,5 +372,6 @@ def mark(pf:Portfolio, close_prices:np.ndarray, day:int,
     "Record equity at the close of `day`; returns it."
     eq = pf.equity(close_prices) if close_row is None else pf._equity_finite(close_prices, close_row)
     pf.equity_history.append(eq)
+    pf.cash_history.append(pf.cash)
     pf.day = day
     return eq

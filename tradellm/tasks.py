@@ -9,15 +9,17 @@ import math
 import numpy as np
 
 # %% auto #0
-__all__ = ['ENV_VERSION', 'TASKS', 'REGIME_FALL_SHARE', 'REGIME_MEAN_CHANGE', 'WEIGHTS', 'TaskSpec', 'get_task', 'daily_returns',
-           'sharpe_ratio', 'max_drawdown', 'score_episode', 'buy_and_hold_return']
+__all__ = ['ENV_VERSION', 'TASKS', 'REGIME_FALL_SHARE', 'REGIME_MEAN_CHANGE', 'WEIGHTS', 'SD_FLOOR', 'PNL_SCALE',
+           'DRAWDOWN_SCALE', 'ALPHA_SCALE', 'TaskSpec', 'get_task', 'daily_returns', 'sample_sd', 'sharpe_ratio',
+           'max_drawdown', 'risk_adjusted_return', 'seed_score', 'score_episode', 'buy_and_hold_curve',
+           'buy_and_hold_return', 'exposure']
 
 # %% ../nbs/03_tasks.ipynb #c005
-ENV_VERSION = '2.0.0'
+ENV_VERSION = '3.0.0'
 
 @dataclass(frozen=True)
 class TaskSpec:
-    "The market rules of one task."
+    "The market rules of one task, and the scale of its score's risk part."
     name: str
     n_stocks: int  # stocks in an episode
     days: int  # trading decisions per episode (the window holds days + 1 trading days)
@@ -27,14 +29,15 @@ class TaskSpec:
     max_position: float  # a BUY may lift one stock to at most this fraction of equity
     max_trades: int  # BUY/SELL orders tried per day
     regime_gate: bool = False  # refuse BUYs on days most of the episode's stocks fell
-    version: str = '1.0.0'
+    risk_scale: float = 5.5  # `a` of the risk part: the annualised return-to-risk ratio that scores 0 or 1 (calibrated on train)
+    version: str = '2.0.0'
 
     def as_dict(self): return asdict(self)
 
 TASKS = {
-    'easy':   TaskSpec('easy',    1, 20, 100_000, 0.0,   0.0,   1.00,  1),
-    'medium': TaskSpec('medium', 10, 30, 200_000, 0.001, 0.001, 0.30, 10),
-    'hard':   TaskSpec('hard',   25, 40, 500_000, 0.001, 0.002, 0.15,  5, regime_gate=True),
+    'easy':   TaskSpec('easy',    1, 20, 100_000, 0.0,   0.0,   1.00,  1, risk_scale=5.3),
+    'medium': TaskSpec('medium', 10, 30, 200_000, 0.001, 0.001, 0.30, 10, risk_scale=5.8),
+    'hard':   TaskSpec('hard',   25, 40, 500_000, 0.001, 0.002, 0.15,  5, regime_gate=True, risk_scale=5.7),
 }
 REGIME_FALL_SHARE = 0.70  # the gate shuts when more than this share of the stocks fell that day...
 REGIME_MEAN_CHANGE = -0.5  # ...or their mean change (percent) is below this
@@ -46,115 +49,102 @@ def get_task(name) -> TaskSpec:
     return TASKS[name]
 
 # %% ../nbs/03_tasks.ipynb #c008
-WEIGHTS = dict(sharpe=0.40, pnl=0.30, drawdown=0.15, activity=0.15)
+WEIGHTS = dict(risk=0.40, pnl=0.30, drawdown=0.15, alpha=0.15)  # the score's parts and their weights
+SD_FLOOR = 0.005  # the risk part divides by at least this daily volatility
+PNL_SCALE, DRAWDOWN_SCALE, ALPHA_SCALE = 0.2, 0.2, 0.1  # R = +-10%, MDD = 20% and R - R_B = +-5% reach a part's end
 
-def _clip(x, lo=0.0, hi=1.0): return min(hi, max(lo, x))
+def _clip(x, lo=0.0, hi=1.0) -> float: return float(min(hi, max(lo, x)))
 
+# %% ../nbs/03_tasks.ipynb #db0aa0cb
 def daily_returns(equity) -> np.ndarray:
-    "Day-over-day returns of an equity curve."
+    "Day-over-day returns of a money curve."
     e = np.asarray(equity, dtype=np.float64)
     return e[1:] / e[:-1] - 1
 
-_sum, _max = np.add.reduce, np.maximum.reduce  # the reductions `mean`, `std` and `max` run, without their Python wrappers
+# %% ../nbs/03_tasks.ipynb #41ce2293
+def sample_sd(x) -> float:
+    "Sample standard deviation (ddof 1); 0 for fewer than two values."
+    return float(np.std(x, ddof=1)) if len(x) > 1 else 0.0
 
+# %% ../nbs/03_tasks.ipynb #affe7d49
 def sharpe_ratio(returns) -> float:
-    "Annualised Sharpe ratio of daily returns, sqrt(252) mean / sample std; 0 when std is 0."
+    "Annualised Sharpe ratio of daily returns, sqrt(252) mean / sample sd; 0 when the sd is 0."
     r = np.asarray(returns, dtype=np.float64)
-    if len(r) < 2: return 0.0
-    if r.ndim != 1: sd, mean = r.std(ddof=1), r.mean()
-    else:  # the same operations `r.std(ddof=1)` and `r.mean()` make, in the same order (same bits, a fraction of the time)
-        n = len(r)
-        mean = _sum(r) / n
-        d = r - mean
-        sd = math.sqrt(_sum(d * d) / (n - 1))
-    return _annualised(mean, sd)
+    sd = sample_sd(r)
+    return float(math.sqrt(252) * r.mean() / sd) if sd > 0 and math.isfinite(sd) else 0.0
 
-def _annualised(mean, sd) -> float:
-    "sqrt(252) mean / sd of daily returns; 0 when sd is 0 or not finite."
-    return 0.0 if sd == 0 or not math.isfinite(sd) else float(math.sqrt(252) * mean / sd)
-
+# %% ../nbs/03_tasks.ipynb #7b3e18a6
 def max_drawdown(equity) -> float:
-    "Largest fall from a running peak, as a fraction of that peak."
+    "Largest fall of a money curve from its running peak, as a fraction of that peak."
     e = np.asarray(equity, dtype=np.float64)
+    if not len(e): return 0.0
     peak = np.maximum.accumulate(e)
-    return float(_max((peak - e) / peak, axis=None)) if len(e) else 0.0
+    return float(np.max((peak - e) / peak))
 
-def _pairwise_sum(a:list, lo:int=0, n:int|None=None) -> float:
-    "The float64 sum of `a[lo:lo + n]` in numpy's pairwise order (runs of up to 128 values in 8 running sums, longer runs halved), so the same bits as numpy's; `_EXACT_SUM` checks that at import."
-    if n is None: n = len(a)
-    if n < 8:
-        s = -0.0
-        for i in range(lo, lo + n): s += a[i]
-        return s
-    if n <= 128:
-        r0, r1, r2, r3, r4, r5, r6, r7 = a[lo:lo + 8]
-        end = lo + n - n % 8
-        for i in range(lo + 8, end, 8):
-            r0 += a[i]; r1 += a[i + 1]; r2 += a[i + 2]; r3 += a[i + 3]
-            r4 += a[i + 4]; r5 += a[i + 5]; r6 += a[i + 6]; r7 += a[i + 7]
-        s = ((r0 + r1) + (r2 + r3)) + ((r4 + r5) + (r6 + r7))
-        for i in range(end, lo + n): s += a[i]
-        return s
-    half = n // 2 - (n // 2) % 8
-    return _pairwise_sum(a, lo, half) + _pairwise_sum(a, lo + half, n - half)
+# %% ../nbs/03_tasks.ipynb #048337a7
+def risk_adjusted_return(returns, # r: the agent's daily returns
+                         benchmark_returns, # b: buy-and-hold's daily returns over the same days
+                        ) -> float:
+    "A = sqrt(252) mean(r) / max(sd(r), sd(b), SD_FLOOR): the annualised mean return over the larger of the agent's and the market's volatility."
+    r = np.asarray(returns, dtype=np.float64)
+    if not len(r): return 0.0
+    return float(math.sqrt(252) * r.mean() / max(sample_sd(r), sample_sd(benchmark_returns), SD_FLOOR))
 
-def _np_sum(a:list) -> float:
-    "`np.add.reduce` of a list of floats, in plain Python: the pairwise sum, added to the reduction's starting 0.0."
-    return 0.0 + _pairwise_sum(a)
+# %% ../nbs/03_tasks.ipynb #eb4666a2
+def seed_score(equity, # equity at each close, the capital first
+               trades:int, # orders that moved shares
+               days:int, # decisions in the episode
+              ) -> float:
+    "The tasks-1.x score (0.40 clip(Sharpe / 3) + 0.30 pnl + 0.15 drawdown + 0.15 min(1, trades / (0.25 days))): reported beside the score to compare with the seed's published tables, never the headline (it can be farmed)."
+    e = np.asarray(equity, dtype=np.float64)
+    S, R, mdd = sharpe_ratio(daily_returns(e)), e[-1] / e[0] - 1, max_drawdown(e)
+    return (0.40 * _clip(S / 3) + 0.30 * _clip(0.5 + R / PNL_SCALE) + 0.15 * (1 - _clip(mdd / DRAWDOWN_SCALE))
+            + 0.15 * min(1.0, trades / (0.25 * days)))
 
-def _sums_match_numpy() -> bool:
-    "Whether `_np_sum` gives `np.add.reduce`'s bits here (values of mixed signs and magnitudes make any other order show)."
-    x = [(-1.0) ** i * (1.0 + i / 7) * 10.0 ** (i % 17 - 8) for i in range(300)]
-    return all(_np_sum(x[:n]) == float(_sum(np.array(x[:n]))) for n in (1, 7, 8, 13, 20, 41, 128, 129, 300))
-
-_EXACT_SUM = _sums_match_numpy()
-
-def _curve_stats(equity):
-    "(total return, Sharpe, max drawdown) of a list of 3 to 32 positive money values in plain Python (numpy's per-call overhead outweighs the work on so few), with the operations of `daily_returns`, `sharpe_ratio` and `max_drawdown` in the same order (the same bits); None for any other input."
-    if not (_EXACT_SUM and type(equity) is list and 3 <= len(equity) <= 32): return None
-    try: e = list(map(float, equity))  # what `np.asarray(equity, dtype=np.float64)` holds
-    except (TypeError, ValueError): return None
-    if not (math.isfinite(sum(e)) and min(e) > 0): return None
-    r = [b / a - 1 for a, b in zip(e, e[1:])]
-    n = len(r)
-    mean = _np_sum(r) / n
-    sd = math.sqrt(_np_sum([(x - mean) * (x - mean) for x in r]) / (n - 1))
-    peak = mdd = 0.0
-    for x in e:
-        if x > peak: peak = x
-        elif (peak - x) / peak > mdd: mdd = (peak - x) / peak
-    return e[-1] / e[0] - 1, _annualised(mean, sd), mdd
-
-def score_episode(equity, # equity at each close: the capital first, then one value per day
-                  trades:int, # orders that moved shares
-                  days:int, # decisions in the episode
+# %% ../nbs/03_tasks.ipynb #3a506da0
+def score_episode(equity, # E_0..E_N: equity at each close, the capital first
+                  benchmark, # B_0..B_N: the episode's buy-and-hold curve at the same closes (`buy_and_hold_curve`)
+                  task='easy', # the task (its name or `TaskSpec`): gives the risk scale `a` and the days of `seed_score`
+                  trades:int=0, # orders that moved shares (reported; the score does not use them)
                  ) -> dict:
-    "The composite score and its parts, from the portfolio's history."
-    stats = _curve_stats(equity)  # a list of positive money values (the portfolio's history) is read without numpy
-    if stats is not None: R, S, mdd = stats
-    else:
-        e = np.asarray(equity, dtype=np.float64)
-        R = float(e[-1] / e[0] - 1)
-        S = sharpe_ratio(daily_returns(e))
-        mdd = max_drawdown(e)
-    sh, pnl, dd, act = _clip(S / 3), _clip(0.5 + R / 0.2), 1 - _clip(mdd / 0.2), min(1.0, trades / (0.25 * days))
-    w = WEIGHTS
-    score = sum([w['sharpe'] * sh, w['pnl'] * pnl, w['drawdown'] * dd, w['activity'] * act])
-    return {'score': score, 'total_return': R, 'sharpe': S, 'max_drawdown': mdd, 'trades': int(trades),
-            'sharpe_score': sh, 'pnl_score': pnl, 'drawdown_score': dd, 'activity_score': act}
+    "The score, its four parts and the raw numbers of an episode, from the portfolio's history and the episode's buy-and-hold curve."
+    t, e, B = get_task(task), np.asarray(equity, dtype=np.float64), np.asarray(benchmark, dtype=np.float64)
+    if e.shape != B.shape or e.ndim != 1 or not len(e):
+        raise ValueError(f"equity and benchmark must be curves over the same closes, got shapes {e.shape} and {B.shape}")
+    r, b = daily_returns(e), daily_returns(B)
+    R, R_B = float(e[-1] / e[0] - 1), float(B[-1] / B[0] - 1)
+    A, mdd = risk_adjusted_return(r, b), max_drawdown(e)
+    parts = {'risk': _clip(0.5 + A / (2 * t.risk_scale)),
+             'pnl': _clip(0.5 + R / PNL_SCALE),
+             'drawdown': 1 - _clip(mdd / DRAWDOWN_SCALE),
+             'alpha': _clip(0.5 + (R - R_B) / ALPHA_SCALE)}
+    score = sum(WEIGHTS[k] * parts[k] for k in WEIGHTS)
+    return {'score': score, **{f'{k}_score': v for k, v in parts.items()},
+            'total_return': R, 'buy_and_hold_return': R_B, 'excess_return': R - R_B, 'risk_adjusted_return': A,
+            'sharpe': sharpe_ratio(r), 'max_drawdown': mdd, 'trades': int(trades),
+            'seed_score': seed_score(e, trades, t.days)}
 
 # %% ../nbs/03_tasks.ipynb #c016
+def buy_and_hold_curve(open_prices, # (days + 1, n) opens of the window
+                       close_prices, # (days + 1, n) closes of the window
+                       capital:float=1.0, # B_0
+                      ) -> np.ndarray:
+    "B_0..B_N: `capital` spread equally over the stocks at day 1's open, no costs, valued at each close."
+    o, c = np.asarray(open_prices, dtype=np.float64), np.asarray(close_prices, dtype=np.float64)
+    o, c = o.reshape(len(o), -1), c.reshape(len(c), -1)
+    return np.concatenate([[capital], capital * (c[1:] / o[1]).mean(axis=1)])
+
 def buy_and_hold_return(open_prices, # (days + 1, n) opens of the window
                         close_prices, # (days + 1, n) closes of the window
                        ) -> float:
     "Equal-weight buy-and-hold return: buy at the open of day 1, value at the last close."
-    o, c = np.asarray(open_prices, dtype=np.float64), np.asarray(close_prices, dtype=np.float64)
-    x = c[-1] / o[1]
-    if not isinstance(x, np.ndarray) or x.ndim != 1 or not len(x): return float(np.mean(x) - 1)
-    return float(_sum(x) / len(x) - 1)  # what `np.mean(x) - 1` computes, without its wrapper
+    B = buy_and_hold_curve(open_prices, close_prices)
+    return float(B[-1] / B[0] - 1)
 
-def _bah_of_rows(first_open:list, last_close:list) -> float:
-    "`buy_and_hold_return` from the window's day-1 opens and last closes given as lists of positive floats (the environment's rows): the same bits, without numpy."
-    x = [c / o for o, c in zip(first_open, last_close)]
-    if _EXACT_SUM and len(x) <= 1024: return _np_sum(x) / len(x) - 1
-    return float(_sum(np.array(x)) / len(x) - 1)
+# %% ../nbs/03_tasks.ipynb #c290cc25
+def exposure(equity, # E_0..E_N
+             cash, # cash at the same closes
+            ) -> float:
+    "Mean share of equity held in stocks at the closes E_1..E_N (0 before any day has closed)."
+    e, c = np.asarray(equity, dtype=np.float64), np.asarray(cash, dtype=np.float64)
+    return float(np.mean(1 - c[1:] / e[1:])) if len(e) > 1 else 0.0
