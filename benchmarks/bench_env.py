@@ -26,7 +26,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-TARGETS = {('hard', 'numeric'): 10_000, ('easy', 'numeric'): 50_000, ('hard', 'text'): 3_000}
+TARGETS = {('hard', 'numeric'): 10_000, ('easy', 'numeric'): 25_000, ('hard', 'text'): 3_000}
 EPISODES = 64  # distinct pre-generated episodes per cell (cycled)
 
 
