@@ -136,18 +136,6 @@ def _panel_by_symbol(panel, feat, feat32):
     return _kept(panel, '_env_by_symbol', lambda: (np.ascontiguousarray(feat.transpose(1, 0, 2)),
                                                     np.ascontiguousarray(feat32.transpose(1, 0, 2))))
 
-def _panel_one_stock(panel, by_symbol):
-    "For episodes of one stock, made once per panel: each stock's numeric rows (market values and breadth, the rest 0), its up/down/mean change per day, and a running count of days whose mean change is not finite."
-    def make():
-        f, f32 = by_symbol
-        up, down, mean = _breadth_one(np.ascontiguousarray(f[:, :, 1]))  # (symbols, days) each
-        nm, g = len(MARKET_FEATURES), len(MARKET_FEATURES) + len(POSITION_FEATURES)
-        rows = np.zeros(f32.shape[:2] + (g + len(GLOBAL_FEATURES),), np.float32)
-        rows[:, :, :nm], rows[:, :, g + 5], rows[:, :, g + 6], rows[:, :, g + 7] = f32, up, down, mean
-        bad = np.concatenate([np.zeros((len(f), 1), np.intp), np.cumsum(~np.isfinite(mean), 1)], 1)
-        return rows, up, down, mean, bad
-    return _kept(panel, '_env_one_stock', make)
-
 def _panel_labels(panel, feat):
     "The text label of each labelled indicator on every day and symbol of a panel, made once and kept on it."
     return _kept(panel, '_env_labels', lambda: np.stack(
@@ -216,10 +204,6 @@ class TradingEnv(gym.Env):
         return len(self._starts)
 
 # %% ../nbs/04_env.ipynb #c015
-def _breadth_one(ch):
-    "Stocks up, stocks down and mean change of each day when an episode has one stock (`ch`: its daily changes): the arrays the sums over stocks give."
-    return (ch > 0).astype(np.intp), (ch < 0).astype(np.intp), ch + 0.0  # a sum of one value is 0.0 + x (-0.0 becomes 0.0)
-
 class TradingEnv(TradingEnv):
     def reset(self, *, seed:int|None=None, options:dict|None=None):
         "Start an episode drawn from `seed` (or pinned by `options`); returns `(observation, info)`."
@@ -229,8 +213,6 @@ class TradingEnv(TradingEnv):
         k = self._pick_start(opts.get('start'))
         full, t = self._full_cols[k], self.task
         if opts.get('symbols') is not None: cols = self._pick_symbols(opts['symbols'], full)
-        elif t.n_stocks == 1:  # what `choice(full, 1, replace=False)` draws (one bounded integer), without its overhead
-            cols = [int(full[self.np_random.integers(len(full))])]
         else:
             cols = self.np_random.choice(full, size=t.n_stocks, replace=False)
             cols = sorted(cols.tolist(), key=lambda c: self.panel.symbols[c])
@@ -238,8 +220,7 @@ class TradingEnv(TradingEnv):
         a, b = self._start, self._start + t.days + 1
         self.symbols = tuple([self.panel.symbols[c] for c in cols])
         self._dates = self._iso[a:b]
-        one = self._one_stock_window(cols[0], a, b) if t.n_stocks == 1 else None
-        rows, up, down, mean = one or self._window(a, b)
+        rows, up, down, mean = self._window(a, b)
         self._close_rows = self._close.tolist()  # the same closes as Python floats, for marking and positions
         self._benchmark = buy_and_hold_curve(self._open, self._close, t.capital).tolist()  # B_0..B_N, for the score
         blocked = ((down / t.n_stocks) > REGIME_FALL_SHARE) | (mean < REGIME_MEAN_CHANGE) if t.regime_gate else self._ungated
@@ -255,31 +236,18 @@ class TradingEnv(TradingEnv):
 
     def _window(self, a, b):
         "Sets the price and feature windows of the episode's stocks over days a..b-1; returns the numeric rows of the window (market values, day and breadth; the portfolio's are set at each step) and each day's stocks up, stocks down and mean change."
-        t, ci, (f, f32) = self.task, np.array(self._cols, dtype=np.intp), self._by_symbol  # one index array for all the windows
+        ci, (f, f32) = np.array(self._cols, dtype=np.intp), self._by_symbol  # one index array for all the windows
         self._open, self._close = self.panel.open[a:b, ci], self.panel.close[a:b, ci]  # prices are read from the panel itself
         # the feature windows `feat[a:b, cols]`, read from the symbol-major copy: the same values and the same memory layout
         # (so sums over stocks add in the same order), from one contiguous run per stock instead of scattered rows
         self._market = f[ci, a:b].transpose(1, 0, 2)  # (days + 1, n, features)
-        if t.n_stocks == 1: up, down, mean = _breadth_one(self._market[:, 0, 1])
-        else:
-            ch = self._market[:, :, 1]
-            up, down, mean = (ch > 0).sum(1), (ch < 0).sum(1), ch.mean(1)
+        ch = self._market[:, :, 1]
+        up, down, mean = (ch > 0).sum(1), (ch < 0).sum(1), ch.mean(1)
         rows, nm, g = self._rows0.copy(), self._nm, self._g
         rows[:, :nm] = f32[ci, a:b].transpose(1, 0, 2).reshape(b - a, nm)
         rows[:, g + 5], rows[:, g + 6] = up, down
         rows[:, g + 7] = np.nan_to_num(mean)
         return rows, up, down, mean
-
-    def _one_stock_window(self, c, a, b):
-        "What `_window` sets and returns, for a one-stock episode (stock column `c`), as views and copies of tables made once per panel; None (nothing set) when a mean change in the window is not finite, which `_window` handles."
-        rows1, up1, down1, mean1, bad = _panel_one_stock(self.panel, self._by_symbol)
-        if bad[c, b] != bad[c, a]: return None
-        P, g = self.panel, self._g
-        self._open, self._close = P.open[a:b, c:c + 1], P.close[a:b, c:c + 1]
-        self._market = self._by_symbol[0][c, a:b, None]  # (days + 1, 1, features)
-        rows = rows1[c, a:b].copy()
-        rows[:, g:g + 2] = self._rows0[:, g:g + 2]  # day and days left
-        return rows, up1[c, a:b], down1[c, a:b], mean1[c, a:b]
 
     def _pick_start(self, start):
         if start is None: return int(self.np_random.integers(len(self._starts)))
@@ -325,10 +293,10 @@ class TradingEnv(TradingEnv):
         k = self._k + 1  # the day the orders fill on
         if parsed.orders:
             opens = self._open[k]
-            fills = execute(pf, parsed.orders, opens, k, not self._blocked_days[k - 1], opens.tolist())
+            fills = execute(pf, parsed.orders, opens, k, not self._blocked_days[k - 1])
         else: fills = []
         before = pf.equity_history[-1]
-        after = mark(pf, self._close[k], k, self._close_rows[k])  # (every price of the window is real)
+        after = mark(pf, self._close[k], k)
         self.actions.append(action if isinstance(action, str) else _as_text(parsed.orders))
         self._k, self._done = k, k == self.task.days
         info = self._info(parsed, fills)

@@ -48,7 +48,6 @@ _VERB = re.compile(r"^[\s>*\-•\d.)(\[\]#`]*(?:(?:final |my )?(?:action|answer|
                    r"(buy|sell|hold)(?![\w-])(.*)$", re.IGNORECASE | re.DOTALL)  # ('Buy-the-dip' is not a verb)
 _NUM = re.compile(r"^[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:e[+-]?\d+)?%?$|^[+-]?(?:nan|inf|infinity)%?$", re.IGNORECASE)
 _LINES = re.compile(r'[\n;]')  # an answer holds one order per line or per ';'
-_PLAIN = re.compile(r"[ \t]*(BUY|SELL|buy|sell)[ \t]+([A-Za-z][A-Za-z0-9&_-]*)[ \t]+([0-9]+(?:\.[0-9]+)?)[ \t]*")  # the usual line, 'BUY INFY 0.5'
 _SIZE_WORDS = {'ALL': 1.0, 'EVERYTHING': 1.0, 'HALF': 0.5}  # words read as sizes
 _FILLER = frozenset(('A AN THE OF SHARE SHARES STOCK STOCKS CASH NOW TODAY TOMORROW MY IT AT WITH POSITION ORDER AND OR '
                      'OPEN MARKET HOLDING ENTIRE WHOLE ENTIRELY FULLY COMPLETELY AVAILABLE PLEASE').split())  # words an order may carry that change nothing
@@ -84,12 +83,6 @@ def _known(symbols:tuple) -> dict:
     return {s.upper(): s for s in symbols}
 
 # %% ../nbs/02_market.ipynb #c008
-def _plain_order(plain, known, line):
-    "The `Order` of a line of the usual shape (`plain`: its `_PLAIN` match) with a known symbol and a plain size in (0, 1], read as the token rules would read it; None otherwise (the token rules then read the line)."
-    sym, size = known.get(plain[2].upper()), float(plain[3])
-    if sym is None or not 0 < size <= 1 or plain[3] in known: return None
-    return Order(plain[1].upper(), sym, size, line)
-
 def parse_action(text, # the agent's answer
                  symbols, # the episode's symbols (a symbol outside them is refused)
                  default_symbol:str|None=None, # used when a line names no symbol (single-stock tasks)
@@ -99,14 +92,6 @@ def parse_action(text, # the agent's answer
         return ParsedAction([], [], True, 'HOLD')
     if not isinstance(text, str):
         return ParsedAction([], [f"the action must be text, got {type(text).__name__}"])
-    if len(text) <= 500 and '<' not in text and '\n' not in text:  # the usual answer: plain orders separated by ';'
-        known, orders = _known(symbols if type(symbols) is tuple else tuple(symbols)), []
-        for raw in text.split(';'):  # what the loop below reads, line by line, when every line is a plain order
-            plain = _PLAIN.fullmatch(raw)
-            order = plain and _plain_order(plain, known, raw.strip()[:200])
-            if order is None: break
-            orders.append(order)
-        else: return ParsedAction(orders, [], False, text.strip())  # (at most 62 lines fit in 500 characters)
     errors = []
     if len(text) > MAX_ACTION_CHARS:
         errors.append(f"the answer is {len(text):,} characters; only the last {MAX_ACTION_CHARS:,} were read")
@@ -116,18 +101,13 @@ def parse_action(text, # the agent's answer
     known = _known(tuple(symbols))
     orders, hold, seen = [], False, 0
     for raw in _LINES.split(answer):
-        plain = _PLAIN.fullmatch(raw)  # the usual shape 'BUY INFY 0.5' (which `_VERB` matches too)
-        if not (plain or _VERB.match(raw)): continue
+        m = _VERB.match(raw)
+        if not m: continue
         seen += 1
         line = raw.strip()[:200]
         if seen > MAX_ORDER_LINES:
             errors.append(f"more than {MAX_ORDER_LINES} order lines; the rest were ignored")
             break
-        order = plain and _plain_order(plain, known, line)
-        if order is not None:
-            orders.append(order)
-            continue
-        m = _VERB.match(raw)
         verb, rest = m.group(1).upper(), m.group(2)
         if verb == 'HOLD':
             inner = (_strip_token(o.group(1)).upper().removesuffix('.NS') for o in _ORDER_IN.finditer(rest))
@@ -213,7 +193,6 @@ class Portfolio:
         self.max_position, self.max_trades = float(max_position), int(max_trades)
         self.cash = float(capital)
         self._shares = np.zeros(len(self.symbols), dtype=np.int64)  # whole shares per symbol (read through `shares`)
-        self._shares_f = np.zeros(len(self.symbols))  # the same counts as float64, for a fast dot product
         self._held = {}  # column -> shares, for the columns held (kept with `_shares` by the fills)
         self.cost_basis = np.zeros(len(self.symbols))  # money paid for the shares held (fill price + cost)
         self.equity_history = [float(capital)]  # equity at each close, starting with the capital
@@ -251,21 +230,13 @@ class Portfolio:
 
     def _put(self, i, n:int):
         "Set the shares of column `i` to `n` in all three places equity reads them from (the int counts, their float copy, the held index)."
-        self._shares[i] = self._shares_f[i] = n
+        self._shares[i] = n
         if n: self._held[i] = n
         else: self._held.pop(i, None)
 
     def equity(self, prices) -> float:
         "Cash plus shares valued at `prices` (one per symbol)."
-        return self.cash + float(self._shares_f.dot(prices))
-
-    def _equity_finite(self, prices, row) -> float:
-        "`equity(prices)` for prices that are all finite (`row`: the same prices as a list): the same bits, without numpy while at most one stock is held."
-        held = self._held
-        if len(held) > 1: return self.cash + float(self._shares_f.dot(prices))
-        if not held: return self.cash  # the dot product is 0.0 when every price is finite, and cash + 0.0 is cash (cash >= 0)
-        (i, n), = held.items()
-        return self.cash + n * row[i]  # one nonzero term: the dot product is that product, rounded once
+        return self.cash + float(self._shares @ np.asarray(prices, dtype=np.float64))
 
     def avg_cost(self) -> np.ndarray:
         "Average price paid per share held, costs included (0 where nothing is held)."
@@ -342,16 +313,12 @@ def execute(pf:Portfolio, # the portfolio, changed in place
             open_prices:np.ndarray, # this day's open, one per symbol
             day:int, # index of the day the orders fill on
             buy_allowed:bool=True, # False when the regime gate refuses BUYs (decided on the day the orders were placed)
-            open_row:list|None=None, # `open_prices` as a list of floats, when every one is finite (the env's windows)
            ) -> list:
     "Fill `orders` at `open_prices`; returns one `Fill` per order."
     out = []
     if not orders: return out
     # equity at the open, before any of today's fills, caps BUYs (computed only when an order may buy)
-    if open_row is not None: equity_open = pf._equity_finite(open_prices, open_row)
-    else:
-        equity_open = pf.equity(open_prices) if buy_allowed and any(o.side == 'BUY' for o in orders[:pf.max_trades]) else None
-        open_row = open_prices
+    equity_open = pf.equity(open_prices) if buy_allowed and any(o.side == 'BUY' for o in orders[:pf.max_trades]) else None
     for k, order in enumerate(orders):
         f = _refusal(order, k, pf._col, pf.max_trades)  # (a remote client refuses these the same way)
         if f is None and order.side == 'BUY' and not buy_allowed:
@@ -360,17 +327,15 @@ def execute(pf:Portfolio, # the portfolio, changed in place
             if type(order.fraction) is not float:  # a numpy or other real number trades as the float it equals
                 order = order._replace(fraction=float(order.fraction))  # (float32 arithmetic would round the money)
             i = pf._col[order.symbol]
-            f = (_buy(pf, i, order, float(open_row[i]), equity_open) if order.side == 'BUY'
-                 else _sell(pf, i, order, float(open_row[i])))
+            f = (_buy(pf, i, order, float(open_prices[i]), equity_open) if order.side == 'BUY'
+                 else _sell(pf, i, order, float(open_prices[i])))
         pf.fills.append((day, f))
         out.append(f)
     return out
 
-def mark(pf:Portfolio, close_prices:np.ndarray, day:int,
-         close_row:list|None=None, # `close_prices` as a list of floats, when every one is finite (the env's windows)
-        ) -> float:
+def mark(pf:Portfolio, close_prices:np.ndarray, day:int) -> float:
     "Record equity at the close of `day`; returns it."
-    eq = pf.equity(close_prices) if close_row is None else pf._equity_finite(close_prices, close_row)
+    eq = pf.equity(close_prices)
     pf.equity_history.append(eq)
     pf.cash_history.append(pf.cash)
     pf.day = day
