@@ -145,8 +145,24 @@ def _panel_lines(panel) -> dict:
     "Memo of market lines by (day, column): a line depends only on the panel, so episodes that share days share them."
     return _kept(panel, '_env_lines', dict)
 
+
+# %% ../nbs/04_env.ipynb #c013b
 class TradingEnv(gym.Env):
-    "A daily stock-trading environment with text or numeric observations and text actions."
+    """A daily stock-trading environment with text or numeric observations and text actions.
+
+    - **Episode**: `task.days` decisions over `task.days + 1` trading days of `task.n_stocks` stocks; `reset(seed)` draws
+      the start day and the stocks among the split's windows where every stock has real bars. The agent observes day
+      t after its close; its orders fill at day t+1's open (slippage, cost, per-stock cap, daily order limit).
+    - **Observation space**: text mode `Text(max_length=1000 + 500 n)`, rendered by `render_text`; numeric mode
+      `Box(-OBS_BOUND, OBS_BOUND, (15 n + 9,), float32)` laid out as `env.feature_names`, the same values as the text.
+    - **Action space**: `Text(max_length=4096)`: `BUY SYM 0.5`, `SELL SYM 0.3`, `HOLD`, one order per line or per `;`,
+      after an optional `<think>` block (or a list of `Order`s). What cannot be read is a HOLD, never an exception.
+    - **Reward**: the day's change in equity over the starting capital (the rewards add up to the episode's return).
+    - **Episode end**: `terminated` after `task.days` steps; never truncated.
+    - **Info**, every step: `date` (the day observed), `day`, `symbols`, `equity`, `cash`, `positions`, `env_version`,
+      `task_version`, `buy_blocked` and `orders` (each order's fill, reduction or rejection with its reason); after a step
+      also `parse_errors` and `format_ok`; on the last step `score` and `metrics` (the score's four parts, return,
+      buy-and-hold return, Sharpe, drawdown, trades, exposure, costs and the tasks-1.x `seed_score`)."""
     metadata = {'render_modes': ['ansi']}
 
     def __init__(self,
@@ -202,6 +218,78 @@ class TradingEnv(gym.Env):
     def n_windows(self) -> int:
         "How many start days the split offers for this task."
         return len(self._starts)
+
+# %% ../nbs/04_env.ipynb #c019
+class TradingEnv(TradingEnv):
+    @property
+    def view(self) -> MarketView:
+        "The structured observation of the current day (what rule agents read)."
+        k, pf = self._k, self.pf
+        return MarketView(k, self.task.days, self._dates[k], self.symbols, self._market[k].copy(), self._label_window()[k],
+                          pf._shares.copy(), pf.avg_cost(), pf.cash, pf.equity_history[-1], pf.capital, self._blocked_days[k],
+                          self._breadth_of(k))
+
+    def _breadth_of(self, k):
+        "(stocks up, stocks down, mean change) of window day `k`."
+        if self._breadth is None: self._breadth = list(zip(*(x.tolist() for x in self._up_down_mean)))
+        return self._breadth[k]
+
+    def _info(self, parsed, fills):
+        pf, k = self.pf, self._k
+        info = {'date': self._dates[k], 'day': k, 'symbols': list(self.symbols), 'equity': pf.equity_history[-1],
+                'cash': pf.cash, 'positions': dict(zip(self.symbols, pf._shares.tolist())),
+                'env_version': ENV_VERSION, 'task_version': self.task.version, 'buy_blocked': self._blocked_days[k],
+                'orders': [f.as_dict() for f in fills] if fills else []}
+        if parsed is not None:
+            info['parse_errors'] = parsed.errors
+            info['format_ok'] = parsed.format_ok
+        return info
+
+    def _observation(self):
+        return self._vector() if self.obs_mode == 'numeric' else self._text()
+
+    def _text(self):
+        "The text observation, with each market line taken from (or added to) the panel's memo."
+        v, k, memo, t = self.view, self._k, _panel_lines(self.panel), self._start + self._k
+        lines = []
+        for i, c in enumerate(self._cols):
+            line = memo.get((t, c))
+            if line is None: line = memo[(t, c)] = _market_line(self.symbols[i], self._market[k, i].tolist(), v.labels[i])
+            lines.append(line)
+        return render_text(v, self.task.name, lines)
+
+    def _vector(self):
+        "The numeric observation, built straight from the window and the portfolio (same values as `view`)."
+        k, pf = self._k, self.pf
+        out = self._rows[k].copy()
+        equity, g = pf.equity_history[-1], self._g
+        if pf._held:  # position features of the stocks held (plain floats, set one by one: few stocks are held at once)
+            close, basis = self._close_rows[k], pf.cost_basis
+            for i, sh in pf._held.items():
+                j = self._nm + 4 * i
+                out[j], out[j + 1], out[j + 2], out[j + 3] = position_values(float(sh), float(basis[i]) / sh, close[i], equity)
+        out[g + 2], out[g + 3], out[g + 4] = pf.cash, equity, (equity / pf.capital - 1) * 100
+        return out
+
+    def render(self):
+        "The text observation of the current day ('ansi' mode)."
+        if self.render_mode == 'ansi': return self._text()
+
+    def snapshot(self) -> dict:
+        "The whole mutable state of the episode, for `restore` (GRPO scores completions from copies of one state)."
+        return copy.deepcopy({'pf': self.pf, 'k': self._k, 'done': self._done, 'actions': self.actions,
+                              'episode': (self._start, self._cols), 'seed': self._seed,
+                              'rng': self.np_random.bit_generator.state})
+
+    def restore(self, state:dict):
+        "Put the episode back exactly as `snapshot` saw it."
+        start, cols = state['episode']
+        if self.pf is None or (start, list(cols)) != (self._start, self._cols):
+            self.reset(options={'start': int(start), 'symbols': [self.panel.symbols[c] for c in cols]})
+        s = copy.deepcopy(state)
+        self.pf, self._k, self._done, self.actions, self._seed = s['pf'], s['k'], s['done'], s['actions'], s['seed']
+        self.np_random.bit_generator.state = s['rng']
+        return self._observation()
 
 # %% ../nbs/04_env.ipynb #c015
 class TradingEnv(TradingEnv):
@@ -305,17 +393,6 @@ class TradingEnv(TradingEnv):
             info['score'] = info['metrics']['score']
         return self._observation(), (after - before) / pf.capital, self._done, False, info
 
-    def _info(self, parsed, fills):
-        pf, k = self.pf, self._k
-        info = {'date': self._dates[k], 'day': k, 'symbols': list(self.symbols), 'equity': pf.equity_history[-1],
-                'cash': pf.cash, 'positions': dict(zip(self.symbols, pf._shares.tolist())),
-                'env_version': ENV_VERSION, 'task_version': self.task.version, 'buy_blocked': self._blocked_days[k],
-                'orders': [f.as_dict() for f in fills] if fills else []}
-        if parsed is not None:
-            info['parse_errors'] = parsed.errors
-            info['format_ok'] = parsed.format_ok
-        return info
-
     def metrics(self) -> dict:
         "The score, its parts and the raw numbers of the episode so far (complete once it has ended)."
         pf = self.pf
@@ -324,66 +401,23 @@ class TradingEnv(TradingEnv):
         m['costs'] = pf.total_cost
         return m
 
-# %% ../nbs/04_env.ipynb #c019
+# %% ../nbs/04_env.ipynb #a3005a93
 class TradingEnv(TradingEnv):
     @property
-    def view(self) -> MarketView:
-        "The structured observation of the current day (what rule agents read)."
-        k, pf = self._k, self.pf
-        return MarketView(k, self.task.days, self._dates[k], self.symbols, self._market[k].copy(), self._label_window()[k],
-                          pf._shares.copy(), pf.avg_cost(), pf.cash, pf.equity_history[-1], pf.capital, self._blocked_days[k],
-                          self._breadth_of(k))
-
-    def _breadth_of(self, k):
-        "(stocks up, stocks down, mean change) of window day `k`."
-        if self._breadth is None: self._breadth = list(zip(*(x.tolist() for x in self._up_down_mean)))
-        return self._breadth[k]
-
-    def _observation(self):
-        return self._vector() if self.obs_mode == 'numeric' else self._text()
-
-    def _text(self):
-        "The text observation, with each market line taken from (or added to) the panel's memo."
-        v, k, memo, t = self.view, self._k, _panel_lines(self.panel), self._start + self._k
-        lines = []
-        for i, c in enumerate(self._cols):
-            line = memo.get((t, c))
-            if line is None: line = memo[(t, c)] = _market_line(self.symbols[i], self._market[k, i].tolist(), v.labels[i])
-            lines.append(line)
-        return render_text(v, self.task.name, lines)
-
-    def _vector(self):
-        "The numeric observation, built straight from the window and the portfolio (same values as `view`)."
-        k, pf = self._k, self.pf
-        out = self._rows[k].copy()
-        equity, g = pf.equity_history[-1], self._g
-        if pf._held:  # position features of the stocks held (plain floats, set one by one: few stocks are held at once)
-            close, basis = self._close_rows[k], pf.cost_basis
-            for i, sh in pf._held.items():
-                j = self._nm + 4 * i
-                out[j], out[j + 1], out[j + 2], out[j + 3] = position_values(float(sh), float(basis[i]) / sh, close[i], equity)
-        out[g + 2], out[g + 3], out[g + 4] = pf.cash, equity, (equity / pf.capital - 1) * 100
-        return out
-
-    def render(self):
-        "The text observation of the current day ('ansi' mode)."
-        if self.render_mode == 'ansi': return self._text()
-
-    def snapshot(self) -> dict:
-        "The whole mutable state of the episode, for `restore` (GRPO scores completions from copies of one state)."
-        return copy.deepcopy({'pf': self.pf, 'k': self._k, 'done': self._done, 'actions': self.actions,
-                              'episode': (self._start, self._cols), 'seed': self._seed,
-                              'rng': self.np_random.bit_generator.state})
-
-    def restore(self, state:dict):
-        "Put the episode back exactly as `snapshot` saw it."
-        start, cols = state['episode']
-        if self.pf is None or (start, list(cols)) != (self._start, self._cols):
-            self.reset(options={'start': int(start), 'symbols': [self.panel.symbols[c] for c in cols]})
-        s = copy.deepcopy(state)
-        self.pf, self._k, self._done, self.actions, self._seed = s['pf'], s['k'], s['done'], s['actions'], s['seed']
-        self.np_random.bit_generator.state = s['rng']
-        return self._observation()
+    def day(self) -> int: "Decisions made so far in this episode (0 right after `reset`)."; return self._k
+    @property
+    def done(self) -> bool: "Whether the episode has ended."; return self._done
+    @property
+    def episode_seed(self): "The seed of the last `reset` (None when the episode was pinned by options alone)."; return self._seed
+    @property
+    def dates(self) -> tuple: "ISO dates of the window's days, the first observed day first."; return tuple(self._dates)
+    @property
+    def opens(self) -> np.ndarray: "(days + 1, n) opens of the window."; return self._open
+    @property
+    def closes(self) -> np.ndarray: "(days + 1, n) closes of the window."; return self._close
+    @property
+    def benchmark(self) -> list: "B_0..B_N: the episode's buy-and-hold curve (`buy_and_hold_curve`) at each close."; return list(self._benchmark)
+    def observation(self): "Today's observation, as `reset` and `step` return it."; return self._observation()
 
 # %% ../nbs/04_env.ipynb #c023
 def demo_panel(window_opens, # (days + 1, n) opens of the test window
