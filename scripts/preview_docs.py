@@ -1,7 +1,8 @@
 """Render every notebook to HTML with nbconvert, without Quarto (`make docs-preview`).
 
 One page per notebook in `_preview/` (ignored by git), with the outputs stored in the notebook
-(figures embedded as PNG), and `_preview/index.html` linking them. Cells marked `#| hide` are left
+(figures embedded as PNG): `index.html` is `nbs/index.ipynb`, as on the docs site, and `toc.html`
+links every page. Cells marked `#| hide` are left
 out, as on the docs site; `#| echo: false` cells show their outputs only. Nothing is executed:
 `make docs-nbs` refreshes the outputs first.
 
@@ -11,6 +12,7 @@ out, as on the docs site; `#| echo: false` cells show their outputs only. Nothin
 from __future__ import annotations
 
 import argparse
+import functools
 import html
 import json
 import re
@@ -59,13 +61,17 @@ def _for_reading(nb):
     return nb
 
 
+@functools.lru_cache(maxsize=1)
+def _exporter():
+    from nbconvert import HTMLExporter
+    return HTMLExporter(template_name='lab')
+
+
 def render_html(path:Path) -> str:
     "The HTML page of the notebook at `path` (nbconvert's lab template, outputs as stored)."
     import nbformat
-    from nbconvert import HTMLExporter
     nb = nbformat.read(path, as_version=4)
-    exporter = HTMLExporter(template_name='lab')
-    body, _ = exporter.from_notebook_node(_for_reading(nb), resources={'metadata': {'name': path.stem}})
+    body, _ = _exporter().from_notebook_node(_for_reading(nb), resources={'metadata': {'name': path.stem}})
     return body
 
 
@@ -89,9 +95,9 @@ def main(argv=None) -> int:
         (out / rel).parent.mkdir(parents=True, exist_ok=True)
         (out / rel).write_text(render_html(path), encoding='utf-8')
         pages.append((path.stem, rel.as_posix()))
-    (out / 'index.html').write_text(_index(pages), encoding='utf-8')
+    (out / 'toc.html').write_text(_index(pages), encoding='utf-8')  # (index.html is nbs/index.ipynb's page)
     n_out = sum(bool(c.get('outputs')) for q in notebook_paths(a.only) for c in json.loads(q.read_text())['cells'])
-    print(f"wrote {len(pages)} pages to {out}/ ({n_out} cells with outputs); open {out / 'index.html'}")
+    print(f"wrote {len(pages)} pages to {out}/ ({n_out} cells with outputs); open {out / 'toc.html'}")
     return 0
 
 
