@@ -5,6 +5,7 @@ stores an image and its nbconvert HTML page (`make docs-preview`) shows it; no o
 or a traceback; a notebook with a cell that prints or displays something has outputs.
 """
 import ast
+import configparser
 import json
 import re
 import sys
@@ -16,7 +17,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / 'scripts'))
 from preview_docs import directives, notebook_paths, render_html  # noqa: E402
 
-SKIP_FLAGS = {'notest', 'slow', 'gpu'}  # settings.ini tst_flags: cells nbdev_test (and make docs-nbs) do not run
+_cfg = configparser.ConfigParser(); _cfg.read(ROOT / 'settings.ini')
+SKIP_FLAGS = set(_cfg['DEFAULT']['tst_flags'].split())  # `notest slow gpu`: cells nbdev_test (and make docs-nbs) do not run
 DRAWS = re.compile(r'(?<!def )\b(?:plt\.\w+|plot_\w+|Figure)\(|\.plot(?:\.\w+)?\(|\bsubplots\(|\.imshow\(|\.hist\(')
 TRACEBACK = 'Traceback (most recent call last)'
 
