@@ -86,7 +86,7 @@ def run_one(path:Path, dpi:int) -> int:
             shell.cell(cell)
             if shell.exc is not None:
                 first = next((ln for ln in cell.source.splitlines() if ln.strip() and not ln.startswith('#|')), '')
-                sys.stderr.write(f"\n{path.name}: cell {cell.idx_} (id {cell.get('id', '?')}) failed: {first[:100]}\n")
+                sys.stderr.write(f"\n{path.name}: cell #{cell.idx_ + 1} (id {cell.get('id', '?')}) failed: {first[:100]}\n")
                 sys.stderr.write(shell.prettytb(fname=path) + '\n')
                 return 1
     write_nb(nb, path)
