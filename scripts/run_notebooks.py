@@ -29,7 +29,9 @@ ROOT = Path(__file__).resolve().parents[1]
 CHILD_FLAG = '--run-one'  # internal: execute one notebook in this (fresh) process
 # the environment scripts/test.sh gives nbdev_test (values already set win)
 RUN_ENV = dict(OMP_NUM_THREADS='1', MKL_NUM_THREADS='1', TOKENIZERS_PARALLELISM='false', MPLBACKEND='Agg',
-               HF_HUB_OFFLINE='1', TRANSFORMERS_OFFLINE='1', HF_DATASETS_OFFLINE='1')
+               HF_HUB_OFFLINE='1', TRANSFORMERS_OFFLINE='1', HF_DATASETS_OFFLINE='1',
+               # ...and no progress bars in the stored outputs (they change on every run and say nothing to a reader)
+               HF_HUB_DISABLE_PROGRESS_BARS='1', HF_DATASETS_DISABLE_PROGRESS_BARS='1')
 
 
 def notebooks(only:str|None=None) -> list[Path]:
@@ -58,6 +60,7 @@ def _skip_reason(cell, flags:set) -> str|None:
 
 def run_one(path:Path, dpi:int) -> int:
     "Execute `path` in this process and write its outputs back; 1 (and the file untouched) on the first error."
+    os.environ.setdefault('TQDM_DISABLE', '1')  # before anything imports tqdm (the parent keeps its own bar)
     from execnb.nbio import read_nb, write_nb
     from execnb.shell import CaptureShell
     from fastcore.xtras import working_directory
