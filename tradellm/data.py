@@ -744,7 +744,7 @@ _NETWORK = re.compile(r"could not resolve host|name or service not known|tempora
 def network_cause(text:str) -> str|None:
     "The network failure an error text describes, in a few words (None if it is not one)."
     if not _NETWORK.search(text or ''): return None
-    host = re.search(r"Could not resolve host:? [\w.-]+", text, re.I)
+    host = re.search(r"Could not resolve host:? [\w.-]*\w", text, re.I)
     return host.group(0) if host else text.strip().splitlines()[0][:160]
 
 class _Recorder(logging.Handler):
