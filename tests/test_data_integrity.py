@@ -134,8 +134,24 @@ def test_a_holder_is_continuous_across_a_split_and_a_demerger_with_adjustment(re
     # raw prices on request, with the same report as before, and a fingerprint of their own
     asked = load_panel(d, adjust=False)
     assert asked.adjustment == 'raw' and asked.actions == [] and [p.kind for p in asked.problems] == ['large_move'] * 2
-    assert 'adjusted prices (the default) remove' in asked.problems[0].message
+    assert 'raw prices: actions.csv records an action that day (earlier prices x 0.2), which adjusted' in asked.problems[0].message
     assert len({adj.fingerprint(), asked.fingerprint(), raw.fingerprint()}) == 3
+
+
+def test_cli_check_says_which_prices(real_data_dir, tmp_path, capsys):
+    true = real(real_data_dir, 'LT', n=70)
+    d = tmp_path / 'd'
+    write_nifty(d, 'LT', printed_with_actions(true))
+    split, demerger = iso(true.index[SPLIT_DAY]), iso(true.index[DEMERGER_DAY])
+    (d / 'actions.csv').write_text(f'symbol,date,ratio\nLT,{split},0.2\nLT,{demerger},0.55\n')
+    assert cli_data(['check', str(d)]) == 0
+    out = capsys.readouterr().out
+    assert 'prices adjusted for 2 corporate actions (actions.csv: 1 symbol; --raw-prices for the prices as printed)' in out
+    assert f'LT {split}: earlier prices x 0.2 (actions.csv)' in out and '0 problems' in out
+    assert cli_data(['check', str(d), '--raw-prices', '--json']) == 0
+    s = json.loads(capsys.readouterr().out)
+    assert s['adjustment'] == 'raw' and s['actions'] == [] and [(p['symbol'], p['date']) for p in s['problems']] == \
+        [('LT', split), ('LT', demerger)]
 
 
 def test_a_dividend_in_adj_close_adjusts_earlier_prices(real_data_dir, tmp_path):

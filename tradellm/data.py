@@ -238,11 +238,14 @@ def _check_bars(bars:pd.DataFrame, symbol:str) -> tuple:
         problems.append(Problem(symbol, None, 'no_valid_bars', f"{symbol}: no valid bar left after validation", 'error'))
     return bars, problems
 
-def _large_moves(bars:pd.DataFrame, symbol:str, raw:bool=False) -> list:
-    "A `large_move` problem for each bar more than `LARGE_MOVE` from the previous close."
-    problems = []
-    fix = ("raw prices: adjusted prices (the default) remove the moves of the actions the source records" if raw else
-           f"likely an unadjusted split or bonus issue; check it, and add it to {ACTIONS_FILE} (symbol,date,ratio) in the data folder")
+def _large_moves(bars:pd.DataFrame, symbol:str, raw:bool=False, known=()) -> list:
+    "A `large_move` problem for each bar more than `LARGE_MOVE` from the previous close (`known`: the symbol's `Action`s, for raw prices)."
+    problems, known = [], {a.date: a for a in known} if raw else {}
+    fix = f"likely an unadjusted split or bonus issue; check it, and add it to {ACTIONS_FILE} (symbol,date,ratio) in the data folder"
+    def why(day):
+        a = known.get(day)
+        return (f"raw prices: {a.source} records an action that day (earlier prices x {a.ratio:.4g}), which adjusted prices "
+                "(the default) apply" if a else fix)
     c, o = bars['close'].to_numpy(), bars['open'].to_numpy()
     prev = np.concatenate([[np.nan], c[:-1]])
     with np.errstate(invalid='ignore'):
@@ -252,7 +255,7 @@ def _large_moves(bars:pd.DataFrame, symbol:str, raw:bool=False) -> list:
         what, r = ('closed', r_close[i]) if abs(r_close[i]) >= abs(r_open[i]) else ('opened', r_open[i])
         price = c[i] if what == 'closed' else o[i]
         problems.append(Problem(symbol, day, 'large_move',
-            f"{symbol}: {what} {r:+.0%} from the previous close on {day} ({prev[i]:.2f} -> {price:.2f}): {fix}"))
+            f"{symbol}: {what} {r:+.0%} from the previous close on {day} ({prev[i]:.2f} -> {price:.2f}): {why(day)}"))
     return problems
 
 # %% ../nbs/00_data.ipynb #c017b
@@ -401,10 +404,9 @@ def _build_panel(frames:dict, source:str, strict:bool, validate:bool=True, adjus
     clean, applied = {}, []
     for sym, (bars, found) in checked.items():
         problems += found
-        if adjust:
-            bars, done = adjust_bars(bars, sym, by_symbol.get(sym, ()))
-            applied += done
-        if validate: problems += _large_moves(bars, sym, raw=not adjust)
+        adjusted, done = adjust_bars(bars, sym, by_symbol.get(sym, ()))
+        if adjust: bars, applied = adjusted, applied + done
+        if validate: problems += _large_moves(bars, sym, raw=not adjust, known=done)
         clean[sym] = bars[list(FIELDS)]
     errors = [p for p in problems if p.action == 'error']
     panel = None if errors else _align(clean, problems, source, 'adjusted' if adjust else 'raw', applied)
@@ -612,7 +614,7 @@ def load_panel(data=None, # folder/file of per-symbol CSV or parquet files, a `P
                         [p for e in errors for p in e.problems])
     if not frames:
         raise DataError(f"{folder}: no price files, only {_names([p.symbol for p in skipped])}. " + HOW_TO_GET_DATA, skipped)
-    actions = read_actions(actions_file) if adjust and actions_file.exists() else []
+    actions = read_actions(actions_file) if actions_file.exists() else []  # (raw prices: to name them in the reports)
     panel = _build_panel(frames, str(folder), strict, adjust=adjust, actions=actions, problems=skipped)
     if panel.problems:  # (once per load: a cached panel does not warn again)
         dropped = sum(p.action == 'dropped' for p in panel.problems)
@@ -898,7 +900,7 @@ def _print_summary(s:dict):
               + '; '.join(f"{src}: {_plural(len(syms), 'symbol')}" for src, syms in by.items()) + "; --raw-prices for the prices as printed)")
         for a in acts[:20]: print(f"    {a['symbol']} {a['date']}: earlier prices x {a['ratio']:.6g} ({a['source']})")
         if len(acts) > 20: print(f"    ... ({len(acts)} in all; --json lists them)")
-    else: print(f"  prices adjusted: the source records no corporate action (no Adj Close column, no {ACTIONS_FILE})")
+    else: print(f"  prices as printed: the source records no corporate action (no step in an Adj Close column, nothing in {ACTIONS_FILE})")
     print(f"  {len(s['problems'])} problems" + (':' if s['problems'] else ''))
     for p in s['problems']: print(f"    [{p['action']}] {p['message']}")
 
