@@ -338,7 +338,7 @@ def _standardise(df:pd.DataFrame, symbol:str, where:str='') -> pd.DataFrame:
                            + ', '.join(f"{n} x {c.replace('_', ' ').title()}" for c, n in repeated.items() if n > 1) + ")")
     date_col = next((c for c in _DATE_COLUMNS if c in df.columns), None)
     missing = ([] if date_col else ['timestamp (or Date)']) + [f for f in FIELDS if f not in df.columns]
-    if len(missing) > 2:  # no date column and no bars, or hardly any price column: some other file
+    if 'close' not in df.columns and sum(f in df.columns for f in FIELDS) < 3:  # hardly a price column: some other file
         msg = (f"{where}: not a price file (columns: {_names(df.columns, 6)}; a price file has "
                "'timestamp,open,high,low,close,volume' or 'Date,Open,High,Low,Close,Adj Close,Volume')")
         raise DataError(msg, [Problem(symbol, None, 'not_a_price_file', msg, 'error')])
@@ -517,7 +517,7 @@ def read_bars(path, # a CSV or parquet file of one symbol
                 tickers = [t for t in dict.fromkeys(head[1].strip().split(',')[1:]) if t]
                 if len(tickers) > 1:
                     raise _mixed_error(symbol, str(path), f"{len(tickers)} tickers' column blocks ({_names(tickers)})")
-                if tickers and symbol_from_filename(tickers[0]) != symbol:
+                if tickers and symbol_from_filename(tickers[0]).upper() != symbol.upper():
                     msg = f"{symbol}: {path} holds {tickers[0]}'s prices (its Ticker row), not {symbol}'s; rename or replace it"
                     raise DataError(msg, [Problem(symbol, None, 'wrong_ticker', msg, 'error')])
                 names = ['Date'] + head[0].strip().split(',')[1:]
