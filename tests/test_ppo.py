@@ -12,6 +12,7 @@ pytest.importorskip('stable_baselines3')
 import tradellm.ppo as ppo
 from tradellm.env import TradingEnv, demo_panel
 from tradellm.market import Order
+from tradellm.tasks import get_task
 from tradellm.ppo import (ACTIONS, HOLD, SELECTION_SEED, ObsNormalizer, PPOAgent, PPOTradingEnv, action_orders, cli_train_ppo,
                           env_orders, fit_normalizer, load_ppo_agent, policy_feature_names, policy_features, run_agent, train_ppo)
 
@@ -277,9 +278,13 @@ def test_reward_is_shaped_daily_return_plus_final_score():
     rets = np.array([0.1, 100_000 / 110_000 - 1] + [0.0] * 18)
     sharpe = np.sqrt(252) * rets.mean() / rets.std(ddof=1)
     assert (m['total_return'], m['trades']) == (pytest.approx(0.0), 2) and m['max_drawdown'] == pytest.approx(1 / 11)
-    expected = (0.40 * min(max(sharpe / 3, 0), 1) + 0.30 * 0.5 + 0.15 * (1 - (1 / 11) / 0.2)
-                + 0.15 * min(1, 2 / (0.25 * 20)))
-    assert info['score'] == pytest.approx(expected)
+    b = np.array([0.1] + [0.0] * 19)  # buy-and-hold: bought at day 1's open of 100, 110 at every close: R_B = +10%
+    A = np.sqrt(252) * rets.mean() / max(rets.std(ddof=1), b.std(ddof=1), 0.005)
+    expected = (0.40 * min(max(0.5 + A / (2 * get_task('easy').risk_scale), 0), 1) + 0.30 * 0.5 + 0.15 * (1 - (1 / 11) / 0.2)
+                + 0.15 * 0.0)  # alpha: a return of 0 against buy-and-hold's +10% is 10 points behind
+    assert info['score'] == pytest.approx(expected, abs=1e-12)
+    assert m['seed_score'] == pytest.approx(0.40 * min(max(sharpe / 3, 0), 1) + 0.30 * 0.5 + 0.15 * (1 - (1 / 11) / 0.2)
+                                            + 0.15 * min(1, 2 / (0.25 * 20)))  # the tasks-1.x score, kept beside
     assert total == pytest.approx(0.0 + info['score'])
 
 
