@@ -12,6 +12,7 @@ pytest.importorskip('stable_baselines3')
 import tradellm.ppo as ppo
 from tradellm.env import TradingEnv, demo_panel
 from tradellm.market import Order
+from tradellm.tasks import get_task
 from tradellm.ppo import (ACTIONS, HOLD, SELECTION_SEED, ObsNormalizer, PPOAgent, PPOTradingEnv, action_orders, cli_train_ppo,
                           env_orders, fit_normalizer, load_ppo_agent, policy_feature_names, policy_features, run_agent, train_ppo)
 
