@@ -366,7 +366,7 @@ def test_trained_model_keeps_the_best_val_checkpoint(trained, synth_panel):
         score = np.mean(run_agent(agent, 'easy', 'val', 4, seed=SELECTION_SEED, data=synth_panel))
     assert score == pytest.approx(res['best_val_score'], abs=1e-12)
     cfg = json.loads((out / 'config.json').read_text())
-    from tradellm.tasks import ENV_VERSION, get_task
+    from tradellm.tasks import ENV_VERSION
     assert (cfg['seed'], cfg['timesteps'], cfg['env_version'], cfg['task_version']) == (0, 512, ENV_VERSION, get_task('easy').version)
     assert len(cfg['learning_curve']) == res['episodes_trained'] > 0
     assert all(0 <= s <= 1 for _, s in cfg['learning_curve'])
