@@ -242,3 +242,32 @@ def test_a_ray_evaluation_logs_to_a_tracking_server(cluster, driver, prices, tmp
         port = int(uri.rsplit(':', 1)[1])
     import socket
     with pytest.raises(OSError): socket.create_connection(('127.0.0.1', port), timeout=1).close()  # the server is gone
+
+
+# ---------------------------------------------------------------- vLLM (CUDA only)
+
+def test_vllm_paths_fail_in_one_line_without_cuda(prices):
+    torch = pytest.importorskip('torch')
+    if torch.cuda.is_available(): pytest.skip('this machine has CUDA: see the gpu test')
+    r = cli('evaluate', '--agents', 'llm:smollm2@vllm', '--tasks', 'easy', '--episodes', '1', '--no-mlflow', '--quiet', '--data', str(prices))
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1, r.stderr
+    assert lines[0].startswith('tradellm evaluate: llm:smollm2@vllm: vLLM runs on CUDA GPUs and torch')
+    r = cli('grpo', '--use-vllm', '--fresh-lora', '--steps', '1', '--no-mlflow', '--data', str(prices))
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1 and 'grpo --use-vllm: vLLM runs on CUDA GPUs' in lines[0], r.stderr
+
+
+@pytest.mark.gpu
+def test_vllm_agent_plays_episodes_on_a_gpu(synth_panel):
+    "On a CUDA machine with vllm: SmolLM2 through vLLM plays greedy episodes with the same prompts and parser."
+    torch = pytest.importorskip('torch')
+    pytest.importorskip('vllm')
+    if not torch.cuda.is_available(): pytest.skip('needs a CUDA GPU')
+    from tradellm.agents import make_agent
+    agent = make_agent('llm:smollm2@vllm')
+    assert agent.spec == 'llm:smollm2@vllm' and agent.config()['engine'] == 'vllm'
+    recs = ev.run_episodes(agent, 'easy', 'test', 4, 0, synth_panel, progress=False)
+    assert [r['seed'] for r in recs] == [0, 1, 2, 3] and all(len(r['completions']) == 20 for r in recs)
+    again = ev.run_episodes(agent, 'easy', 'test', 4, 0, synth_panel, progress=False)
+    assert [r['actions'] for r in again] == [r['actions'] for r in recs]  # greedy: the same answers
