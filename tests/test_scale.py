@@ -12,6 +12,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -62,15 +63,17 @@ def test_tradellm_and_local_runs_never_import_ray(tmp_path):
     assert r.returncode == 0 and r.stdout.strip() == 'ok', r.stderr
 
 
-def test_backend_ray_without_ray_says_how_to_install_it(prices):
+@pytest.mark.parametrize('command', ['evaluate', 'leaderboard'])
+def test_backend_ray_without_ray_says_how_to_install_it(prices, command, tmp_path):
     "Ray made unimportable in the subprocess: one line on stderr, exit status 2, no traceback."
     code = ("import sys\nsys.modules['ray'] = None  # import ray now raises ImportError\n"
             "from tradellm.cli import main\n"
-            f"sys.exit(main(['evaluate', '--backend', 'ray', '--data', {str(prices)!r}, '--episodes', '2', '--no-mlflow', '--quiet']))")
+            f"sys.exit(main([{command!r}, '--backend', 'ray', '--data', {str(prices)!r}, '--episodes', '2', '--no-mlflow', '--quiet']"
+            f" + (['--out', {str(tmp_path / 'out')!r}, '--no-llm'] if {command!r} == 'leaderboard' else [])))")
     r = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=300)
     assert r.returncode == 2, r.stderr
     lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith('tradellm evaluate: --backend ray needs Ray')
+    assert len(lines) == 1 and lines[0].startswith(f'tradellm {command}: --backend ray needs Ray')
     assert "pip install 'tradellm[scale]'" in lines[0]
 
 
@@ -271,3 +274,54 @@ def test_vllm_agent_plays_episodes_on_a_gpu(synth_panel):
     assert [r['seed'] for r in recs] == [0, 1, 2, 3] and all(len(r['completions']) == 20 for r in recs)
     again = ev.run_episodes(agent, 'easy', 'test', 4, 0, synth_panel, progress=False)
     assert [r['actions'] for r in again] == [r['actions'] for r in recs]  # greedy: the same answers
+
+
+class StandInEngine:
+    "vLLM's `LLM.generate` in shape: one RequestOutput per prompt, answering `text` (cut at the limit when `cut`)."
+    def __init__(self, tok, text='HOLD', cut=False): self.tok, self.text, self.cut, self.calls = tok, text, cut, []
+    def get_tokenizer(self): return self.tok
+    def generate(self, prompts, params, use_tqdm=True, lora_request=None):
+        self.calls.append(dict(prompts=prompts, params=params, lora_request=lora_request))
+        out = SimpleNamespace(text=self.text, token_ids=[7] * 5, finish_reason='length' if self.cut else 'stop')
+        return [SimpleNamespace(prompt_token_ids=[1] * 11, outputs=[out]) for _ in prompts]
+
+
+def test_vllm_agent_sends_the_llm_agents_prompts_and_reads_the_answers(synth_panel):
+    "A stand-in engine on the CPU: the LLMAgent's prompts, one SamplingParams per chat, its answers parsed and logged."
+    pytest.importorskip('transformers')
+    from tradellm.llm import build_messages
+    from tradellm.scale import VLLMAgent
+    from test_llm import _tiny_model
+    from transformers import AutoTokenizer
+    import tempfile
+    with tempfile.TemporaryDirectory() as d:
+        tok = AutoTokenizer.from_pretrained(_tiny_model(Path(d) / 'tiny'))
+    engine = StandInEngine(tok, 'BUY 0.5')
+    agent = VLLMAgent(engine, sampling_params=dict, lora_request='LORA', max_new_tokens={'easy': 40}, prompt_style='compact')
+    recs = ev.run_episodes(agent, 'easy', 'test', 3, 2, synth_panel, progress=False)
+    first = engine.calls[0]
+    envs_obs = ev.TradingEnv('easy', 'test', 'text', data=synth_panel).reset(seed=2)[0]
+    assert first['prompts'][0] == tok.apply_chat_template(build_messages('easy', envs_obs, style='compact'), add_generation_prompt=True, tokenize=False)
+    assert first['lora_request'] == 'LORA' and len(engine.calls) == 20
+    p = first['params'][0]
+    assert (p['max_tokens'], p['temperature'], p['seed'], p['skip_special_tokens']) == (40, 0.0, None, True)  # greedy
+    assert tok.convert_tokens_to_ids('<|im_end|>') in p['stop_token_ids']
+    assert all(r['format_errors'] == 0 and r['fills'][0]['side'] == 'BUY' for r in recs)
+    assert agent.episode_logs()[0]['prompt_tokens'] == 20 * 11 and agent.episode_logs()[0]['generated_tokens'] == 20 * 5
+    assert agent.name == 'llm:StandInEngine@vllm' and agent.config()['engine'] == 'vllm'
+    cut = VLLMAgent(StandInEngine(tok, 'I think', cut=True), sampling_params=dict, temperature=0.8, seed=1)
+    ev.run_episodes(cut, 'easy', 'test', 2, 0, synth_panel, progress=False)
+    assert cut.episode_logs()[0]['issues'][0]['reason'] == 'endless'  # cut at the limit without an answer
+    seeds = [p['seed'] for p in cut.engine.calls[0]['params']]
+    assert len(set(seeds)) == 2 and None not in seeds
+
+
+def test_vllm_spec_and_launcher_devices_on_a_cpu(monkeypatch):
+    torch = pytest.importorskip('torch')
+    from tradellm.agents import make_agent
+    from tradellm.scale import VLLMError, is_main_process, process_device
+    if not torch.cuda.is_available():
+        with pytest.raises(VLLMError, match=r"llm:smollm2@vllm: vLLM runs on CUDA GPUs"): make_agent('llm:smollm2@vllm')
+        with pytest.raises(VLLMError, match=r'llm:smollm2\+x@vllm: '): make_agent('llm:smollm2+x@vllm')
+    monkeypatch.setenv('LOCAL_RANK', '2'); monkeypatch.setenv('WORLD_SIZE', '4'); monkeypatch.setenv('RANK', '2')
+    assert (process_device(None), process_device('cpu'), is_main_process()) == ('cuda:2', 'cpu', False)
