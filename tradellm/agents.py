@@ -191,7 +191,7 @@ class RandomAgent(Agent):
 # %% ../nbs/05_agents.ipynb #c041
 BASELINES = ('do_nothing', 'buy_and_hold', 'rsi', 'random')
 
-def make_agent(spec:str, # 'do_nothing', 'buy_and_hold', 'rsi', 'random[:SEED]', 'ppo:PATH' or 'llm:MODEL[+ADAPTER]'
+def make_agent(spec:str, # 'do_nothing', 'buy_and_hold', 'rsi', 'random[:SEED]', 'ppo:PATH' or 'llm:MODEL[+ADAPTER][@vllm]'
               ) -> Agent:
     "The agent a spec names; `ValueError` that lists the choices otherwise."
     if isinstance(spec, Agent): return spec
@@ -210,9 +210,10 @@ def make_agent(spec:str, # 'do_nothing', 'buy_and_hold', 'rsi', 'random[:SEED]',
         from tradellm.ppo import load_ppo_agent
         agent = load_ppo_agent(arg)
     elif kind == 'llm' and arg:
-        from tradellm.llm import make_llm_agent
-        model, _, adapter = arg.partition('+')
-        agent = make_llm_agent(model, adapter or None)
+        if arg.endswith('@vllm'): from tradellm.scale import make_vllm_agent as make  # vLLM generates (CUDA machines)
+        else: from tradellm.llm import make_llm_agent as make
+        model, _, adapter = arg.removesuffix('@vllm').partition('+')
+        agent = make(model, adapter or None)
     else:
         raise ValueError(f"unknown agent {s!r}; choose from {', '.join(BASELINES)}, random:SEED, ppo:PATH or llm:MODEL[+ADAPTER]")
     agent.spec = f"{kind}:{arg}" if arg else kind

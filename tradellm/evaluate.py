@@ -574,6 +574,8 @@ def evaluate(agents=BASELINES, # specs or `Agent`s for every task, or a dict tas
              command:str|None=None, # the command line that reproduces this (for the leaderboard)
              title:str='tradellm evaluation', # the leaderboard's heading
              note:str|None=None, # printed to stderr once the checks have passed (before the first episode)
+             backend='local', # 'local': episodes run here; 'ray' (or a `tradellm.scale.RayEpisodes`): sharded over a Ray cluster
+             ray_address:str|None=None, # the Ray cluster of backend='ray' (None: $RAY_ADDRESS, else a Ray started for the run)
             ) -> dict:
     "Run every agent on every task's seeded episodes; summary rows, records, and optionally files and MLflow runs."
     t0 = time.time()
@@ -583,6 +585,11 @@ def evaluate(agents=BASELINES, # specs or `Agent`s for every task, or a dict tas
     if isinstance(agents, (str, Agent)): agents = [agents]
     plan = {t: list(agents.get(t, [])) if isinstance(agents, dict) else list(agents) for t in tasks}
     if not any(plan.values()): raise ValueError("no agent given; choose from " + ', '.join(BASELINES))
+    if backend != 'local':  # the same episodes on a Ray cluster: `tradellm.scale`, the only module that imports Ray
+        from tradellm.scale import episode_backend
+        shards = episode_backend(backend, ray_address)
+    elif ray_address is not None: raise ValueError("ray_address is for backend='ray' (--backend ray)")
+    else: shards = None
     heavy = lambda s: not isinstance(s, Agent) and _spec_text(s).startswith(('llm:', 'ppo:'))
     built = {}  # spec -> its agent, each spec built once
     for s in (s for t in tasks for s in plan[t] if not isinstance(s, Agent) and not heavy(s)):  # rule agents (and spec typos) first: instant
@@ -594,32 +601,33 @@ def evaluate(agents=BASELINES, # specs or `Agent`s for every task, or a dict tas
     uri, exp_id = check_tracking(tracking_uri) if track else (None, None)
     if note: print(note, file=sys.stderr)
     for s in (s for t in tasks for s in plan[t] if heavy(s)):  # then models, once the output and the store are known to work
-        if _spec_text(s) not in built: built[_spec_text(s)] = make_agent(s)
+        if _spec_text(s) not in built: built[_spec_text(s)] = make_agent(s) if shards is None else shards.agent(s)  # (Ray: in actors)
     chosen = {t: _distinct_agents(t, [agent_of(s) for s in plan[t]]) for t in tasks}  # label -> agent, per task
     panel = load_panel(data)
     fingerprint = panel.fingerprint()  # (tagged on every run: which prices a number was computed on, whatever the folder is called)
+    play = run_episodes if shards is None else shards.submit(chosen, split, episodes, seed, panel).episodes  # Ray: all chunks queued now
     rows, records = [], {}
     total = sum((len(chosen[t]) + ('do_nothing' not in chosen[t] or 'buy_and_hold' in chosen[t])) * episodes * TASKS[t].days for t in tasks)
-    with _sigterm_raises(), tqdm(total=total, unit='day', desc='evaluate', disable=not progress) as bar:
+    with _sigterm_raises(), tqdm(total=total, unit='day', desc='evaluate', disable=not progress) as bar, shards or contextlib.nullcontext():
         for task in tasks:
             # the baselines of the paired differences first: buy-and-hold (a listed do-nothing needs it too), then do-nothing
             keys = sorted(chosen[task], key=lambda k: (k != 'buy_and_hold', k != 'do_nothing'))
             baseline = bh = None
             if not keys or keys[0] != 'do_nothing':
                 bar.set_description(f"{task} do_nothing (baseline)")
-                baseline = run_episodes(make_agent('do_nothing'), task, split, episodes, seed, panel, bar)
+                baseline = play(make_agent('do_nothing'), task, split, episodes, seed, panel, bar)
             for key in keys:
                 agent = chosen[task][key]
                 bar.set_description(f"{task} {key}")
                 tags = dict(tradellm_kind='evaluate', agent=key, agent_name=agent.name, task=task, split=split,
                             env_version=ENV_VERSION, task_version=TASKS[task].version, data_source=panel.source, data_fingerprint=fingerprint,
-                            tradellm_version=_version())
+                            tradellm_version=_version(), backend='local' if shards is None else 'ray')
                 if getattr(agent, 'prompt_version', None): tags['prompt_version'] = agent.prompt_version
                 params = {**{f'agent.{k}': v for k, v in agent.config().items()}, 'agent': key, 'task': task, 'split': split,
                           'episodes': episodes, 'seed': seed, 'seeds': f"{seed}..{seed + episodes - 1}", 'n_resamples': n_resamples}
                 with tracked_run(uri, exp_id, f"{key} {task} {split}", tags, params) as run:
                     t1 = time.time()
-                    recs = run_episodes(agent, task, split, episodes, seed, panel, bar)
+                    recs = play(agent, task, split, episodes, seed, panel, bar)
                     for r in recs: r['spec'] = key
                     if key == 'do_nothing' and baseline is None: baseline = recs
                     if key == 'buy_and_hold': bh = recs
@@ -780,6 +788,10 @@ def _common_args(p, episodes=50):
     p.add_argument('--json', action='store_true', help='print a JSON summary instead of the tables')
     p.add_argument('--no-mlflow', action='store_true', help='do not log MLflow runs')
     p.add_argument('--quiet', action='store_true', help='no progress bar')
+    p.add_argument('--backend', default='local', choices=['local', 'ray'],
+                   help="where episodes run: here, or sharded over a Ray cluster (pip install 'tradellm[scale]'); the same episodes either way")
+    p.add_argument('--ray-address', default=None,
+                   help="with --backend ray: the cluster's head HOST:PORT (default: $RAY_ADDRESS, else a Ray started for the run)")
 
 def _summary_json(result, **extra) -> str:
     return json.dumps(dict(meta=result['meta'], out=result['out'], rows=result['rows'], **extra), indent=1, default=float)
@@ -817,7 +829,7 @@ def cli_evaluate(argv:list|None=None, # arguments after `tradellm evaluate`
     p = argparse.ArgumentParser(prog='tradellm evaluate', description='Run agents x tasks on a split for N seeded episodes '
                                 '(the same episodes for every agent) and report scores with 95% bootstrap intervals.')
     p.add_argument('--agents', default=','.join(BASELINES),
-                   help='comma-separated agent specs: do_nothing, buy_and_hold, rsi, random[:SEED], ppo:PATH, llm:MODEL[+ADAPTER] (default: the baselines)')
+                   help='comma-separated agent specs: do_nothing, buy_and_hold, rsi, random[:SEED], ppo:PATH, llm:MODEL[+ADAPTER][@vllm] (default: the baselines)')
     p.add_argument('--tasks', default=','.join(TASKS), help='comma-separated tasks (default: %(default)s)')
     p.add_argument('--split', default='val', help='train, val or test (default: val)')
     p.add_argument('--out', default=None, help='write leaderboard.md, episodes.csv, summary.json and plots into this folder')
@@ -825,7 +837,7 @@ def cli_evaluate(argv:list|None=None, # arguments after `tradellm evaluate`
     args = p.parse_args(argv)
     def run():
         _report(evaluate(_csv(args.agents), _csv(args.tasks), args.split, args.episodes, args.seed, args.data, args.out,
-                         track=not args.no_mlflow, progress=not args.quiet), args)
+                         track=not args.no_mlflow, progress=not args.quiet, backend=args.backend, ray_address=args.ray_address), args)
     return _run_cli('evaluate', run)
 
 def cli_leaderboard(argv:list|None=None, # arguments after `tradellm leaderboard`
@@ -841,7 +853,7 @@ def cli_leaderboard(argv:list|None=None, # arguments after `tradellm leaderboard
     args = p.parse_args(argv)
     def run():
         _report(leaderboard(args.episodes, args.out, args.data, args.seed, args.llm, _csv(args.tasks),
-                            track=not args.no_mlflow, progress=not args.quiet), args)
+                            track=not args.no_mlflow, progress=not args.quiet, backend=args.backend, ray_address=args.ray_address), args)
     return _run_cli('leaderboard', run)
 
 def cli_rescore(argv:list|None=None, # arguments after `tradellm rescore`

@@ -495,9 +495,13 @@ def train_grpo(model:str='smollm2', # 'smollm2', a folder written by save_pretra
                gradient_checkpointing:bool=False, # trade compute for memory (TRL's default is on; small models do not need it)
                progress:bool=True, # a progress bar over steps
                prompt_style:str|None=None, # system prompt style (None: the adapter's, from its tradellm_adapter.json; 'full' without one)
+               use_vllm:bool=False, # generate the groups with vLLM on the training GPUs (TRL's use_vllm, colocate mode; CUDA only)
               ) -> dict:
     "Fine-tune with GRPO, the environment as the reward; returns a summary (also written to OUT/grpo.json)."
     t = get_task(task)
+    from tradellm.scale import check_vllm, is_main_process, process_device  # (no Ray: launcher ranks and vLLM checks)
+    if use_vllm: check_vllm('grpo --use-vllm')
+    device, main = process_device(device), is_main_process()  # under accelerate launch: this rank's GPU; rank 0 logs and saves
     auto_length, need = completion_budget(adapter, t.name)
     if max_completion_length is None: max_completion_length = auto_length
     elif need is not None and max_completion_length < need:
@@ -531,14 +535,15 @@ def train_grpo(model:str='smollm2', # 'smollm2', a folder written by save_pretra
                       learning_rate=learning_rate, beta=beta, temperature=temperature, reward_weights=reward.weights,
                       logging_steps=1, save_steps=save_steps, save_strategy='steps', report_to='none', seed=seed,
                       disable_tqdm=True, remove_unused_columns=False, dataloader_num_workers=0,
-                      gradient_checkpointing=gradient_checkpointing, **_precision())
+                      gradient_checkpointing=gradient_checkpointing, **_precision(),
+                      **(dict(use_vllm=True, vllm_mode='colocate') if use_vllm else {}))
     params = dict(model=str(model), adapter=None if adapter is None else str(adapter), task=t.name, steps=steps,
                   group_size=group_size, horizon=cfg.horizon, max_completion_length=max_completion_length, prompts=prompts,
                   prompts_per_step=prompts_per_step, learning_rate=learning_rate, beta=beta, temperature=temperature,
-                  lora_r=None if adapter else lora_r, policy=policy, seed=seed, prompt_style=prompt_style, resumed_from=None if last is None else str(last),
+                  lora_r=None if adapter else lora_r, policy=policy, seed=seed, use_vllm=use_vllm, prompt_style=prompt_style, resumed_from=None if last is None else str(last),
                   **{f'reward.{k}': v for k, v in asdict(cfg).items()})
     tags = dict(kind='grpo', task=t.name, env_version=ENV_VERSION, task_version=t.version, prompt_version=PROMPT_VERSION)
-    uri, exp = check_tracking() if track else (None, None)
+    uri, exp = check_tracking() if track and main else (None, None)
     t0 = time.time()
     bar = tqdm(total=int(steps), initial=0, desc=f"grpo {t.name}", unit='step', disable=not progress)
     with tracked_run(uri, exp, run_name=f"grpo-{t.name}", tags=tags, params=params) as run:
@@ -552,12 +557,12 @@ def train_grpo(model:str='smollm2', # 'smollm2', a folder written by save_pretra
         with _labelled_positions_only(next(lm.parameters()).device.type == 'cpu'):
             trainer.train(resume_from_checkpoint=str(last) if last is not None else None)
         bar.close()
-        trainer.model.save_pretrained(out / 'adapter', selected_adapters=['default'])  # not TRL's frozen 'ref' copy
-        tok.save_pretrained(out / 'adapter')
+        if main: trainer.model.save_pretrained(out / 'adapter', selected_adapters=['default'])  # not TRL's frozen 'ref' copy
+        if main: tok.save_pretrained(out / 'adapter')
         answers = adapter_meta(adapter).get('answer_tokens') if adapter is not None else None  # the SFT answers' lengths carry on
-        write_adapter_meta(out / 'adapter', prompt_style=prompt_style, stage='grpo', base_model=str(model), task=t.name,
-                           started_from=None if adapter is None else str(adapter), prompt_version=PROMPT_VERSION,
-                           max_completion_length=max_completion_length, **({'answer_tokens': answers} if answers else {}))
+        if main: write_adapter_meta(out / 'adapter', prompt_style=prompt_style, stage='grpo', base_model=str(model), task=t.name,
+                                    started_from=None if adapter is None else str(adapter), prompt_version=PROMPT_VERSION,
+                                    max_completion_length=max_completion_length, **({'answer_tokens': answers} if answers else {}))
         hist = reward.history
         times = cb.step_times
         summary = dict(params, out=str(out), adapter_out=str(out / 'adapter'), steps_done=int(trainer.state.global_step),
@@ -575,7 +580,7 @@ def train_grpo(model:str='smollm2', # 'smollm2', a folder written by save_pretra
         run.log_metrics({k: summary[k] for k in ('zero_spread_share', 'format_error_rate', 'truncated_share', 'steps_per_minute')
                          if summary[k] is not None},
                         step=summary['steps_done'])
-        (out / 'grpo.json').write_text(json.dumps(dict(summary, history=hist, last_samples=reward.samples), indent=1))
+        if main: (out / 'grpo.json').write_text(json.dumps(dict(summary, history=hist, last_samples=reward.samples), indent=1))
         if getattr(run, 'client', None) is not None: run.log_artifact(out / 'grpo.json')
     return summary
 
@@ -617,6 +622,8 @@ def _parser():
     p.add_argument('--data', default=None, help='folder of prices (default: $TRADELLM_DATA, then the cache)')
     p.add_argument('--device', default=None, help="'cpu' or 'cuda' (default: CUDA when present)")
     p.add_argument('--threads', type=int, default=None, help='torch CPU threads')
+    p.add_argument('--use-vllm', action='store_true',
+                   help="generate the groups with vLLM on the training GPUs (TRL's use_vllm; CUDA and pip install 'tradellm[gpu]')")
     p.add_argument('--no-mlflow', action='store_true', help='do not log to MLflow')
     p.add_argument('--json', action='store_true', help='print the run summary as JSON')
     return p
@@ -638,7 +645,7 @@ def cli_grpo(argv:list) -> int:
         s = train_grpo(a.model, adapter, a.task, a.out, a.steps, a.group_size, a.horizon, a.max_completion_length, a.prompts,
                        a.prompts_per_step, a.lr, a.beta, a.temperature, lora_r=a.lora_r, env_config=cfg, seed=a.seed, save_steps=a.save_steps,
                        resume=a.resume, track=not a.no_mlflow, data=a.data, device=a.device, progress=not a.json,
-                       prompt_style=a.prompt_style)
+                       prompt_style=a.prompt_style, use_vllm=a.use_vllm)
     except (ValueError, FileNotFoundError, DataError, ModelError) as e:
         print(f"tradellm grpo: {e}", file=sys.stderr)
         return 2

@@ -484,6 +484,10 @@ class LLMAgent(Agent):
         "One dict per episode started so far: completions, format_errors, steps, issues, token counts."
         return list(self._episodes)
 
+    def _generate(self, chats:list, max_new_tokens:int, seeds:list|None) -> Generation:
+        "One batched generation of `chats` (transformers here; `tradellm.scale.VLLMAgent` generates with vLLM)."
+        return generate_batch(self.model, self.tok, chats, max_new_tokens, self.temperature, seeds, self.reuse_prefix)
+
     def act(self, envs, observations) -> list[str]:
         "One action per env: all envs' chats go through batched `generate` calls."
         if len(envs) != len(observations): raise ValueError(f"{len(envs)} envs but {len(observations)} observations")
@@ -498,8 +502,7 @@ class LLMAgent(Agent):
         gens = []
         for k in range(0, len(chats), size):
             limit = max(self.max_new_tokens_for(e.task.name) for e in envs[k:k + size])
-            g = generate_batch(self.model, self.tok, chats[k:k + size], limit, self.temperature,
-                               None if seeds is None else seeds[k:k + size], self.reuse_prefix)
+            g = self._generate(chats[k:k + size], limit, None if seeds is None else seeds[k:k + size])
             gens.append(g)
             self.stats['generate_calls'] += 1
             self.stats['seconds'] += g.seconds
