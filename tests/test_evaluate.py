@@ -443,6 +443,10 @@ def test_leaderboard_agents(monkeypatch, tmp_path):
     import tradellm.ppo as ppo
     monkeypatch.setattr(ppo, 'default_model_dir', lambda task: tmp_path / 'ppo' / task)
     monkeypatch.setattr(ev, '_default_llm_available', lambda: True)
+    monkeypatch.setattr(ev, '_gpu_present', lambda: False)  # installed but no GPU: left out unless asked for (hours on a CPU)
+    assert ev.leaderboard_agents(['easy'])['easy'] == ['do_nothing', 'buy_and_hold', 'rsi', 'random']
+    assert ev.leaderboard_agents(['easy'], llm=True)['easy'][-1] == 'llm:smollm2'
+    monkeypatch.setattr(ev, '_gpu_present', lambda: True)
     assert ev.leaderboard_agents(['easy'])['easy'] == ['do_nothing', 'buy_and_hold', 'rsi', 'random', 'llm:smollm2']
     assert ev.leaderboard_agents(['easy'], llm=False)['easy'] == ['do_nothing', 'buy_and_hold', 'rsi', 'random']
     (tmp_path / 'ppo' / 'medium').mkdir(parents=True)

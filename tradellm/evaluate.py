@@ -660,6 +660,12 @@ def _default_llm_available() -> bool:
     try: return bool(default_model_available())
     except Exception: return False
 
+def _gpu_present() -> bool:
+    "Whether torch sees a CUDA device (False without torch)."
+    try: import torch
+    except ImportError: return False
+    return bool(torch.cuda.is_available())
+
 def _ppo_model(task):
     "The cached PPO model folder of `task` (`tradellm.ppo.default_model_dir`), when there is one."
     try: from tradellm.ppo import default_model_dir
@@ -670,10 +676,10 @@ def _ppo_model(task):
     return p
 
 def leaderboard_agents(tasks=tuple(TASKS), # tasks of the leaderboard
-                       llm:bool|None=None, # include `llm:smollm2`: True, False, or None (when it is installed)
+                       llm:bool|None=None, # include `llm:smollm2`: True, False, or None (when it is installed and a GPU is present)
                       ) -> dict:
-    "Agent specs per task: the baselines, plus the default LLM and cached PPO models where present."
-    with_llm = _default_llm_available() if llm is None else llm
+    "Agent specs per task: the baselines, plus the default LLM (on a GPU) and cached PPO models where present."
+    with_llm = (_default_llm_available() and _gpu_present()) if llm is None else llm
     plan = {}
     for t in tasks:
         plan[t] = list(BASELINES) + (['llm:smollm2'] if with_llm else [])
@@ -685,7 +691,7 @@ def leaderboard(episodes:int=50, # episodes per agent and task
                 out='results', # output folder (replaced atomically)
                 data=None, # prices (default: the data lookup)
                 seed:int=0, # env seed of the first episode
-                llm:bool|None=None, # include the default LLM (None: when installed)
+                llm:bool|None=None, # include the default LLM (None: when installed and a GPU is present)
                 tasks=tuple(TASKS), # tasks
                 **kwargs, # passed to `evaluate` (track, tracking_uri, progress, ...)
                ) -> dict:
@@ -693,7 +699,11 @@ def leaderboard(episodes:int=50, # episodes per agent and task
     plan = leaderboard_agents(tasks, llm)
     note = None
     if llm is None and any(s.startswith('llm:') for v in plan.values() for s in v):
-        note = "tradellm leaderboard: including llm:smollm2 (installed); --no-llm leaves it out (it is slow on a CPU)"
+        note = "tradellm leaderboard: including llm:smollm2 (installed, and a GPU is present); --no-llm leaves it out"
+    elif llm is None and _default_llm_available():
+        note = ("tradellm leaderboard: llm:smollm2 left out: there is no GPU, and on a CPU it writes an answer for every "
+                f"episode-day ({episodes * sum(TASKS[t].days for t in tasks):,} here: hours on two cores, see "
+                "benchmarks/bench_llm.py); --llm adds it")
     cmd = (f"tradellm leaderboard --episodes {episodes} --seed {seed} --out {out}" + (f" --data {data}" if isinstance(data, (str, Path)) else '')
            + {True: ' --llm', False: ' --no-llm', None: ''}[llm])
     return evaluate(plan, tasks, 'test', episodes, seed, data, out, command=cmd,
