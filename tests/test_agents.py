@@ -221,12 +221,18 @@ def test_make_agent_specs():
 
 
 def test_make_agent_delegates_ppo_and_llm(monkeypatch):
+    "ppo:, llm: and llm:...@vllm specs reach their modules' registered entry points, with the text after the prefix."
     calls = []
-    fake_ppo = types.SimpleNamespace(load_ppo_agent=lambda p: calls.append(('ppo', p)) or RSIAgent())
-    fake_llm = types.SimpleNamespace(make_llm_agent=lambda m, a: calls.append(('llm', m, a)) or DoNothingAgent())
+    fake_ppo = types.SimpleNamespace(agent_from_spec=lambda p: calls.append(('ppo', p)) or RSIAgent())
+    fake_llm = types.SimpleNamespace(agent_from_spec=lambda a: calls.append(('llm', a)) or DoNothingAgent())
+    fake_scale = types.SimpleNamespace(vllm_agent_from_spec=lambda a: calls.append(('vllm', a)) or DoNothingAgent())
     monkeypatch.setitem(sys.modules, 'tradellm.ppo', fake_ppo)
     monkeypatch.setitem(sys.modules, 'tradellm.llm', fake_llm)
+    monkeypatch.setitem(sys.modules, 'tradellm.scale', fake_scale)
     assert make_agent('ppo:models/easy').spec == 'ppo:models/easy'
     assert make_agent('llm:smollm2').spec == 'llm:smollm2'
     make_agent('llm:Qwen/Qwen2.5-0.5B-Instruct+adapters/sft')
-    assert calls == [('ppo', 'models/easy'), ('llm', 'smollm2', None), ('llm', 'Qwen/Qwen2.5-0.5B-Instruct', 'adapters/sft')]
+    assert make_agent('llm:smollm2+a@vllm').spec == 'llm:smollm2+a@vllm'
+    make_agent('llm:odd@name')  # an '@' that names no registered engine stays part of the model name
+    assert calls == [('ppo', 'models/easy'), ('llm', 'smollm2'), ('llm', 'Qwen/Qwen2.5-0.5B-Instruct+adapters/sft'),
+                     ('vllm', 'smollm2+a'), ('llm', 'odd@name')]

@@ -460,9 +460,9 @@ def test_default_llm_availability_is_guarded(monkeypatch):
     monkeypatch.setitem(sys.modules, 'tradellm.llm', types.SimpleNamespace())
     assert ev._default_llm_available() is False
     def broken(): raise OSError('no cache')
-    monkeypatch.setitem(sys.modules, 'tradellm.llm', types.SimpleNamespace(default_model_available=broken))
+    monkeypatch.setitem(sys.modules, 'tradellm.llm', types.SimpleNamespace(leaderboard_spec=lambda task: broken()))
     assert ev._default_llm_available() is False
-    monkeypatch.setitem(sys.modules, 'tradellm.llm', types.SimpleNamespace(default_model_available=lambda: True))
+    monkeypatch.setitem(sys.modules, 'tradellm.llm', types.SimpleNamespace(leaderboard_spec=lambda task: 'llm:smollm2'))
     assert ev._default_llm_available() is True
 
 
@@ -607,7 +607,7 @@ def test_rescore_of_a_store_with_tasks_1x_runs(capsys, data_dir, tmp_path, monke
 
 def test_leaderboard_on_real_data(real_data_dir, tmp_path, monkeypatch):
     "The rule agents on nifty68's test split, a few episodes: do-nothing's difference to itself has a zero-width interval."
-    monkeypatch.setattr(ev, '_ppo_model', lambda task: None)  # a trained PPO model in the cache would add rows
+    monkeypatch.setattr(ev, '_ppo_spec', lambda task: None)  # a trained PPO model in the cache would add rows
     res = ev.leaderboard(episodes=3, out=tmp_path / 'results', data=real_data_dir, llm=False, track=False, progress=False,
                          n_resamples=1_000)
     assert len(res['rows']) == 12

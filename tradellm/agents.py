@@ -4,11 +4,14 @@
 
 # %% ../nbs/05_agents.ipynb #c003
 from __future__ import annotations
+import importlib
 import math
+from dataclasses import dataclass
 import numpy as np
 
 # %% auto #0
-__all__ = ['RSI_RULES', 'BASELINES', 'Agent', 'DoNothingAgent', 'BuyAndHoldAgent', 'RSIAgent', 'RandomAgent', 'make_agent']
+__all__ = ['RSI_RULES', 'AGENT_KINDS', 'BASELINES', 'Agent', 'DoNothingAgent', 'BuyAndHoldAgent', 'RSIAgent', 'RandomAgent',
+           'AgentKind', 'register_agent', 'entry_point', 'leaderboard_spec', 'make_agent']
 
 # %% ../nbs/05_agents.ipynb #c006
 class Agent:
@@ -188,6 +191,40 @@ class RandomAgent(Agent):
             out.append(f"{side} {env.symbols[choices[int(pick * len(choices))]]} {frac:g}")
         return out
 
+# %% ../nbs/05_agents.ipynb #8a50e84b
+@dataclass(frozen=True)
+class AgentKind:
+    "How `make_agent` builds the agents of one spec prefix: entry points ('module:function') imported when first used."
+    make: str  # builds the agent from the spec's text after 'KIND:'
+    leaderboard: str|None = None  # `fn(task) -> spec or None`: the spec this kind adds to a task's leaderboard
+    usage: str = ''  # how the spec is written, for error messages
+
+AGENT_KINDS = {}  # spec prefix ('llm', 'ppo', or 'KIND@BACKEND' for another engine) -> AgentKind
+
+def register_agent(kind:str, # the spec prefix, e.g. 'llm'; 'llm@vllm' serves specs 'llm:...@vllm'
+                   make:str, # entry point building an agent from the spec's text after 'KIND:'
+                   leaderboard:str|None=None, # entry point giving the spec this kind adds to a task's leaderboard, or None
+                   usage:str='', # how the spec is written
+                  ):
+    "Let `make_agent` build 'KIND:ARG' specs through entry points, without importing their module here."
+    AGENT_KINDS[kind] = AgentKind(make, leaderboard, usage or f'{kind}:ARG')
+
+def entry_point(name:str):
+    "The object an entry point 'module:function' names (its module imported now)."
+    module, _, attr = name.partition(':')
+    return getattr(importlib.import_module(module), attr)
+
+def leaderboard_spec(kind:str, task:str) -> str|None:
+    "The spec a registered kind adds to `task`'s leaderboard; None when it adds none or its module cannot be imported."
+    k = AGENT_KINDS.get(kind)
+    if k is None or k.leaderboard is None: return None
+    try: return entry_point(k.leaderboard)(task)
+    except ImportError: return None
+
+register_agent('ppo', 'tradellm.ppo:agent_from_spec', 'tradellm.ppo:leaderboard_spec', 'ppo:PATH')
+register_agent('llm', 'tradellm.llm:agent_from_spec', 'tradellm.llm:leaderboard_spec', 'llm:MODEL[+ADAPTER][@vllm]')
+register_agent('llm@vllm', 'tradellm.scale:vllm_agent_from_spec', usage='llm:MODEL[+ADAPTER]@vllm')
+
 # %% ../nbs/05_agents.ipynb #c041
 BASELINES = ('do_nothing', 'buy_and_hold', 'rsi', 'random')
 
@@ -206,15 +243,12 @@ def make_agent(spec:str, # 'do_nothing', 'buy_and_hold', 'rsi', 'random[:SEED]',
         except ValueError: raise ValueError(f"agent {s!r}: the random agent's seed must be an integer, e.g. random:7") from None
         agent = RandomAgent(seed)
         arg = str(seed) if seed else ''  # one spec per agent: 'random:02' is 'random:2', 'random:0' is 'random'
-    elif kind == 'ppo' and arg:
-        from tradellm.ppo import load_ppo_agent
-        agent = load_ppo_agent(arg)
-    elif kind == 'llm' and arg:
-        if arg.endswith('@vllm'): from tradellm.scale import make_vllm_agent as make  # vLLM generates (CUDA machines)
-        else: from tradellm.llm import make_llm_agent as make
-        model, _, adapter = arg.removesuffix('@vllm').partition('+')
-        agent = make(model, adapter or None)
+    elif kind in AGENT_KINDS and arg:  # a kind served by a module above this one ('llm:...', 'ppo:...')
+        base, at, backend = arg.rpartition('@')
+        variant = AGENT_KINDS.get(f"{kind}@{backend}") if at else None  # 'llm:MODEL@vllm': another engine, same agent
+        agent = entry_point((variant or AGENT_KINDS[kind]).make)(base if variant else arg)
     else:
-        raise ValueError(f"unknown agent {s!r}; choose from {', '.join(BASELINES)}, random:SEED, ppo:PATH or llm:MODEL[+ADAPTER]")
+        kinds = ', '.join(k.usage for name, k in AGENT_KINDS.items() if '@' not in name)
+        raise ValueError(f"unknown agent {s!r}; choose from {', '.join(BASELINES)}, random:SEED, {kinds}")
     agent.spec = f"{kind}:{arg}" if arg else kind
     return agent

@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from .data import SPLITS, load_panel, split_slice, cache_dir
 from .tasks import TASKS, ENV_VERSION, get_task
 from .env import TradingEnv
-from .agents import Agent, BASELINES, make_agent
+from .agents import Agent, BASELINES, make_agent, entry_point, leaderboard_spec
 
 # %% auto #0
 __all__ = ['BEAT_MARGIN', 'EXPERIMENT', 'FEW_EPISODES', 'METRICS', 'run_episodes', 'mean', 'bootstrap_ci', 'paired_diff',
@@ -585,9 +585,8 @@ def evaluate(agents=BASELINES, # specs or `Agent`s for every task, or a dict tas
     if isinstance(agents, (str, Agent)): agents = [agents]
     plan = {t: list(agents.get(t, [])) if isinstance(agents, dict) else list(agents) for t in tasks}
     if not any(plan.values()): raise ValueError("no agent given; choose from " + ', '.join(BASELINES))
-    if backend != 'local':  # the same episodes on a Ray cluster: `tradellm.scale`, the only module that imports Ray
-        from tradellm.scale import episode_backend
-        shards = episode_backend(backend, ray_address)
+    if backend != 'local':  # the same episodes on a Ray cluster: `tradellm.scale` (above this module), the only one that imports Ray
+        shards = entry_point('tradellm.scale:episode_backend')(backend, ray_address)
     elif ray_address is not None: raise ValueError("ray_address is for backend='ray' (--backend ray)")
     else: shards = None
     heavy = lambda s: not isinstance(s, Agent) and _spec_text(s).startswith(('llm:', 'ppo:'))
@@ -655,9 +654,8 @@ def evaluate(agents=BASELINES, # specs or `Agent`s for every task, or a dict tas
 
 # %% ../nbs/06_evaluate.ipynb #c039
 def _default_llm_available() -> bool:
-    try: from tradellm.llm import default_model_available
-    except ImportError: return False
-    try: return bool(default_model_available())
+    "Whether the default language model is installed (asked through its registered kind, so this module never imports `llm`)."
+    try: return leaderboard_spec('llm', 'easy') is not None
     except Exception: return False
 
 def _gpu_present() -> bool:
@@ -666,14 +664,9 @@ def _gpu_present() -> bool:
     except ImportError: return False
     return bool(torch.cuda.is_available())
 
-def _ppo_model(task):
-    "The cached PPO model folder of `task` (`tradellm.ppo.default_model_dir`), when there is one."
-    try: from tradellm.ppo import default_model_dir
-    except ImportError: return None
-    p = default_model_dir(task)
-    if not (p.is_dir() and any(p.iterdir())): return None
-    with contextlib.suppress(ValueError): return p.relative_to(Path.cwd())
-    return p
+def _ppo_spec(task) -> str|None:
+    "'ppo:FOLDER' of the cached PPO model of `task`, when there is one (asked through the registered 'ppo' kind)."
+    return leaderboard_spec('ppo', task)
 
 def leaderboard_agents(tasks=tuple(TASKS), # tasks of the leaderboard
                        llm:bool|None=None, # include `llm:smollm2`: True, False, or None (when it is installed and a GPU is present)
@@ -683,8 +676,8 @@ def leaderboard_agents(tasks=tuple(TASKS), # tasks of the leaderboard
     plan = {}
     for t in tasks:
         plan[t] = list(BASELINES) + (['llm:smollm2'] if with_llm else [])
-        p = _ppo_model(t)
-        if p is not None: plan[t].append(f'ppo:{p}')
+        ppo = _ppo_spec(t)
+        if ppo is not None: plan[t].append(ppo)
     return plan
 
 def leaderboard(episodes:int=50, # episodes per agent and task

@@ -25,7 +25,7 @@ __all__ = ['SMOLLM2', 'SMOLLM2_WHEEL', 'SMOLLM2_PIN', 'SMOLLM2_FOLDER', 'INSTALL
            'default_model_available', 'convert_smollm2', 'load_model', 'system_prompt', 'build_messages', 'Generation',
            'chat_seed', 'generate_batch', 'generate', 'completion_issue', 'LLMAgent', 'adapter_meta',
            'adapter_prompt_style', 'adapter_answer_tokens', 'answer_budget', 'write_adapter_meta',
-           'adapter_max_new_tokens', 'make_llm_agent']
+           'adapter_max_new_tokens', 'make_llm_agent', 'agent_from_spec', 'leaderboard_spec']
 
 # %% ../nbs/07_llm.ipynb #c006
 SMOLLM2 = 'smollm2'  # the name of the default model
@@ -589,3 +589,14 @@ def make_llm_agent(model:str|Path=SMOLLM2, # 'smollm2', a folder or a hub id
         kwargs.setdefault('max_new_tokens', adapter_max_new_tokens(adapter))
     lm, tok = load_model(model, adapter, device)
     return LLMAgent(lm, tok, **kwargs)
+
+# %% ../nbs/07_llm.ipynb #d4e17bf4
+def agent_from_spec(arg:str, # the spec's text after 'llm:': MODEL[+ADAPTER]
+                   ) -> LLMAgent:
+    "The agent of spec 'llm:MODEL[+ADAPTER]' (the entry point `tradellm.agents` registers for 'llm')."
+    model, _, adapter = arg.partition('+')
+    return make_llm_agent(model, adapter or None)
+
+def leaderboard_spec(task) -> str|None:
+    "'llm:smollm2' when the default model can be loaded here (the leaderboard adds it where a GPU is present)."
+    return 'llm:smollm2' if default_model_available() else None

@@ -30,7 +30,7 @@ from .tasks import ENV_VERSION, get_task
 # %% auto #0
 __all__ = ['ACTIONS', 'HOLD', 'SELECTION_SEED', 'DEFAULT_PPO', 'action_orders', 'order_rng', 'env_orders', 'policy_feature_names',
            'policy_features', 'ObsNormalizer', 'fit_normalizer', 'PPOTradingEnv', 'PPOAgent', 'run_agent', 'models_dir',
-           'default_model_dir', 'train_ppo', 'load_ppo_agent', 'cli_train_ppo']
+           'default_model_dir', 'train_ppo', 'load_ppo_agent', 'agent_from_spec', 'leaderboard_spec', 'cli_train_ppo']
 
 # %% ../nbs/08_ppo.ipynb #c006
 ACTIONS = (('SELL', 1.0), ('SELL', 0.5), ('HOLD', 0.0), ('BUY', 0.1), ('BUY', 0.25), ('BUY', 0.5), ('BUY', 1.0))
@@ -461,6 +461,20 @@ def load_ppo_agent(path, # model folder, its model.zip, or a task name ('easy') 
     norm = ObsNormalizer(**config['normalizer'])
     model = PPO.load(io.BytesIO(data), device='cpu')
     return PPOAgent(model, norm, config['task'], {**config, 'path': str(p)})
+
+# %% ../nbs/08_ppo.ipynb #b1051664
+def agent_from_spec(arg:str, # the spec's text after 'ppo:': a model folder, its model.zip, or a task name
+                   ) -> PPOAgent:
+    "The agent of spec 'ppo:PATH' (the entry point `tradellm.agents` registers for 'ppo')."
+    return load_ppo_agent(arg)
+
+def leaderboard_spec(task) -> str|None:
+    "'ppo:FOLDER' when a PPO model of `task` is cached in `default_model_dir(task)` (relative to here when it can be), else None."
+    p = default_model_dir(task)
+    if not (p.is_dir() and any(p.iterdir())): return None
+    try: p = p.relative_to(Path.cwd())
+    except ValueError: pass
+    return f'ppo:{p}'
 
 # %% ../nbs/08_ppo.ipynb #c033
 def cli_train_ppo(argv:list|None=None, # arguments after `tradellm train-ppo`

@@ -31,7 +31,7 @@ from .llm import (LLMAgent, ModelError, Generation, _eos_ids, _resolve_source, _
 # %% auto #0
 __all__ = ['INSTALL_RAY', 'INSTALL_VLLM', 'seed_chunks', 'play_chunk', 'ScaleError', 'import_ray', 'EpisodeActor', 'RemoteAgent',
            'RayEpisodes', 'episode_backend', 'free_port', 'tracking_server', 'VLLMError', 'check_vllm', 'VLLMAgent',
-           'make_vllm_agent', 'process_device', 'is_main_process']
+           'make_vllm_agent', 'vllm_agent_from_spec', 'process_device', 'is_main_process']
 
 # %% ../nbs/06b_scale.ipynb #s006
 def seed_chunks(episodes:int, # episodes in the run
@@ -403,6 +403,13 @@ def make_vllm_agent(model:str|Path='smollm2', # 'smollm2', a folder or a hub id
     engine.tradellm_source = {'model': str(model), 'adapter': None if adapter is None else str(adapter), 'kind': kind,
                               'device': 'cuda', 'dtype': 'auto', 'engine': 'vllm'}
     return VLLMAgent(engine, lora_request=lora, **kwargs)
+
+# %% ../nbs/06b_scale.ipynb #49f7d345
+def vllm_agent_from_spec(arg:str, # the spec's text after 'llm:' without '@vllm': MODEL[+ADAPTER]
+                        ) -> VLLMAgent:
+    "The agent of spec 'llm:MODEL[+ADAPTER]@vllm' (the entry point `tradellm.agents` registers for 'llm@vllm')."
+    model, _, adapter = arg.partition('+')
+    return make_vllm_agent(model, adapter or None)
 
 # %% ../nbs/06b_scale.ipynb #s033
 def process_device(device:str|None=None, # what the caller asked for (None: automatic)
