@@ -13,14 +13,7 @@ from tradellm.data import (Action, DataError, cli_data, fetch, full_window_symbo
 from tradellm.market import Portfolio
 
 
-@pytest.fixture(autouse=True)
-def isolated(tmp_path, monkeypatch):
-    monkeypatch.delenv('TRADELLM_DATA', raising=False)
-    monkeypatch.setattr(data, 'cache_dir', lambda: tmp_path / 'cache' / 'prices')
-    monkeypatch.chdir(tmp_path)
-    data.clear_panel_cache()
-    yield
-    data.clear_panel_cache()
+from tests.test_data import isolated  # noqa: F401  (the same isolation from the user's data and cache, autouse)
 
 
 def real(real_data_dir, symbol, n=60, skip=300):
