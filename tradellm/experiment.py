@@ -222,7 +222,7 @@ def run_stages(stages:list, # `Stage`s in order (each after the stages it reads)
     "Run or reuse each stage; returns {name: {key, status ('reused' or 'ran'), outputs, seconds}}."
     from tqdm.auto import tqdm
     from tradellm.evaluate import tracked_run
-    out = Path(out)
+    out = Path(out).resolve()  # outputs name absolute paths: the same command from another folder reuses them
     out.mkdir(parents=True, exist_ok=True)
     names = [s.name for s in stages]
     if len(set(names)) != len(names): raise ValueError(f"stage names must be unique, got {names}")
@@ -432,6 +432,7 @@ def _ci(m, lo, hi, digits=3, sign=False):
 def _pair(r, name): return _ci(r[name], r[f'{name}_lo'], r[f'{name}_hi'], sign=True) if name in r else '-'
 
 def results_markdown(result:dict, # what `experiment_report` builds
+                     figure:str|None='chain.png', # the chain figure beside it (None: no image line)
                     ) -> str:
     "results.md: one table per task, then the versions, data, seeds and the command that reproduces it."
     m = result['meta']
@@ -453,7 +454,7 @@ def results_markdown(result:dict, # what `experiment_report` builds
                          f"{100 * r['return_mean']:+.2f}% | {100 * r['exposure']:.0f}% | {r['trades']:.1f} | {100 * r['format_errors']:.1f}% |")
         lines.append('')
     if m.get('skipped'): lines += ['Not run in this profile: ' + '; '.join(f"{k} ({v})" for k, v in m['skipped'].items()) + '.', '']
-    lines += ['![the chain](chain.png)', '', '## How it was made', '',
+    lines += ([f'![the chain]({figure})', ''] if figure else []) + ['## How it was made', '',
               f"Reproduce: `{m['command']}`  ",
               f"Written {m['date']}; stages (seconds, or reused): " + ', '.join(
                   f"{k} {v['seconds']:.0f}" + (' (reused)' if v['status'] == 'reused' else '') for k, v in m['stages'].items()) + '.  ',
