@@ -104,13 +104,13 @@ class Profile:
 
 PROFILES = {
     'smoke': Profile('smoke', 'smollm2',
-                     sft_data=SFTDataSettings(easy_steps=16, medium_steps=0, val_fraction=0.25),
-                     sft=SFTSettings(max_steps=4, lora_rank=16, batch_size=1, grad_accum=2, eval_examples=4),
-                     grpo=GRPOSettings(steps=2, group_size=2, prompts=4, max_completion_length=96, save_steps=100),
+                     sft_data=SFTDataSettings(easy_steps=8, medium_steps=0, val_fraction=0.25),
+                     sft=SFTSettings(max_steps=2, lora_rank=16, batch_size=1, grad_accum=2, eval_examples=2),
+                     grpo=GRPOSettings(steps=2, group_size=2, prompts=4, max_completion_length=64, save_steps=100),
                      ppo=None,
-                     evaluation=EvalSettings(tasks=('easy',), episodes=4, max_new_tokens=96),
-                     note='a pipeline check in minutes (CI slow tests): 16 SFT examples, 4 SFT steps, 2 GRPO steps, '
-                          '4 easy test episodes. Its numbers answer nothing'),
+                     evaluation=EvalSettings(tasks=('easy',), episodes=4, max_new_tokens=64),
+                     note='a pipeline check in minutes (CI slow tests): 8 SFT examples, 2 SFT steps, 2 GRPO steps, '
+                          '4 easy test episodes, answers cut at 64 tokens. Its numbers answer nothing'),
     'cpu': Profile('cpu', 'smollm2',
                    sft_data=SFTDataSettings(easy_steps=800, medium_steps=0),
                    sft=SFTSettings(max_steps=100, lora_rank=64, batch_size=1, grad_accum=4, eval_examples=32),
@@ -582,7 +582,8 @@ def run_experiment(profile:str|Profile='smoke', # a profile name or a `Profile`
     uri, exp = check_tracking() if track else (None, None)
     stages = stages if stages is not None else experiment_stages(p, panel, uri, progress)
     command = command or experiment_command(p.name, out, data if isinstance(data, (str, Path)) else None)
-    log = (lambda s: print(s, file=sys.stderr)) if progress else None
+    from tqdm.auto import tqdm
+    log = (lambda s: tqdm.write(s, file=sys.stderr)) if progress else None  # between the progress bars, not through them
     t0 = time.time()
     tags = dict(tradellm_kind='experiment', profile=p.name, data_fingerprint=panel.fingerprint(), out=str(out.resolve()))
     with tracked_run(uri, exp, run_name=f"experiment {p.name}", tags=tags, params=_flat(asdict(p))) as run:
