@@ -219,7 +219,7 @@ def run_stages(stages:list, # `Stage`s in order (each after the stages it reads)
                log:Callable|None=print, # one line per stage (None: silent)
                data_fingerprint:str|None=None, # tagged on every stage run
               ) -> dict:
-    "Run or reuse each stage; returns {name: {key, status ('reused' or 'ran'), outputs, seconds}}."
+    "Run or reuse each stage; returns {name: {key, status ('reused' or 'ran'), outputs, seconds, cpu_seconds}}."
     from tqdm.auto import tqdm
     from tradellm.evaluate import tracked_run
     out = Path(out).resolve()  # outputs name absolute paths: the same command from another folder reuses them
@@ -234,7 +234,7 @@ def run_stages(stages:list, # `Stage`s in order (each after the stages it reads)
         rec = read_stage(folder)
         bar.set_description(f"experiment: {st.name}")
         if rec is not None and rec.get('status') == 'done' and rec.get('key') == key:
-            results[st.name] = dict(key=key, status='reused', outputs=rec['outputs'], seconds=rec.get('seconds'))
+            results[st.name] = dict(key=key, status='reused', outputs=rec['outputs'], seconds=rec.get('seconds'), cpu_seconds=rec.get('cpu_seconds'))
             if log: log(f"[{i + 1}/{len(stages)}] {st.name}: reused (done {rec.get('finished')}, {rec.get('seconds', 0):.0f} s)")
             continue
         why = ('new' if rec is None else f"its last run {rec.get('status')}" if rec.get('status') != 'done' else 'its inputs changed')
@@ -246,7 +246,7 @@ def run_stages(stages:list, # `Stage`s in order (each after the stages it reads)
                       code={m: code_fingerprint((m,)) for m in st.code}, versions=info, description=st.description,
                       started=_utc(), finished=None, seconds=None, outputs=None, mlflow_run_id=None, error=None)
         _write_json(folder / STAGE_FILE, record)
-        t0 = time.time()
+        t0, c0 = time.time(), time.process_time()
         tags = dict(tradellm_kind='experiment-stage', stage=st.name, stage_key=key, **({'data_fingerprint': data_fingerprint} if data_fingerprint else {}))
         try:
             with tracked_run(*tracking, run_name=f"stage {st.name}", tags=tags, params=_flat(st.inputs)) as run:
@@ -256,13 +256,15 @@ def run_stages(stages:list, # `Stage`s in order (each after the stages it reads)
                 json.dumps(outputs, default=str)  # outputs must be JSON-able: they are how later runs reuse this stage
                 run.log_metrics({'stage_seconds': time.time() - t0})
         except BaseException as e:
-            record.update(status='failed', finished=_utc(), seconds=round(time.time() - t0, 1),
+            record.update(status='failed', finished=_utc(), seconds=round(time.time() - t0, 1), cpu_seconds=round(time.process_time() - c0, 1),
                           error=f"{type(e).__name__}: {e}".strip(), traceback=traceback.format_exc()[-4000:])
             _write_json(folder / STAGE_FILE, record)
             raise
-        record.update(status='done', finished=_utc(), seconds=round(time.time() - t0, 1), outputs=outputs)
+        record.update(status='done', finished=_utc(), seconds=round(time.time() - t0, 1), cpu_seconds=round(time.process_time() - c0, 1),
+                      outputs=outputs)
         _write_json(folder / STAGE_FILE, record)
-        results[st.name] = dict(key=key, status='ran', outputs=json.loads(json.dumps(outputs, default=str)), seconds=record['seconds'])
+        results[st.name] = dict(key=key, status='ran', outputs=json.loads(json.dumps(outputs, default=str)), seconds=record['seconds'],
+                                cpu_seconds=record['cpu_seconds'])
     bar.close()
     return results
 
@@ -594,7 +596,7 @@ def run_experiment(profile:str|Profile='smoke', # a profile name or a `Profile`
                     date=dt.datetime.now(dt.timezone.utc).strftime('%Y-%m-%d %H:%M UTC'), split='test', tasks=list(p.evaluation.tasks),
                     episodes=p.evaluation.episodes, seeds=f"{p.evaluation.seed}..{p.evaluation.seed + p.evaluation.episodes - 1}",
                     task_versions=_task_versions(p.evaluation.tasks), versions=versions(), teacher=teacher,
-                    stages={k: dict(status=v['status'], seconds=v['seconds'] or 0.0, key=v['key']) for k, v in res.items()},
+                    stages={k: dict(status=v['status'], seconds=v['seconds'] or 0.0, cpu_seconds=v.get('cpu_seconds'), key=v['key']) for k, v in res.items()},
                     skipped={} if p.ppo is not None else {'ppo': 'no PPO stage in this profile'},
                     mlflow_uri=uri, mlflow_run_id=run.run_id, seconds=round(time.time() - t0, 1), **_data_meta(panel))
         result = experiment_report(out, evals, meta)
