@@ -324,7 +324,7 @@ def ppo_stage(folder:Path, upstream:dict, settings:PPOSettings, tasks:tuple, pan
     for t in tasks:
         res = train_ppo(t, settings.timesteps, settings.seed, panel, folder / t, val_episodes=settings.val_episodes, track=track,
                         progress=progress)
-        out[t] = dict(model=str(folder / t), **{k: res.get(k) for k in ('best_step', 'best_val_score', 'seconds') if k in res})
+        out[t] = dict(model=str(folder / t), **{k: res.get(k) for k in ('best_timesteps', 'best_val_score', 'episodes_trained') if k in res})
     return dict(models=out)
 
 # %% ../nbs/13_experiment.ipynb #e019
