@@ -2,6 +2,8 @@
 #   make leaderboard   set up, then run every baseline on every task of the test split
 #   make experiment    set up, then the headline chain (PROFILE=smoke|cpu|t4; resumable)
 #   make test          set up, then run every test (what CI runs)
+#   make docs-nbs      set up, then re-execute the notebooks in place so their outputs match the code
+#   make docs-preview  render every notebook (with its stored outputs) to HTML in _preview/, without Quarto
 SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -16,7 +18,7 @@ EXPERIMENT_OUT ?= experiment-$(PROFILE)
 # --no-llm: the rule agents only (about two minutes on two cores); --llm adds SmolLM2 (hours on a CPU: use a GPU)
 LEADERBOARD_FLAGS ?= --no-llm
 
-.PHONY: setup leaderboard experiment test bench docs clean-nbs export
+.PHONY: setup leaderboard experiment test bench docs clean-nbs export docs-nbs docs-preview
 
 $(VENV)/.installed: setup.py settings.ini
 	python3 -m venv $(VENV)
@@ -47,3 +49,12 @@ bench: setup
 
 export: setup
 	$(BIN)/nbdev_export && $(BIN)/nbdev_clean
+
+# Outputs are part of the docs: run this before committing a change that moves a number.
+# NBS=00_data,01_indicators runs only those; DOCS_DPI sets the figures' dpi (72 by default).
+NBS ?=
+docs-nbs: setup
+	PATH="$(abspath $(BIN)):$$PATH" $(PY) scripts/run_notebooks.py $(if $(NBS),--only $(NBS))
+
+docs-preview: setup
+	$(PY) scripts/preview_docs.py

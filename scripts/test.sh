@@ -15,11 +15,18 @@ if [ "$before" != "$after" ] || ! git diff --quiet -- tradellm; then
   git status --short -- tradellm >&2; git diff --stat -- tradellm >&2; exit 1
 fi
 
-echo "== 2/6 notebooks are clean"
-nbdev_clean
+echo "== 2/6 notebooks are clean (outputs stay; metadata and execution counts go) and nbs/ fits its budget"
+nbdev_clean   # settings.ini clear_all = False: keeps outputs, strips metadata and execution counts
 if ! git diff --quiet -- nbs; then
-  echo "notebooks carry outputs or metadata: run nbdev_clean and commit" >&2; git diff --stat -- nbs >&2; exit 1
+  echo "notebooks carry metadata or execution counts: run nbdev_clean (make docs-nbs does) and commit" >&2; git diff --stat -- nbs >&2; exit 1
 fi
+NBS_BUDGET_MB=${NBS_BUDGET_MB:-8}   # outputs included: figures are stored at 72 dpi (make docs-nbs)
+nbs_bytes=$(git ls-files -z -- nbs | xargs -0 cat | wc -c)
+if [ "$nbs_bytes" -gt $((NBS_BUDGET_MB * 1000000)) ]; then
+  echo "nbs/ holds $((nbs_bytes / 1000)) kB, over its budget of ${NBS_BUDGET_MB} MB: shrink the largest outputs (fewer or smaller figures, shorter tables)" >&2
+  git ls-files -z -- nbs | xargs -0 ls -S -l | head -5 >&2; exit 1
+fi
+echo "nbs/: $((nbs_bytes / 1000)) kB of ${NBS_BUDGET_MB} MB"
 
 python scripts/make_readme.py --check
 

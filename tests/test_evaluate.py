@@ -1,4 +1,4 @@
-"""Evaluation harness: bootstrap against known distributions, paired comparisons, MLflow runs (FAILED on errors,
+"""Evaluation harness: BCa bootstrap against known distributions, paired comparisons (to do-nothing and buy-and-hold), MLflow runs (FAILED on errors,
 Ctrl-C and SIGTERM), atomic results, the CLI's bad-input errors, rescore, and the real-data leaderboard."""
 import json
 import math
@@ -8,6 +8,7 @@ import subprocess
 import sys
 import textwrap
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +19,7 @@ from tradellm import evaluate as ev
 from tradellm.agents import Agent, RSIAgent, RandomAgent, make_agent
 from tradellm.data import save_panel, synthetic_panel
 from tradellm.env import TradingEnv
-from tradellm.tasks import ENV_VERSION
+from tradellm.tasks import ENV_VERSION, TASKS
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -58,14 +59,47 @@ def test_bootstrap_covers_the_true_mean_of_normal_samples():
     assert 0.90 <= hits / 400 <= 0.98, hits / 400
 
 
-@pytest.mark.parametrize('n', [50, 2_000, 120_000])
+def test_bootstrap_covers_the_true_mean_of_skewed_samples():
+    "Skewed scores (exponential, 30 episodes), where BCa corrects the percentile interval: still about 95% coverage."
+    rng = np.random.default_rng(1)
+    hits = 0
+    for k in range(400):
+        x = rng.exponential(0.1, 30)
+        lo, hi = ev.bootstrap_ci(x, n_resamples=2_000, seed=k)
+        hits += lo <= 0.1 <= hi
+    assert 0.90 <= hits / 400 <= 0.98, hits / 400
+
+
+@pytest.mark.parametrize('n', [50, 2_000, 10_000])
 def test_bootstrap_matches_the_analytic_interval(n):
-    "Percentile bootstrap of the mean vs mean +- 1.96 sd/sqrt(n) (chunked resampling for long inputs)."
+    "BCa bootstrap of the mean vs mean +- 1.96 sd/sqrt(n) on normal samples (resampled in batches for long inputs)."
     x = np.random.default_rng(n).normal(0.4, 0.1, n)
-    lo, hi = ev.bootstrap_ci(x, n_resamples=4_000 if n < 100_000 else 300)
+    lo, hi = ev.bootstrap_ci(x, n_resamples=4_000 if n < 5_000 else 1_000)
     half = 1.96 * x.std(ddof=1) / math.sqrt(n)
-    tol = 0.15 * half if n < 100_000 else 0.3 * half
+    tol = 0.15 * half
     assert abs(lo - (x.mean() - half)) < tol and abs(hi - (x.mean() + half)) < tol
+
+
+def test_bootstrap_is_scipys_bca_seeded():
+    "The interval is scipy's BCa with the given resamples and seed, so a leaderboard prints the same numbers every time."
+    from scipy import stats
+    x = np.random.default_rng(5).beta(2, 5, 50)
+    ci = stats.bootstrap((x,), np.mean, n_resamples=3_000, method='BCa', rng=np.random.default_rng(9)).confidence_interval
+    assert ev.bootstrap_ci(x, n_resamples=3_000, seed=9) == (pytest.approx(ci.low, abs=1e-12), pytest.approx(ci.high, abs=1e-12))
+    assert ev.bootstrap_ci(x, n_resamples=3_000, seed=9) == ev.bootstrap_ci(x, n_resamples=3_000, seed=9)
+    assert ev.bootstrap_ci(x, n_resamples=3_000, seed=9) != ev.bootstrap_ci(x, n_resamples=3_000, seed=10)
+
+
+def test_bootstrap_degenerate_inputs_give_no_warning_and_no_nan():
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')  # scipy's DegenerateDataWarning, numpy's 0/0: none may escape
+        assert ev.bootstrap_ci([0.575] * 50) == (0.575, 0.575)  # all equal: zero width
+        assert ev.bootstrap_ci([0.61]) == (0.61, 0.61)  # one episode: no interval
+        assert ev.paired_diff([0.5] * 9, [0.5] * 9)['lo'] == 0.0
+        lo, hi = ev.bootstrap_ci([0.575] * 49 + [0.575 + 1e-16])  # BCa's acceleration is 0/0: the percentile interval
+        assert math.isfinite(lo) and math.isfinite(hi) and lo <= hi
+        lo, hi = ev.bootstrap_ci([0.0] * 48 + [0.01, 0.02])  # sparse differences (an agent that trades on 2 episodes of 50)
+        assert math.isfinite(lo) and 0 <= lo <= hi
 
 
 def test_bootstrap_edge_cases():
@@ -108,20 +142,27 @@ def test_paired_diff_of_real_agents_with_a_known_ordering(drift, sign):
 def fake_records(scores, returns, bh, seeds=None):
     seeds = seeds or list(range(len(scores)))
     return [dict(agent='x', spec='x', task='easy', split='test', seed=s, score=sc, format_errors=k % 2, actions=['HOLD'] * 20,
-                 env_version=ENV_VERSION, task_version='1.0.0',
-                 metrics=dict(total_return=r, sharpe=1.0, max_drawdown=0.02, trades=2, buy_and_hold_return=b, costs=0.0))
+                 env_version=ENV_VERSION, task_version=TASKS['easy'].version,
+                 metrics=dict(total_return=r, sharpe=1.0, max_drawdown=0.02, trades=2, buy_and_hold_return=b, costs=10.0 * k,
+                              exposure=0.5, seed_score=0.3 + 0.1 * k, risk_score=0.5, pnl_score=0.5 + r / 0.2, drawdown_score=0.9,
+                              alpha_score=0.5 + (r - b) / 0.1))
             for k, (s, sc, r, b) in enumerate(zip(seeds, scores, returns, bh))]
 
 
 def test_summarize_by_hand():
-    recs = fake_records([0.4, 0.6, 0.5, 0.3], [0.01, 0.02, -0.01, 0.0], [0.0, 0.03, -0.02, 0.0])
-    row = ev.summarize(recs, fake_records([0.3] * 4, [0] * 4, [0] * 4))
-    assert row['score_mean'] == pytest.approx(0.45) and row['return_mean'] == pytest.approx(0.005)
-    assert row['beat_buy_and_hold'] == 0.5  # episodes 0 and 2 beat their buy-and-hold; 3 ties
+    recs = fake_records([0.4, 0.6, 0.5, 0.3], [0.01, 0.02, -0.01, 0.00005], [0.0, 0.03, -0.02, 0.0])
+    row = ev.summarize(recs, fake_records([0.3] * 4, [0] * 4, [0] * 4), buy_and_hold=fake_records([0.5, 0.7, 0.3, 0.3], [0] * 4, [0] * 4))
+    assert row['score_mean'] == pytest.approx(0.45) and row['return_mean'] == pytest.approx(0.0050125)
+    assert row['beat_buy_and_hold'] == 0.5  # episodes 0 and 2 beat their buy-and-hold; 3 is ahead by half a basis point: a tie
     assert row['diff_do_nothing'] == pytest.approx(0.15) and row['trades_mean'] == 2
+    assert row['diff_buy_and_hold'] == pytest.approx(0.0, abs=1e-12) and row['diff_buy_and_hold_lo'] < 0 < row['diff_buy_and_hold_hi']
+    assert (row['exposure_mean'], row['costs_mean'], row['seed_score_mean']) == (0.5, 15.0, pytest.approx(0.45))
+    assert row['alpha_score_mean'] == pytest.approx(0.5 + (0.01 - 0.01 + 0.01 + 0.00005) / 4 / 0.1)
     assert row['format_error_rate'] == pytest.approx(0.5 / 20) and row['seeds'] == '0..3'
     assert row['score_std'] == pytest.approx(np.std([0.4, 0.6, 0.5, 0.3], ddof=1))
     with pytest.raises(ValueError, match='same seeds'): ev.summarize(recs, fake_records([0.3] * 4, [0] * 4, [0] * 4, [5, 6, 7, 8]))
+    with pytest.raises(ValueError, match='buy_and_hold baseline must be run on the same seeds'):
+        ev.summarize(recs, buy_and_hold=fake_records([0.3] * 4, [0] * 4, [0] * 4, [5, 6, 7, 8]))
     with pytest.raises(ValueError, match='at least one'): ev.summarize([])
 
 
@@ -212,15 +253,29 @@ def test_evaluate_writes_results_and_runs(synth_panel, mlflow_uri, tmp_path):
                      'scores_easy.png', 'scores_hard.png', 'summary.json']
     assert not [p for p in tmp_path.iterdir() if p.name.startswith('.')]  # no temporary folder left
     md = (out / 'leaderboard.md').read_text()
-    assert '| do_nothing | 0.300 [0.300, 0.300] | +0.000 [+0.000, +0.000] |' in md
+    for task in ('easy', 'hard'):  # do-nothing's score moves with the market; its difference to itself does not
+        dn = [x for x in res['rows'] if x['spec'] == 'do_nothing' and x['task'] == task][0]
+        assert (f"| do_nothing | {dn['score_mean']:.3f} [{dn['score_lo']:.3f}, {dn['score_hi']:.3f}] | +0.000 [+0.000, +0.000] | "
+                f"{dn['diff_buy_and_hold']:+.3f} [") in md
+        bh = [x for x in res['rows'] if x['spec'] == 'buy_and_hold' and x['task'] == task][0]
+        assert f"| buy_and_hold | {bh['score_mean']:.3f} [" in md and '| +0.000 [+0.000, +0.000] | +0.000 [+0.000, +0.000] |' not in md
+        assert (bh['diff_buy_and_hold'], bh['diff_buy_and_hold_lo'], bh['diff_buy_and_hold_hi']) == (0.0, 0.0, 0.0)
+        assert f"doing nothing scores {dn['score_mean']:.3f} on them" in md
+    assert '| agent | score [95% CI] | vs do-nothing [95% CI] | vs B&H [95% CI] | return | Sharpe | max DD | exposure | trades/ep | costs | beats B&H |' in md
+    assert '0.40 risk + 0.30 P&L + 0.15 drawdown + 0.15 alpha' in md and '0.575 in a flat window' in md and 'BCa' in md
     assert f'Environment {ENV_VERSION}' in md and 'seeds 3..7' in md
     assert 'tradellm evaluate --agents rsi,do_nothing,buy_and_hold --tasks easy,hard --split test --episodes 5 --seed 3' in md
     df = pd.read_csv(out / 'episodes.csv')
     assert len(df) == 30 and set(df.agent) == {'rsi', 'do_nothing', 'buy_and_hold'}
+    assert {'seed_score', 'exposure', 'costs', 'risk_score', 'alpha_score', 'excess_return'} <= set(df.columns)
+    assert not {'sharpe_score', 'activity_score'} & set(df.columns)
+    assert (df[df.agent == 'do_nothing'].seed_score.round(12) == 0.3).all()  # the tasks-1.x score, beside
     # paired: every agent saw the same stocks and windows
     assert df.groupby(['task', 'seed']).symbols.nunique().max() == 1 and df.groupby(['task', 'seed']).start.nunique().max() == 1
     summ = json.loads((out / 'summary.json').read_text())
-    assert summ['meta']['episodes'] == 5 and len(summ['rows']) == 6
+    assert summ['meta']['episodes'] == 5 and len(summ['rows']) == 6 and summ['meta']['n_resamples'] == 1_000
+    assert 'BCa' in summ['meta']['interval'] and summ['meta']['beat_margin'] == 1e-4
+    assert all({'seed_score_mean', 'exposure_mean', 'costs_mean', 'diff_buy_and_hold'} <= set(x) for x in summ['rows'])
     lines = (out / 'episodes.jsonl').read_text().splitlines()
     assert len(lines) == 30 and 'equity' in json.loads(lines[0])
     # MLflow: one FINISHED run per agent x task, with versions, params, metrics and artifacts
@@ -229,10 +284,13 @@ def test_evaluate_writes_results_and_runs(synth_panel, mlflow_uri, tmp_path):
             if r.info.run_id in {row['mlflow_run_id'] for row in res['rows']}}
     assert len(runs) == 6
     r = runs[('rsi', 'hard')]
-    assert r.info.status == 'FINISHED' and r.data.tags['env_version'] == ENV_VERSION and r.data.tags['task_version'] == '1.0.0'
+    assert r.info.status == 'FINISHED' and r.data.tags['env_version'] == ENV_VERSION and r.data.tags['task_version'] == TASKS['hard'].version
     assert r.data.params['episodes'] == '5' and r.data.params['agent.buy_below'] == '35.0' and r.data.params['seeds'] == '3..7'
     assert r.data.metrics['score_mean'] == pytest.approx([x for x in res['rows'] if x['spec'] == 'rsi' and x['task'] == 'hard'][0]['score_mean'])
-    assert runs[('do_nothing', 'easy')].data.metrics['score_hi'] == 0.3
+    dn = [x for x in res['rows'] if x['spec'] == 'do_nothing' and x['task'] == 'easy'][0]
+    assert runs[('do_nothing', 'easy')].data.metrics['score_hi'] == dn['score_hi']
+    assert runs[('do_nothing', 'easy')].data.metrics['seed_score_mean'] == pytest.approx(0.3)
+    assert 'diff_buy_and_hold_hi' in r.data.metrics and 'exposure_mean' in r.data.metrics
     # which prices: the panel's fingerprint, on every run, in the summary and in the leaderboard
     fp = synth_panel.fingerprint()
     assert {x.data.tags['data_fingerprint'] for x in runs.values()} == {fp} and summ['meta']['data_fingerprint'] == fp
@@ -251,8 +309,12 @@ def test_baseline_runs_unlisted_and_agents_per_task(synth_panel):
                       track=False, progress=False)
     assert [(r['spec'], r['task']) for r in res['rows']] == [('rsi', 'easy'), ('rsi', 'medium'), ('random:2', 'medium')]
     assert all('diff_do_nothing' in r for r in res['rows'])
+    assert not any('diff_buy_and_hold' in r for r in res['rows'])  # buy-and-hold is not run unlisted: its column stays blank
     r = res['rows'][0]
-    assert r['diff_do_nothing'] == pytest.approx(r['score_mean'] - 0.3)
+    cash = ev.run_episodes('do_nothing', 'easy', 'val', 3, data=synth_panel, progress=False)
+    assert r['diff_do_nothing'] == pytest.approx(r['score_mean'] - ev.mean([x['score'] for x in cash]))
+    md = ev.leaderboard_markdown(res)
+    assert '| rsi | ' in md and "`buy_and_hold` is not among these agents, so *vs B&H* is blank" in md
     assert res['out'] is None and res['meta']['mlflow_uri'] is None
 
 
@@ -283,7 +345,7 @@ def test_plots_and_text_show_the_tables_intervals(synth_panel, tmp_path, monkeyp
     monkeypatch.setattr(ev, 'plot_scores', lambda *a, **k: drawn.append(k.get('intervals')) or plot(*a, **k))
     res = ev.evaluate(['rsi', 'random:1'], 'medium', 'val', 6, data=synth_panel, out=tmp_path / 'out', track=False, progress=False,
                       n_resamples=321)
-    assert '(321 resamples, seeded)' in (tmp_path / 'out' / 'leaderboard.md').read_text()
+    assert '(`scipy.stats.bootstrap`, 321 resamples, seeded)' in (tmp_path / 'out' / 'leaderboard.md').read_text()
     assert drawn == [{r['spec']: (r['score_lo'], r['score_hi']) for r in res['rows']}]
     # plot_scores draws the interval it is given, else the bootstrap interval with the resamples and seed it is given
     recs = res['records'][('random:1', 'medium')]
@@ -435,13 +497,15 @@ def test_cli_evaluate_and_leaderboard(capsys, data_dir, tmp_path, mlflow_uri, mo
     assert ev.cli_evaluate(['--agents', 'rsi,buy_and_hold', '--tasks', 'easy', '--split', 'val', '--episodes', '3',
                             '--data', str(data_dir), '--json', '--quiet']) == 0
     s = json.loads(capsys.readouterr().out)
-    assert [r['spec'] for r in s['rows']] == ['rsi', 'buy_and_hold'] and s['meta']['split'] == 'val'
+    assert [r['spec'] for r in s['rows']] == ['buy_and_hold', 'rsi'] and s['meta']['split'] == 'val'  # buy-and-hold first: rsi's baseline
+    assert s['rows'][1]['diff_buy_and_hold'] == pytest.approx(s['rows'][1]['score_mean'] - s['rows'][0]['score_mean'])
     assert s['meta']['mlflow_uri'] == mlflow_uri and s['out'] is None
     out = tmp_path / 'lb'
     assert ev.cli_leaderboard(['--episodes', '2', '--tasks', 'easy', '--data', str(data_dir), '--out', str(out), '--no-llm',
                                '--no-mlflow', '--quiet']) == 0
     text = capsys.readouterr().out
-    assert '| do_nothing | 0.300 [0.300, 0.300]' in text and 'wrote' in text
+    assert re.search(r"\| do_nothing \| 0\.\d{3} \[0\.\d{3}, 0\.\d{3}\] \| \+0\.000 \[\+0\.000, \+0\.000\] \| [+-]0\.\d{3} \[", text)
+    assert '| vs B&H [95% CI] |' in text and 'wrote' in text
     md = (out / 'leaderboard.md').read_text()
     assert '# tradellm leaderboard' in md and '--no-llm' in md and 'Split **test**' in md
 
@@ -459,12 +523,16 @@ def test_rescore_lists_stale_runs_and_reevaluates(capsys, data_dir, mlflow_uri, 
     assert ev.cli_rescore(['--episodes', '1', '--data', str(data_dir), '--quiet', '--stale-only']) == 0
     out = capsys.readouterr().out
     assert 'random:5 easy val: env 0.9.0' in out and 'skipped ppo:/no/such/model' in out and 'easy (rescored)' in out
+    assert re.search(r"rescored random:5 \(easy, val\): run \w{8} \(env 0\.9\.0, task 1\.0\.0, no score recorded\) -> run \w{8} "
+                     rf"\(env {re.escape(ENV_VERSION)}, task {re.escape(TASKS['easy'].version)}, score 0\.\d{{3}}\)", out), out
     runs = runs_of(mlflow_uri, agent='random:5')
     assert sorted((r.data.tags['env_version'], r.info.status) for r in runs) == [('0.9.0', 'FINISHED'), (ENV_VERSION, 'FINISHED')]
     # now random:5 is current: only the model that cannot be loaded is left, and it is skipped
     res = ev.rescore(episodes=1, data=synth_panel, tracking_uri=mlflow_uri, stale_only=True, progress=False)
     assert {r['agent'] for r in res['stale']} == {'random:5', 'ppo:/no/such/model'}
-    assert res['rows'] == [] and [s['agent'] for s in res['skipped']] == ['ppo:/no/such/model']
+    assert res['rows'] == [] and res['rescored'] == [] and sorted(s['agent'] for s in res['skipped']) == ['ppo:/no/such/model', 'random:5']
+    old = [s for s in res['skipped'] if s['agent'] == 'random:5'][0]  # the 0.9.0 run: its later run is current
+    assert old['env_version'] == '0.9.0' and old['reason'].endswith('is already on the current versions')
     assert ev.cli_rescore(['--stale-only', '--json', '--quiet', '--data', str(data_dir)]) == 0
     assert json.loads(capsys.readouterr().out)['env_version'] == ENV_VERSION
 
@@ -489,26 +557,71 @@ def test_rescore_skips_agents_its_spec_does_not_rebuild(synth_panel, data_dir, t
     assert "skipped rsi (easy, val): run " in capsys.readouterr().out
 
 
+def test_rescore_of_a_store_with_tasks_1x_runs(capsys, data_dir, tmp_path, monkeypatch):
+    "A store as tasks 1.x left it (env 2.0.0, task 1.0.0): rescore re-scores what it can rebuild and says what it skipped and why."
+    from mlflow import MlflowClient
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    _, exp = ev.check_tracking(uri)
+    c = MlflowClient(uri)
+    def old_run(agent, task='easy', split='val', score=0.3, **params):
+        run = c.create_run(exp, tags=dict(tradellm_kind='evaluate', agent=agent, task=task, split=split, env_version='2.0.0',
+                                          task_version='1.0.0'))
+        for k, v in dict(episodes=3, seed=4, n_resamples=500, **params).items(): c.log_param(run.info.run_id, k, str(v))
+        c.log_metric(run.info.run_id, 'score_mean', score)
+        c.set_terminated(run.info.run_id)
+        time.sleep(0.01)  # distinct start times: the later run is the latest
+        return run.info.run_id
+    first = old_run('do_nothing', score=0.3)
+    second = old_run('do_nothing', score=0.3)  # a later run of the same agent, task and split stands for the first
+    bh = old_run('buy_and_hold', task='medium', score=0.577)
+    gone = old_run('ppo:/no/such/model', score=0.625)
+    tuned = old_run('rsi', **{'agent.buy_below': 50})  # an Agent object with its own settings, recorded under 'rsi'
+    odd = old_run('random:1', task='extreme')  # a task that no longer exists
+    monkeypatch.setenv('MLFLOW_TRACKING_URI', uri)
+    assert ev.cli_rescore(['--data', str(data_dir), '--quiet']) == 0
+    out = capsys.readouterr().out
+    assert '6 runs on older versions:' in out
+    for rid, agent in ((first, 'do_nothing'), (second, 'do_nothing'), (bh, 'buy_and_hold'), (gone, 'ppo:/no/such/model')):
+        assert f"  {rid[:8]} {agent} " in out and 'env 2.0.0, task 1.0.0' in out
+    v = re.escape(TASKS['easy'].version)
+    assert re.search(rf"rescored do_nothing \(easy, val\): run {second[:8]} \(env 2\.0\.0, task 1\.0\.0, score 0\.300\) -> "
+                     rf"run \w{{8}} \(env {re.escape(ENV_VERSION)}, task {v}, score 0\.\d{{3}}\)", out), out
+    assert re.search(rf"rescored buy_and_hold \(medium, val\): run {bh[:8]} \(env 2\.0\.0, task 1\.0\.0, score 0\.577\) -> ", out), out
+    assert f"skipped do_nothing (easy, val): run {first[:8]} is an older run of do_nothing on easy val: its latest run {second[:8]} was re-scored" in out
+    assert f"skipped ppo:/no/such/model (easy, val): run {gone[:8]}: " in out
+    assert f"skipped rsi (easy, val): run {tuned[:8]} recorded another agent than 'rsi' builds now (buy_below 50 recorded, 35.0 now" in out
+    assert f"skipped random:1 (extreme, val): run {odd[:8]}: task 'extreme' no longer exists" in out
+    # the re-scored runs are in the store on the current versions, with the recorded episodes, seed and resamples
+    res = ev.rescore(tracking_uri=uri, data=data_dir, stale_only=True, progress=False)
+    assert res['rescored'] == [] and {r['agent'] for r in ev.recorded_runs(uri) if r['env_version'] == ENV_VERSION} >= {'do_nothing', 'buy_and_hold'}
+    new = [r for r in ev.recorded_runs(uri) if r['env_version'] == ENV_VERSION and r['agent'] == 'buy_and_hold'][0]
+    assert (new['task_version'], new['episodes'], new['seed'], new['n_resamples']) == (TASKS['medium'].version, 3, 4, 500)
+    assert {s['run_id'] for s in res['skipped']} >= {first, second, bh, gone, tuned, odd}
+
+
 # ---------------------------------------------------------------- the real data
 
 def test_leaderboard_on_real_data(real_data_dir, tmp_path, monkeypatch):
-    "The rule agents on nifty68's test split, a few episodes: do-nothing shows 0.300 with a zero-width interval."
+    "The rule agents on nifty68's test split, a few episodes: do-nothing's difference to itself has a zero-width interval."
     monkeypatch.setattr(ev, '_ppo_model', lambda task: None)  # a trained PPO model in the cache would add rows
     res = ev.leaderboard(episodes=3, out=tmp_path / 'results', data=real_data_dir, llm=False, track=False, progress=False,
                          n_resamples=1_000)
     assert len(res['rows']) == 12
     md = (tmp_path / 'results' / 'leaderboard.md').read_text()
-    assert md.count('| do_nothing | 0.300 [0.300, 0.300] | +0.000 [+0.000, +0.000] |') == 3
+    assert len(re.findall(r"\| do_nothing \| 0\.\d{3} \[0\.\d{3}, 0\.\d{3}\] \| \+0\.000 \[\+0\.000, \+0\.000\] \| [+-]0\.\d{3} \[", md)) == 3
+    assert md.count('| +0.000 [+0.000, +0.000] | 100% |') == 0 and md.count('doing nothing scores 0.') == 3
+    for r in res['rows']:
+        if r['spec'] == 'do_nothing': assert 0.50 <= r['score_mean'] <= 0.65 and r['seed_score_mean'] == pytest.approx(0.3)
     assert 'Split **test** (2024-07-01 ..' in md and '68 symbols' in md
     bh = [r for r in res['rows'] if r['spec'] == 'buy_and_hold']
     assert [r['trades_mean'] for r in bh] == [1, 10, 25]
 
 
 def test_leaderboard_shows_format_errors_when_language_models_play():
-    row = dict(score_mean=0.4, score_lo=0.3, score_hi=0.5, return_mean=0.01, sharpe_mean=1.0, max_drawdown_mean=0.02,
-               trades_mean=3.0, beat_buy_and_hold=0.5)
+    row = dict(task='easy', score_mean=0.4, score_lo=0.3, score_hi=0.5, return_mean=0.01, sharpe_mean=1.0, max_drawdown_mean=0.02,
+               exposure_mean=0.5, trades_mean=3.0, costs_mean=120.0, beat_buy_and_hold=0.5)
     rules = ev._task_table([dict(row, spec='rsi', format_error_rate=0.0)])
-    assert 'format errors' not in rules[0] and rules[2].endswith('| 50% |')
+    assert 'format errors' not in rules[0] and rules[2].endswith('| 50% | 3.0 | 0.12% | 50% |') and '| - | - |' in rules[2]
     both = ev._task_table([dict(row, spec='rsi', format_error_rate=0.0), dict(row, spec='llm:smollm2', score_mean=0.3, format_error_rate=0.25)])
     assert both[0].endswith('| format errors |') and both[1].count('|') == both[0].count('|')
     assert both[2].startswith('| rsi |') and both[2].endswith('| 0.0% |') and both[3].endswith('| 25.0% |')

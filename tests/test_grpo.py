@@ -444,6 +444,9 @@ def test_compare_agents_is_paired(panel):
     from tradellm.grpo import compare_agents
     tbl = compare_agents(['do_nothing', RSIAgent()], 'easy', splits=('val', 'test'), episodes=4, data=panel, progress=False)
     assert [(r['split'], r['agent']) for r in tbl] == [('val', 'do_nothing'), ('val', 'rsi'), ('test', 'do_nothing'), ('test', 'rsi')]
-    assert tbl[0]['score'] == pytest.approx(0.3) and tbl[0]['diff'] == 0.0 and tbl[0]['episodes'] == 4
-    assert tbl[1]['diff'] == pytest.approx(tbl[1]['score'] - 0.3)
+    from tradellm.evaluate import run_episodes
+    cash = run_episodes('do_nothing', 'easy', 'val', 4, data=panel, progress=False)  # 0.50 + 0.15 clip(0.5 - R_B / 0.1) each
+    assert tbl[0]['score'] == pytest.approx(np.mean([0.5 + 0.15 * np.clip(0.5 - r['metrics']['buy_and_hold_return'] / 0.1, 0, 1) for r in cash]))
+    assert tbl[0]['diff'] == 0.0 and tbl[0]['episodes'] == 4
+    assert tbl[1]['diff'] == pytest.approx(tbl[1]['score'] - tbl[0]['score'])
     with pytest.raises(ValueError, match='at least one agent'): compare_agents([], data=panel)

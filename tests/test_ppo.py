@@ -12,6 +12,7 @@ pytest.importorskip('stable_baselines3')
 import tradellm.ppo as ppo
 from tradellm.env import TradingEnv, demo_panel
 from tradellm.market import Order
+from tradellm.tasks import get_task
 from tradellm.ppo import (ACTIONS, HOLD, SELECTION_SEED, ObsNormalizer, PPOAgent, PPOTradingEnv, action_orders, cli_train_ppo,
                           env_orders, fit_normalizer, load_ppo_agent, policy_feature_names, policy_features, run_agent, train_ppo)
 
@@ -253,13 +254,22 @@ def test_normalizer_standardises_and_clips():
 
 # --- the training environment: hand-computed reward ------------------------------------------------------------
 
-def test_reward_is_shaped_daily_return_plus_final_score():
+def _rising_step_panel():
+    "easy on one stock that opens at 100 every day and closes at 110 from day 1 on: buy-and-hold gains 10% on day 1, then nothing."
     opens = np.full((21, 1), 100.0)
     closes = np.full((21, 1), 110.0)
     closes[0] = 100.0
-    panel = demo_panel(opens, closes, ['AAA'])
+    return demo_panel(opens, closes, ['AAA'])
+
+
+def _identity_env(panel, shaping=0.1):
     names = policy_feature_names('easy')
-    env = PPOTradingEnv('easy', 'test', panel, ObsNormalizer(names, [0.0] * len(names), [1.0] * len(names)), shaping=0.1)
+    return PPOTradingEnv('easy', 'test', panel, ObsNormalizer(names, [0.0] * len(names), [1.0] * len(names)), shaping=shaping)
+
+
+def test_reward_is_shaped_daily_return_plus_final_score():
+    "The reward is 0.1 x the day's equity change (percent of capital) plus, at the end, the score the leaderboard reports (tasks 2.x)."
+    env = _identity_env(_rising_step_panel())
     env.reset(seed=0)
     _, r, done, _, info = env.step(np.array([6]))  # BUY 1: 1,000 shares at the open of 100, marked at 110
     assert info['positions'] == {'AAA': 1000} and info['cash'] == 0.0
@@ -272,15 +282,41 @@ def test_reward_is_shaped_daily_return_plus_final_score():
         _, r, done, _, info = env.step(np.array([0]))  # nothing held: SELLs become HOLD (no rejected orders)
         assert info['orders'] == []
         total += r
-    # daily returns +10%, -9.09%, then 0: return 0, MDD 9.09%, 2 trades
+    # daily returns +10%, -9.09%, then 0: return 0, MDD 9.09%, 2 trades; buy-and-hold: +10% on day 1, then 0 (R_B = 10%)
     m = info['metrics']
     rets = np.array([0.1, 100_000 / 110_000 - 1] + [0.0] * 18)
-    sharpe = np.sqrt(252) * rets.mean() / rets.std(ddof=1)
+    bench = np.array([0.1] + [0.0] * 19)
     assert (m['total_return'], m['trades']) == (pytest.approx(0.0), 2) and m['max_drawdown'] == pytest.approx(1 / 11)
-    expected = (0.40 * min(max(sharpe / 3, 0), 1) + 0.30 * 0.5 + 0.15 * (1 - (1 / 11) / 0.2)
-                + 0.15 * min(1, 2 / (0.25 * 20)))
-    assert info['score'] == pytest.approx(expected)
+    assert m['buy_and_hold_return'] == pytest.approx(0.1)
+    clip = lambda x: min(max(x, 0.0), 1.0)
+    A = np.sqrt(252) * rets.mean() / max(rets.std(ddof=1), bench.std(ddof=1), 0.005)
+    parts = dict(risk=clip(0.5 + A / (2 * 5.3)), pnl=0.5, drawdown=1 - (1 / 11) / 0.2, alpha=clip(0.5 + (0.0 - 0.1) / 0.1))
+    assert {k: m[f'{k}_score'] for k in parts} == pytest.approx(parts)
+    expected = 0.40 * parts['risk'] + 0.30 * parts['pnl'] + 0.15 * parts['drawdown'] + 0.15 * parts['alpha']
+    assert info['score'] == pytest.approx(expected, abs=1e-12)
     assert total == pytest.approx(0.0 + info['score'])
+    # the tasks-1.x score is still reported beside (the seed's tables), but it is not what PPO is paid
+    sharpe = np.sqrt(252) * rets.mean() / rets.std(ddof=1)
+    old = 0.40 * clip(sharpe / 3) + 0.30 * 0.5 + 0.15 * (1 - (1 / 11) / 0.2) + 0.15 * min(1, 2 / (0.25 * 20))
+    assert m['seed_score'] == pytest.approx(old) and m['seed_score'] != pytest.approx(info['score'])
+
+
+@pytest.mark.parametrize('close', [110.0, 100.0, 97.0])
+def test_doing_nothing_is_paid_what_the_score_gives_cash(close):
+    "HOLD every day: no daily reward, and a final reward of 0.50 + 0.15 clip(0.5 - R_B / 0.1) (not the 0.300 of tasks 1.x)."
+    opens = np.full((21, 1), 100.0)
+    closes = np.full((21, 1), close)
+    closes[0] = 100.0
+    env = _identity_env(demo_panel(opens, closes, ['AAA']))
+    env.reset(seed=0)
+    rewards, done = [], False
+    while not done:
+        _, r, done, _, info = env.step(np.array([HOLD]))
+        rewards.append(r)
+    R_B = close / 100 - 1
+    assert rewards[:-1] == [0.0] * 19
+    assert rewards[-1] == pytest.approx(0.50 + 0.15 * min(max(0.5 - R_B / 0.1, 0.0), 1.0), abs=1e-12) == info['score']
+    assert info['metrics']['exposure'] == 0.0 and info['metrics']['trades'] == 0
 
 
 def test_wrapper_checks_its_inputs(synth_panel):
@@ -330,7 +366,7 @@ def test_trained_model_keeps_the_best_val_checkpoint(trained, synth_panel):
         score = np.mean(run_agent(agent, 'easy', 'val', 4, seed=SELECTION_SEED, data=synth_panel))
     assert score == pytest.approx(res['best_val_score'], abs=1e-12)
     cfg = json.loads((out / 'config.json').read_text())
-    from tradellm.tasks import ENV_VERSION, get_task
+    from tradellm.tasks import ENV_VERSION
     assert (cfg['seed'], cfg['timesteps'], cfg['env_version'], cfg['task_version']) == (0, 512, ENV_VERSION, get_task('easy').version)
     assert len(cfg['learning_curve']) == res['episodes_trained'] > 0
     assert all(0 <= s <= 1 for _, s in cfg['learning_curve'])

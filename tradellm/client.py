@@ -7,8 +7,8 @@ from __future__ import annotations
 import numpy as np
 from gymnasium import spaces
 
-from .env import CHARSET, MarketView, feature_names, _as_text
-from .market import Order, _refusal
+from .env import CHARSET, MarketView, feature_names, orders_text
+from .market import Order, refusal
 from .tasks import get_task
 
 # %% auto #0
@@ -98,7 +98,7 @@ class RemoteTradingEnv:
         if isinstance(action, str): text, rejected, shown = action, {}, action
         elif isinstance(action, (list, tuple)) and all(isinstance(o, Order) for o in action):
             text, rejected = _orders_text(action, self.symbols, self.task.max_trades)
-            shown = _as_text(action)  # what `TradingEnv.actions` records
+            shown = orders_text(action)  # what `TradingEnv.actions` records
         else: raise TypeError(f"action must be text or a list of tradellm.market.Order, got {type(action).__name__}")
         d = self._post('/step', {'session_id': self.session_id, 'action': text})
         self.actions.append(shown)
@@ -132,10 +132,10 @@ class RemoteTradingEnv:
 
 # %% ../nbs/11b_client.ipynb #c008
 def _orders_text(orders:list, symbols:tuple, max_trades:int) -> tuple:
-    "The action text of the orders `execute` would try to fill (as `TradingEnv.actions` writes them), and the fill dicts of those it refuses (`market._refusal`), by position."
+    "The action text of the orders `execute` would try to fill (as `TradingEnv.actions` writes them), and the fill dicts of those it refuses (`market.refusal`), by position."
     sent, refused = [], {}
     for k, o in enumerate(orders):
-        f = _refusal(o, k, symbols, max_trades)
+        f = refusal(o, k, symbols, max_trades)
         if f is None: sent.append(o)
         else: refused[k] = f.as_dict()
-    return _as_text(sent), refused
+    return orders_text(sent), refused

@@ -7,7 +7,9 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import logging
 import os
+import re
 import sys
 import warnings
 from dataclasses import dataclass, field, asdict
@@ -16,11 +18,13 @@ import numpy as np
 import pandas as pd
 
 # %% auto #0
-__all__ = ['FIELDS', 'PRICES', 'LARGE_MOVE', 'EXCHANGE_TZ', 'DATA_SUFFIXES', 'HOW_TO_GET_DATA', 'SPLITS', 'NIFTY68',
-           'YAHOO_COLUMNS', 'DataError', 'DataWarning', 'Problem', 'Panel', 'synthetic_panel', 'validate_bars',
+__all__ = ['FIELDS', 'PRICES', 'LARGE_MOVE', 'ACTIONS_FILE', 'ADJ_TOL', 'EXCHANGE_TZ', 'GAP_SHARE', 'GAP_MIN', 'SAME_DAYS',
+           'DATA_SUFFIXES', 'HOW_TO_GET_DATA', 'SPLITS', 'NIFTY68', 'YAHOO_COLUMNS', 'DataError', 'DataWarning',
+           'Problem', 'Action', 'Panel', 'synthetic_panel', 'validate_bars', 'read_actions', 'adjust_bars',
            'panel_from_frames', 'symbol_from_filename', 'data_files', 'read_bars', 'project_root', 'cache_dir',
            'resolve_data_dir', 'clear_panel_cache', 'load_panel', 'save_panel', 'split_slice', 'full_window_symbols',
-           'episode_starts', 'yahoo_ticker', 'yahoo_frame', 'fetch', 'panel_summary', 'cli_data']
+           'episode_starts', 'yahoo_ticker', 'yahoo_frame', 'network_cause', 'yahoo_actions', 'fetch', 'panel_summary',
+           'cli_data']
 
 # %% ../nbs/00_data.ipynb #c006
 FIELDS = ('open', 'high', 'low', 'close', 'volume')  # the fields of a bar, in file order
@@ -43,9 +47,17 @@ class Problem:
     date: str|None  # first day it concerns (ISO), or None for whole-file problems
     kind: str  # short machine-readable tag, e.g. 'duplicate_date'
     message: str  # for people
-    action: str = 'reported'  # 'reported', 'dropped' (rows removed) or 'error'
+    action: str = 'reported'  # 'reported', 'dropped' (rows removed), 'skipped' (a file not read) or 'error'
 
     def __str__(self): return self.message
+
+@dataclass(frozen=True)
+class Action:
+    "One corporate action applied to a symbol's prices: every bar before `date` was multiplied by `ratio`."
+    symbol: str  # the stock
+    date: str  # ISO ex-date: the first day at the new price level
+    ratio: float  # price factor of the earlier bars: 0.2 for a 1:5 split, 0.99 for a dividend of 1% of the price
+    source: str  # where it came from: 'Adj Close' (the file's own factor) or the actions file's name
 
 @dataclass(eq=False)
 class Panel:
@@ -59,6 +71,8 @@ class Panel:
     volume: np.ndarray
     problems: list = field(default_factory=list)  # what validation found, as `Problem`s
     source: str = ''  # where the bars came from
+    adjustment: str = 'adjusted'  # 'adjusted' (for the corporate actions the source records) or 'raw' (prices as printed)
+    actions: list = field(default_factory=list)  # the `Action`s applied to the prices (none when raw)
 
     def __post_init__(self):
         d = pd.DatetimeIndex(self.dates)
@@ -100,16 +114,18 @@ class Panel:
         symbols = [symbols] if isinstance(symbols, str) else list(symbols)
         idx = [self.col(s) for s in symbols]
         return Panel(self.dates, symbols, *(getattr(self, f)[:, idx] for f in FIELDS),
-                     problems=[p for p in self.problems if p.symbol in symbols], source=self.source)
+                     problems=[p for p in self.problems if p.symbol in symbols or p.symbol == '*'], source=self.source,
+                     adjustment=self.adjustment, actions=[a for a in self.actions if a.symbol in symbols])
 
     def fingerprint(self) -> str:
-        "16 hex digits of a sha256 of the dates, symbols, prices and volumes: two panels with one fingerprint hold the same data (what a result was computed on, whatever its folder is called)."
+        "16 hex digits of a sha256 of the dates, symbols, prices, volumes and, for raw prices, the word raw: two panels with one fingerprint hold the same data (what a result was computed on, whatever its folder is called)."
         h = hashlib.sha256()
         h.update(self.dates.asi8.tobytes())
         h.update('\n'.join(map(str, self.symbols)).encode())
         for f in FIELDS:
             a = getattr(self, f)
             h.update(np.where(np.isnan(a), np.nan, a).tobytes())  # (one bit pattern for every missing bar)
+        if self.adjustment != 'adjusted': h.update(f"\nprices: {self.adjustment}".encode())  # (adjusted prices already differ where an action was applied)
         return h.hexdigest()[:16]
 
 # %% ../nbs/00_data.ipynb #c007
@@ -153,6 +169,7 @@ def synthetic_panel(n_days:int=300, # trading days (business days from `start`)
 
 # %% ../nbs/00_data.ipynb #c014
 LARGE_MOVE = 0.40  # a one-day move beyond this (close or open vs previous close) is reported
+ACTIONS_FILE = 'actions.csv'  # a data folder's corporate actions (symbol,date,ratio): not a price file
 
 def _plural(n, word): return f"{n} {word}" + ('' if n == 1 else 's')
 
@@ -160,6 +177,11 @@ def validate_bars(bars:pd.DataFrame, # one symbol's bars: float64 `FIELDS` index
                   symbol:str, # its name, for the reports
                  ) -> tuple:
     "Check one symbol's bars: `(clean bars sorted by date, [Problem, ...])`."
+    bars, problems = _check_bars(bars, symbol)
+    return bars, problems + _large_moves(bars, symbol)
+
+def _check_bars(bars:pd.DataFrame, symbol:str) -> tuple:
+    "Every check of `validate_bars` but the large moves (which read prices after any corporate-action adjustment)."
     problems = []
     def record(kind, mask, what, action):
         mask = np.asarray(mask, dtype=bool)
@@ -212,7 +234,18 @@ def validate_bars(bars:pd.DataFrame, # one symbol's bars: float64 `FIELDS` index
     record('zero_volume_filler', filler, 'zero volume repeating the previous close (vendor filler)', 'dropped')
     record('zero_volume', (vol == 0) & ~filler, 'zero volume', 'reported')
     bars = bars[~filler]
+    if len(bars) == 0:
+        problems.append(Problem(symbol, None, 'no_valid_bars', f"{symbol}: no valid bar left after validation", 'error'))
+    return bars, problems
 
+def _large_moves(bars:pd.DataFrame, symbol:str, raw:bool=False, known=()) -> list:
+    "A `large_move` problem for each bar more than `LARGE_MOVE` from the previous close (`known`: the symbol's `Action`s, for raw prices)."
+    problems, known = [], {a.date: a for a in known} if raw else {}
+    fix = f"likely an unadjusted split or bonus issue; check it, and add it to {ACTIONS_FILE} (symbol,date,ratio) in the data folder"
+    def why(day):
+        a = known.get(day)
+        return (f"raw prices: {a.source} records an action that day (earlier prices x {a.ratio:.4g}), which adjusted prices "
+                "(the default) apply" if a else fix)
     c, o = bars['close'].to_numpy(), bars['open'].to_numpy()
     prev = np.concatenate([[np.nan], c[:-1]])
     with np.errstate(invalid='ignore'):
@@ -222,12 +255,58 @@ def validate_bars(bars:pd.DataFrame, # one symbol's bars: float64 `FIELDS` index
         what, r = ('closed', r_close[i]) if abs(r_close[i]) >= abs(r_open[i]) else ('opened', r_open[i])
         price = c[i] if what == 'closed' else o[i]
         problems.append(Problem(symbol, day, 'large_move',
-            f"{symbol}: {what} {r:+.0%} from the previous close on {day} ({prev[i]:.2f} -> {price:.2f}): "
-            "likely an unadjusted split or bonus issue; check it and adjust earlier prices"))
+            f"{symbol}: {what} {r:+.0%} from the previous close on {day} ({prev[i]:.2f} -> {price:.2f}): {why(day)}"))
+    return problems
 
-    if len(bars) == 0:
-        problems.append(Problem(symbol, None, 'no_valid_bars', f"{symbol}: no valid bar left after validation", 'error'))
-    return bars, problems
+# %% ../nbs/00_data.ipynb #c017b
+ADJ_TOL = 5e-4  # Adj Close / Close moving less than this between two days is the vendor's rounding, not an action
+
+def read_actions(path, # an actions file: `symbol,date,ratio` (other columns are notes)
+                ) -> list:
+    "The corporate actions of an actions file, as `Action`s in file order."
+    path = Path(path)
+    try: df = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except (OSError, ValueError, pd.errors.ParserError, pd.errors.EmptyDataError) as e:
+        raise DataError(f"{path}: cannot read the actions file: {e}") from None
+    df.columns = [str(c).strip().lower() for c in df.columns]
+    missing = [c for c in ('symbol', 'date', 'ratio') if c not in df.columns]
+    if missing:
+        raise DataError(f"{path}: the actions file has no column {', '.join(missing)} (found: {', '.join(df.columns)}); "
+                        "expected 'symbol,date,ratio' (ratio: the price factor of the bars before date, 0.2 for a 1:5 split)")
+    sym = df['symbol'].str.strip()
+    dates = pd.to_datetime(df['date'].str.strip().str[:10], format='%Y-%m-%d', errors='coerce')
+    ratio = pd.to_numeric(df['ratio'], errors='coerce').to_numpy(dtype=np.float64)
+    with np.errstate(invalid='ignore'): bad = (sym == '').to_numpy() | dates.isna().to_numpy() | ~(np.isfinite(ratio) & (ratio > 0))
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        raise DataError(f"{path}: row {i + 2} ({','.join(df.iloc[i][['symbol', 'date', 'ratio']])}) is not 'SYMBOL,YYYY-MM-DD,ratio' "
+                        f"with a ratio above 0 ({int(bad.sum())} such rows)")
+    return [Action(s, _iso(d), float(r), path.name) for s, d, r in zip(sym, dates, ratio)]
+
+def adjust_bars(bars:pd.DataFrame, # one symbol's bars, sorted by date (an `adj_close` column: Yahoo's factor)
+                symbol:str, # its name
+                actions=(), # its `Action`s, used when the bars have no `adj_close`
+               ) -> tuple:
+    "Prices adjusted for corporate actions: `(bars without adj_close, [Action applied, ...])`."
+    if 'adj_close' in bars.columns:
+        with np.errstate(divide='ignore', invalid='ignore'): f = bars['adj_close'].to_numpy() / bars['close'].to_numpy()
+        f = pd.Series(np.where(np.isfinite(f) & (f > 0), f, np.nan)).bfill().ffill().to_numpy()
+        bars = bars.drop(columns='adj_close')
+        if len(f) == 0 or np.isnan(f).all(): return bars, []
+        step = f[:-1] / f[1:]  # an action is a step of the factor; the vendor's rounding wobbles it a little every day
+        actions = [Action(symbol, _iso(bars.index[i + 1]), float(step[i]), 'Adj Close')
+                   for i in np.flatnonzero(np.abs(np.log(step)) > ADJ_TOL)]
+    f, applied = np.ones(len(bars)), []
+    for a in actions:
+        before = bars.index < pd.Timestamp(a.date)
+        if before.any() and a.ratio != 1:
+            f[before] *= a.ratio
+            applied.append(a)
+    if (f == 1).all(): return bars, applied
+    bars = bars.copy()
+    for p in PRICES: bars[p] = bars[p].to_numpy() * f
+    return bars, applied
+
 
 # %% ../nbs/00_data.ipynb #c019
 _DATE_COLUMNS = ('timestamp', 'date', 'datetime')
@@ -235,13 +314,34 @@ _DATE_COLUMNS = ('timestamp', 'date', 'datetime')
 EXCHANGE_TZ = 'Asia/Kolkata'  # a bar's date is its date at the exchange (NSE)
 _ZONED = r'\d\d:\d\d(?::\d\d(?:\.\d+)?)?\s*(?:Z|[+-]\d\d:?\d\d)$'  # a time of day with a UTC offset
 
+_BLOCK = ('open', 'high', 'low', 'close', 'adj_close', 'volume')  # the columns of one ticker's block
+
+def _mixed_error(symbol:str, where:str, what:str) -> DataError:
+    msg = (f"{symbol}: {where} holds {what} under one header: several tickers' prices in one file. Refused: no block of it "
+           f"is read as {symbol}. Split it into one file per ticker (a Date column and one Open, High, Low, Close, "
+           f"Adj Close, Volume block each), named by the ticker each block holds")
+    return DataError(msg, [Problem(symbol, None, 'mixed_tickers', msg, 'error')])
+
 def _standardise(df:pd.DataFrame, symbol:str, where:str='') -> pd.DataFrame:
-    "Bars of one symbol as float64 `FIELDS` indexed by tz-naive calendar date, in file order."
+    "Bars of one symbol as float64 `FIELDS` (and `adj_close` where the file has it) indexed by tz-naive calendar date, in file order."
     where = where or symbol
+    if isinstance(df.columns, pd.MultiIndex):  # a (Price, Ticker) frame: one ticker, or refused
+        tickers = [t for t in dict.fromkeys(df.columns.get_level_values(-1)) if str(t)]
+        if len(tickers) > 1: raise _mixed_error(symbol, where, f"{len(tickers)} tickers' column blocks ({_names(tickers)})")
+        df = df.droplevel(-1, axis=1)
     if isinstance(df.index, pd.DatetimeIndex) or df.index.name is not None: df = df.reset_index()
     df = df.rename(columns=lambda c: str(c).strip().lower().replace(' ', '_'))
+    base = pd.Series([re.sub(r'\.\d+$', '', c) for c in df.columns])  # pandas names a repeated column `close.1`
+    repeated = base[base.isin(_BLOCK)].value_counts()
+    if (repeated > 1).any():
+        raise _mixed_error(symbol, where, f"{int(repeated.max())} column blocks ("
+                           + ', '.join(f"{n} x {c.replace('_', ' ').title()}" for c, n in repeated.items() if n > 1) + ")")
     date_col = next((c for c in _DATE_COLUMNS if c in df.columns), None)
     missing = ([] if date_col else ['timestamp (or Date)']) + [f for f in FIELDS if f not in df.columns]
+    if 'close' not in df.columns and sum(f in df.columns for f in FIELDS) < 3:  # hardly a price column: some other file
+        msg = (f"{where}: not a price file (columns: {_names(df.columns, 6)}; a price file has "
+               "'timestamp,open,high,low,close,volume' or 'Date,Open,High,Low,Close,Adj Close,Volume')")
+        raise DataError(msg, [Problem(symbol, None, 'not_a_price_file', msg, 'error')])
     if missing:
         raise DataError(f"{symbol}: missing column {', '.join(missing)} in {where} (found: {', '.join(map(str, df.columns))}); "
                         "expected 'timestamp,open,high,low,close,volume' or Yahoo's 'Date,Open,High,Low,Close,Adj Close,Volume'",
@@ -267,47 +367,115 @@ def _standardise(df:pd.DataFrame, symbol:str, where:str='') -> pd.DataFrame:
                f"first {raw!r} on data row {bad[0] + 1}; expected YYYY-MM-DD")
         raise DataError(msg, [Problem(symbol, None, 'unparseable_date', msg, 'error')])
     out = {}
-    for f in FIELDS:
+    for f in FIELDS + ('adj_close',) * ('adj_close' in df.columns):
         col = df[f] if pd.api.types.is_numeric_dtype(df[f]) else pd.to_numeric(df[f], errors='coerce')
         out[f] = col.to_numpy(dtype=np.float64, na_value=np.nan)
+    if 'adj_close' in out and np.isnan(out['adj_close']).all(): del out['adj_close']  # an empty column: no factor
     return pd.DataFrame(out, index=pd.DatetimeIndex(dates.to_numpy(), name='date').as_unit('ns'))
 
 # %% ../nbs/00_data.ipynb #c020
+GAP_SHARE = 0.5  # a day on which more than this share of the listed symbols has no usable bar is a vendor gap...
+GAP_MIN = 3  # ...when at least this many symbols lack one
+SAME_DAYS = 20  # two symbols with the same close on every one of at least this many common days hold one series
+
 def panel_from_frames(frames:dict, # symbol -> DataFrame of daily bars (date index or date/timestamp column)
                       source:str='', # where the bars came from, for `Panel.source`
                       strict:bool=False, # raise `DataError` on any problem instead of dropping bad bars
                       validate:bool=True, # check the bars (see `validate_bars`)
+                      adjust:bool=True, # adjust prices for corporate actions (`adjust_bars`); False: raw prices
+                      actions=(), # `Action`s for symbols without an `Adj Close` column (see `read_actions`)
                      ) -> Panel:
     "Validate per-symbol frames and align them by date into a `Panel`."
     if not frames: raise DataError("no symbols: pass a dict {symbol: DataFrame of daily bars}")
-    return _build_panel({sym: _standardise(df, sym) for sym, df in frames.items()}, source, strict, validate)
+    return _build_panel({sym: _standardise(df, sym) for sym, df in frames.items()}, source, strict, validate, adjust, actions)
 
-def _build_panel(frames:dict, source:str, strict:bool, validate:bool=True) -> Panel:
-    "Validate standardised bars (see `_standardise`) and align them."
-    clean, problems = {}, []
-    for sym, bars in frames.items():
-        if validate:
-            bars, found = validate_bars(bars, sym)
-            problems += found
-        clean[sym] = bars
+def _build_panel(frames:dict, source:str, strict:bool, validate:bool=True, adjust:bool=True, actions=(),
+                 problems=()) -> Panel:
+    "Validate standardised bars (see `_standardise`), drop vendor gaps, adjust, and align."
+    problems = list(problems)
+    checked = {sym: _check_bars(bars, sym) if validate else (bars, []) for sym, bars in frames.items()}
+    gaps = _vendor_gaps(frames, {s: b.index for s, (b, _) in checked.items()}) if validate else []
+    if gaps:  # checked again without those days: one event for the whole panel, not a dropped bar in every symbol
+        days = pd.DatetimeIndex([pd.Timestamp(p.date) for p in gaps])
+        checked = {sym: _check_bars(bars[~bars.index.isin(days)], sym) for sym, bars in frames.items()}
+        problems += gaps
+    by_symbol = {}
+    for a in actions: by_symbol.setdefault(a.symbol, []).append(a)
+    clean, applied = {}, []
+    for sym, (bars, found) in checked.items():
+        problems += found
+        adjusted, done = adjust_bars(bars, sym, by_symbol.get(sym, ()))
+        if adjust: bars, applied = adjusted, applied + done
+        if validate: problems += _large_moves(bars, sym, raw=not adjust, known=done)
+        clean[sym] = bars[list(FIELDS)]
     errors = [p for p in problems if p.action == 'error']
+    panel = None if errors else _align(clean, problems, source, 'adjusted' if adjust else 'raw', applied)
+    if panel is not None and validate:
+        same = _identical_series(panel)
+        problems += same
+        errors += same
     if errors or (strict and problems): raise _problems_error(problems if strict else errors, strict)
-    return _align(clean, problems, source)
+    return panel
 
-def _align(frames:dict, problems:list, source:str) -> Panel:
+def _align(frames:dict, problems:list, source:str, adjustment:str='adjusted', actions=()) -> Panel:
     "Place each symbol's bars on the union of all trading days."
     dates = pd.DatetimeIndex(np.unique(np.concatenate([df.index.to_numpy() for df in frames.values()])))
     arrays = {f: np.full((len(dates), len(frames)), np.nan) for f in FIELDS}
     for j, df in enumerate(frames.values()):
         rows = dates.searchsorted(df.index)
         for f in FIELDS: arrays[f][rows, j] = df[f].to_numpy()
-    return Panel(dates, list(frames), **arrays, problems=list(problems), source=source)
+    return Panel(dates, list(frames), **arrays, problems=list(problems), source=source, adjustment=adjustment, actions=list(actions))
 
-def _problems_error(problems, strict) -> DataError:
-    head = (f"{len(problems)} data {'problem' if len(problems) == 1 else 'problems'} (strict mode; "
-            "load with strict=False to drop bad bars and keep a report in panel.problems)" if strict
+def _vendor_gaps(raw:dict, usable:dict) -> list:
+    "A `vendor_gap` problem for each day on which most listed symbols have no usable bar (`usable`: symbol -> dates kept)."
+    if len(raw) < GAP_MIN: return []
+    syms = list(raw)
+    days = pd.DatetimeIndex(np.unique(np.concatenate([raw[s].index.dropna().to_numpy() for s in syms])))
+    listed = np.zeros((len(days), len(syms)), dtype=bool)
+    kept = np.zeros_like(listed)
+    for j, s in enumerate(syms):
+        idx = raw[s].index.dropna()
+        if len(idx): listed[:, j] = (days >= idx.min()) & (days <= idx.max())  # between its first and last row
+        kept[:, j] = days.isin(usable[s])
+    lacking = listed & ~kept
+    n, of = lacking.sum(axis=1), listed.sum(axis=1)
+    gaps = []
+    for i in np.flatnonzero((n >= GAP_MIN) & (n > GAP_SHARE * of)):
+        day = _iso(days[i])
+        real = [s for j, s in enumerate(syms) if kept[i, j]]
+        gaps.append(Problem('*', day, 'vendor_gap',
+            f"{day}: vendor gap: {n[i]} of {of[i]} symbols have no usable bar that day (filler or missing: "
+            f"{_names([s for j, s in enumerate(syms) if lacking[i, j]], 5)}); the day is removed from the calendar "
+            f"of every symbol" + (f", with the real bars of {_names(real, 5)}" if real else ''), 'dropped'))
+    return gaps
+
+def _identical_series(panel:Panel) -> list:
+    "An `identical_series` error for each pair of symbols with the same close on all of at least `SAME_DAYS` common days."
+    c, ok, found = panel.close, panel.valid, []
+    for i in range(len(panel.symbols) - 1):
+        both = ok[:, [i]] & ok[:, i + 1:]
+        k = both.sum(axis=0)
+        same = ((c[:, [i]] == c[:, i + 1:]) | ~both).all(axis=0) & (k >= SAME_DAYS)
+        for j in np.flatnonzero(same) + i + 1:
+            a, b = panel.symbols[i], panel.symbols[j]
+            rows = np.flatnonzero(ok[:, i] & ok[:, j])
+            first, last = _iso(panel.dates[rows[0]]), _iso(panel.dates[rows[-1]])
+            found.append(Problem(a, first, 'identical_series',
+                f"{a} and {b}: the same close on all {len(rows)} days both have ({first}..{last}): one file holds the "
+                f"other's prices (or both a third stock's). Neither is loaded; check both files against the exchange "
+                f"and replace the wrong one", 'error'))
+    return found
+
+_STRICT_WORDS = {False: "load with strict=False to drop bad bars and keep a report in panel.problems",
+                 True: "run without --strict (or with --no-strict) to drop bad bars and list them"}
+
+def _problems_error(problems, strict, cli:bool=False) -> DataError:
+    head = (f"{len(problems)} data {'problem' if len(problems) == 1 else 'problems'} (strict mode; {_STRICT_WORDS[cli]})" if strict
             else f"{len(problems)} data {'error' if len(problems) == 1 else 'errors'} make the data unusable")
-    return DataError(head + ":\n  " + "\n  ".join(p.message for p in problems), problems)
+    e = DataError(head + ":\n  " + "\n  ".join(p.message for p in problems), problems)
+    e.strict = strict
+    return e
+
 
 # %% ../nbs/00_data.ipynb #c024
 DATA_SUFFIXES = ('.csv', '.parquet', '.pq')
@@ -324,7 +492,7 @@ def symbol_from_filename(name:str) -> str:
 def data_files(folder) -> dict:
     "`{symbol: path}` of the data files in `folder` (or of one file), sorted by symbol."
     folder = Path(folder)
-    paths = [folder] if folder.is_file() else sorted(p for p in folder.iterdir() if p.is_file()
+    paths = [folder] if folder.is_file() else sorted(p for p in folder.iterdir() if p.is_file() and p.name != ACTIONS_FILE
                                                      and p.name.lower().endswith(DATA_SUFFIXES) and not p.name.startswith('.'))
     if not paths:
         raise DataError(f"{folder}: no data files (one CSV or parquet file per symbol: SYMBOL_daily.csv or SYMBOL.csv). "
@@ -346,6 +514,12 @@ def read_bars(path, # a CSV or parquet file of one symbol
         if path.name.lower().endswith('.csv'):
             with open(path, encoding='utf-8', errors='replace') as fh: head = [fh.readline() for _ in range(3)]
             if head[0].startswith('Price,') and head[1].startswith('Ticker,'):  # yfinance's own to_csv layout
+                tickers = [t for t in dict.fromkeys(head[1].strip().split(',')[1:]) if t]
+                if len(tickers) > 1:
+                    raise _mixed_error(symbol, str(path), f"{len(tickers)} tickers' column blocks ({_names(tickers)})")
+                if tickers and symbol_from_filename(tickers[0]).upper() != symbol.upper():
+                    msg = f"{symbol}: {path} holds {tickers[0]}'s prices (its Ticker row), not {symbol}'s; rename or replace it"
+                    raise DataError(msg, [Problem(symbol, None, 'wrong_ticker', msg, 'error')])
                 names = ['Date'] + head[0].strip().split(',')[1:]
                 raw = pd.read_csv(path, skiprows=3 if head[2].startswith('Date') else 2, header=None, names=names)
             else: raw = pd.read_csv(path)
@@ -396,7 +570,7 @@ def resolve_data_dir(data=None, # a folder (or file) of prices; None: $TRADELLM_
     raise DataError(f"No price data found (looked in {', '.join(tried)}). " + HOW_TO_GET_DATA)
 
 # %% ../nbs/00_data.ipynb #c028
-_PANELS: dict = {}  # (path, symbols, strict, file stamps) -> Panel
+_PANELS: dict = {}  # (path, symbols, strict, adjust, file stamps) -> Panel
 _MAX_CACHED = 8
 
 def clear_panel_cache():
@@ -405,13 +579,15 @@ def clear_panel_cache():
 
 def load_panel(data=None, # folder/file of per-symbol CSV or parquet files, a `Panel`, or None (lookup)
                symbols=None, # names to load (default: all files), in this column order
-               strict:bool=False, # raise `DataError` on any problem instead of dropping bad bars
+               strict:bool=False, # raise `DataError` on any problem (a skipped file too) instead of dropping bad bars
                cache:bool=True, # reuse a panel already loaded from the same unchanged files
+               adjust:bool=True, # adjust prices for corporate actions (`Adj Close`, `actions.csv`); False: raw prices
               ) -> Panel:
     "Load, validate and align daily bars into a `Panel`."
     if isinstance(data, Panel): return data if symbols is None else data.select(symbols)
     folder = resolve_data_dir(data)
     files = data_files(folder)
+    whole_folder = symbols is None and folder.is_dir()
     if symbols is not None:
         symbols = [symbols] if isinstance(symbols, str) else list(symbols)
         unknown = [s for s in symbols if s not in files]
@@ -420,17 +596,26 @@ def load_panel(data=None, # folder/file of per-symbol CSV or parquet files, a `P
                    f"or fetch it with `tradellm data fetch --symbols {' '.join(unknown)}`")
             raise DataError(msg, [Problem(s, None, 'unknown_symbol', f"{s}: no file in {folder}", 'error') for s in unknown])
         files = {s: files[s] for s in symbols}
-    stamps = tuple((p.name, st.st_mtime_ns, st.st_size) for p in files.values() for st in [p.stat()])
-    key = (str(folder), tuple(files), bool(strict), stamps)
+    actions_file = folder / ACTIONS_FILE if folder.is_dir() else folder.parent / ACTIONS_FILE
+    stamped = [*files.values(), *([actions_file] if actions_file.exists() else [])]
+    stamps = tuple((p.name, st.st_mtime_ns, st.st_size) for p in stamped for st in [p.stat()])
+    key = (str(folder), tuple(files), bool(strict), bool(adjust), stamps)
     if cache and key in _PANELS: return _PANELS[key]
-    frames, errors = {}, []
+    frames, errors, skipped = {}, [], []
     for sym, path in files.items():
         try: frames[sym] = read_bars(path, sym)
-        except DataError as e: errors.append(e)
+        except DataError as e:
+            stray = [p for p in e.problems if p.kind == 'not_a_price_file']
+            if whole_folder and stray:  # (a file asked for by name is an error)
+                skipped.append(Problem(path.name, None, 'not_a_price_file', f"{stray[0].message}; skipped", 'skipped'))
+            else: errors.append(e)
     if errors:
         raise DataError(f"{folder}: {_plural(len(errors), 'file')} cannot be used:\n  " + "\n  ".join(map(str, errors)),
                         [p for e in errors for p in e.problems])
-    panel = _build_panel(frames, str(folder), strict)
+    if not frames:
+        raise DataError(f"{folder}: no price files, only {_names([p.symbol for p in skipped])}. " + HOW_TO_GET_DATA, skipped)
+    actions = read_actions(actions_file) if actions_file.exists() else []  # (raw prices: to name them in the reports)
+    panel = _build_panel(frames, str(folder), strict, adjust=adjust, actions=actions, problems=skipped)
     if panel.problems:  # (once per load: a cached panel does not warn again)
         dropped = sum(p.action == 'dropped' for p in panel.problems)
         warnings.warn(f"{folder}: {_plural(len(panel.problems), 'data problem')} found ({dropped} of them bad bars that were "
@@ -554,6 +739,67 @@ def _read_cached(path:Path) -> pd.DataFrame|None:
     except (OSError, ValueError, KeyError, pd.errors.ParserError, pd.errors.EmptyDataError):
         return None
 
+_NETWORK = re.compile(r"could not resolve host|name or service not known|temporary failure in name resolution|"
+                      r"network is unreachable|no route to host|failed to connect|connection (?:refused|reset|aborted)|"
+                      r"timed out|dnserror|connectionerror|curl: \((?:5|6|7|28|35|56)\)", re.I)
+
+def network_cause(text:str) -> str|None:
+    "The network failure an error text describes, in a few words (None if it is not one)."
+    if not _NETWORK.search(text or ''): return None
+    host = re.search(r"Could not resolve host:? [\w.-]*\w", text, re.I)
+    return host.group(0) if host else text.strip().splitlines()[0][:160]
+
+class _Recorder(logging.Handler):
+    "Keeps yfinance's log messages instead of printing them."
+    def __init__(self): super().__init__(logging.WARNING); self.messages = []
+    def emit(self, record): self.messages.append(record.getMessage())
+
+class _QuietYfinance:
+    "Within it, yfinance's log lines (one per ticker, cookie warnings) are recorded, not printed."
+    def __enter__(self):
+        self.log, self.recorder = logging.getLogger('yfinance'), _Recorder()
+        self.saved = self.log.handlers[:], self.log.propagate
+        self.log.handlers, self.log.propagate = [self.recorder], False
+        return self.recorder
+    def __exit__(self, *exc): self.log.handlers, self.log.propagate = self.saved
+
+def yahoo_actions(raw:pd.DataFrame, # what `yfinance.download(..., actions=True)` returned
+                  ticker:str, # the ticker to take out of it
+                  symbol:str, # its NSE symbol, for the rows
+                  before:pd.DataFrame|None=None, # bars cached before this download (for the close before its first day)
+                 ) -> pd.DataFrame:
+    "Rows of an actions file (`symbol,date,ratio,kind,value`) from Yahoo's `Stock Splits` and `Dividends` columns."
+    rows = []
+    if raw is not None and len(raw):
+        df = raw
+        if isinstance(df.columns, pd.MultiIndex):
+            level = next((i for i in range(df.columns.nlevels) if ticker in set(df.columns.get_level_values(i))), None)
+            df = df.xs(ticker, axis=1, level=level) if level is not None else df.iloc[:, :0]
+        if 'Close' in df.columns and {'Stock Splits', 'Dividends'} & set(df.columns):
+            idx = pd.DatetimeIndex(df.index)
+            if idx.tz is not None: idx = idx.tz_convert(EXCHANGE_TZ).tz_localize(None)
+            df = df.set_axis(idx.normalize(), axis=0).sort_index()
+            close = df['Close'].astype(np.float64)
+            if before is not None and len(before): close = pd.concat([before['Close'].astype(np.float64), close])
+            prev = close[~close.index.duplicated(keep='last')].dropna().shift(1)
+            for day, s in df.get('Stock Splits', pd.Series(dtype=float)).dropna().items():
+                if s > 0 and s != 1: rows.append((symbol, _iso(day), 1 / s, 'split', s))
+            for day, d in df.get('Dividends', pd.Series(dtype=float)).dropna().items():
+                p = prev.get(day, np.nan)
+                if d > 0 and p > d: rows.append((symbol, _iso(day), 1 - d / p, 'dividend', d))
+    return pd.DataFrame(rows, columns=['symbol', 'date', 'ratio', 'kind', 'value'])
+
+def _write_actions(out:Path, new:list):
+    "Add actions to `out/actions.csv` (one row per symbol, date and kind; the newest wins)."
+    new = [df for df in new if len(df)]
+    if not new: return
+    path = out / ACTIONS_FILE
+    old = [pd.read_csv(path, dtype={'symbol': str, 'date': str, 'kind': str})] if path.exists() else []
+    df = pd.concat(old + new, ignore_index=True).drop_duplicates(['symbol', 'date', 'kind'], keep='last')
+    tmp = out / f".{ACTIONS_FILE}.tmp"
+    df.sort_values(['symbol', 'date', 'kind']).to_csv(tmp, index=False, float_format='%.10g')
+    os.replace(tmp, path)
+
 def fetch(symbols=NIFTY68, # NSE symbols (without .NS)
           out=None, # folder of SYMBOL.csv files (default: the cache, `cache_dir()`)
           start='2020-10-01', # first day to download
@@ -562,7 +808,7 @@ def fetch(symbols=NIFTY68, # NSE symbols (without .NS)
           batch:int=20, # tickers per download call
           progress:bool=True, # show a tqdm progress bar
          ) -> dict:
-    "Download daily bars into `out`, resumably: `{'out', 'fetched', 'updated', 'skipped', 'failed', 'calls'}`."
+    "Download daily bars (and `actions.csv`) into `out`, resumably: `{'out', 'fetched', 'updated', 'skipped', 'failed', 'calls', 'network', 'actions'}`."
     from tqdm.auto import tqdm
     symbols = [symbols] if isinstance(symbols, str) else list(symbols)
     out = Path(out) if out is not None else cache_dir()
@@ -571,7 +817,7 @@ def fetch(symbols=NIFTY68, # NSE symbols (without .NS)
         import yfinance
         download = yfinance.download
     last_needed = (pd.Timestamp(end) if end is not None else pd.Timestamp.today()).normalize() - pd.offsets.BDay(1)
-    summary = {'out': str(out), 'fetched': [], 'updated': [], 'skipped': [], 'failed': {}, 'calls': 0}
+    summary = {'out': str(out), 'fetched': [], 'updated': [], 'skipped': [], 'failed': {}, 'calls': 0, 'network': None, 'actions': 0}
     cached, plan = {}, {}  # plan: download start -> symbols
     for sym in symbols:
         have = _read_cached(out / f"{sym}.csv")
@@ -579,36 +825,49 @@ def fetch(symbols=NIFTY68, # NSE symbols (without .NS)
         if have is not None: cached[sym] = have
         since = (have.index.max() + pd.Timedelta(days=1)) if have is not None else pd.Timestamp(start)
         plan.setdefault(since.strftime('%Y-%m-%d'), []).append(sym)
+    groups = [(since, syms[i:i + batch]) for since, syms in plan.items() for i in range(0, len(syms), batch)]
     bar = tqdm(total=len(symbols), desc='fetch NSE daily bars', unit='symbol', disable=not progress)
     bar.update(len(summary['skipped']))
-    for since, syms in plan.items():
-        for i in range(0, len(syms), batch):
-            group = syms[i:i + batch]
-            tickers = [yahoo_ticker(s) for s in group]
-            summary['calls'] += 1
+    new_actions = []
+    for k, (since, group) in enumerate(groups):
+        tickers = [yahoo_ticker(s) for s in group]
+        summary['calls'] += 1
+        with _QuietYfinance() as said, warnings.catch_warnings():
+            warnings.simplefilter('ignore')  # (yfinance's own deprecation noise)
             try:
                 raw = download(tickers, start=since, end=None if end is None else pd.Timestamp(end).strftime('%Y-%m-%d'),
-                               auto_adjust=False, actions=False, progress=False, threads=True, group_by='column')
+                               auto_adjust=False, actions=True, progress=False, threads=True, group_by='column')
             except Exception as e:  # network errors of any kind: record and go on with the next group
                 raw, error = None, f"{type(e).__name__}: {e}"
             else: error = 'no data returned (unknown symbol, or no trading days in the range)'
-            for sym, ticker in zip(group, tickers):
-                try: new = yahoo_frame(raw, ticker)
-                except DataError as e: new, err = None, str(e)
-                else: err = error
-                old = cached.get(sym)
-                if new is None or (len(new) == 0 and old is None): summary['failed'][sym] = err
-                elif len(new) == 0: summary['skipped'].append(sym)  # a stale file, but nothing newer (holidays)
-                else:
-                    bars = new if old is None else pd.concat([old, new])
-                    bars = bars[~bars.index.duplicated(keep='last')].sort_index()
-                    tmp = out / f".{sym}.csv.tmp"
-                    bars.to_csv(tmp, index_label='Date', date_format='%Y-%m-%d')
-                    os.replace(tmp, out / f"{sym}.csv")
-                    summary['updated' if old is not None else 'fetched'].append(sym)
-            bar.update(len(group))
-            bar.set_postfix(failed=len(summary['failed']))
+        network = 0
+        for sym, ticker in zip(group, tickers):
+            try: new = yahoo_frame(raw, ticker)
+            except DataError as e: new, err = None, str(e)
+            else: err = next((m for m in said.messages if ticker in m and network_cause(m)), None) or error  # yfinance logs why
+            old = cached.get(sym)
+            if new is None or (len(new) == 0 and old is None):
+                cause = network_cause(err)
+                if cause: network, summary['network'], err = network + 1, cause, f"network unreachable: {err}"
+                summary['failed'][sym] = err
+            elif len(new) == 0: summary['skipped'].append(sym)  # a stale file, but nothing newer (holidays)
+            else:
+                bars = new if old is None else pd.concat([old, new])
+                bars = bars[~bars.index.duplicated(keep='last')].sort_index()
+                tmp = out / f".{sym}.csv.tmp"
+                bars.to_csv(tmp, index_label='Date', date_format='%Y-%m-%d')
+                os.replace(tmp, out / f"{sym}.csv")
+                summary['updated' if old is not None else 'fetched'].append(sym)
+                new_actions.append(yahoo_actions(raw, ticker, sym, old))
+        bar.update(len(group))
+        bar.set_postfix(failed=len(summary['failed']))
+        if network == len(group) and not (summary['fetched'] or summary['updated']) and k + 1 < len(groups):
+            for _, rest in groups[k + 1:]:  # the first symbols all failed on the network: the others would too
+                for sym in rest: summary['failed'][sym] = f"not tried: the network is unreachable ({summary['network']})"
+            break
     bar.close()
+    _write_actions(out, new_actions)
+    summary['actions'] = int(sum(map(len, new_actions)))
     return summary
 
 # %% ../nbs/00_data.ipynb #c047
@@ -622,7 +881,8 @@ def panel_summary(panel:Panel) -> dict:
         groups.setdefault(span, []).append(sym)
     ranges = [{'start': s, 'end': e, 'n_symbols': len(syms), 'bars': int(valid[:, [panel.col(x) for x in syms]].sum()),
                'symbols': syms} for (s, e), syms in sorted(groups.items(), key=lambda kv: (str(kv[0][0]), str(kv[0][1])))]
-    return {'source': panel.source, 'n_symbols': len(panel.symbols), 'symbols': list(panel.symbols),
+    return {'source': panel.source, 'adjustment': panel.adjustment, 'actions': [asdict(a) for a in panel.actions],
+            'n_symbols': len(panel.symbols), 'symbols': list(panel.symbols),
             'days': len(panel.dates), 'first': _iso(panel.dates[0]) if len(panel.dates) else None,
             'last': _iso(panel.dates[-1]) if len(panel.dates) else None, 'bars': int(valid.sum()), 'ranges': ranges,
             'problems': [asdict(p) for p in panel.problems], 'errors': [asdict(p) for p in panel.problems if p.action == 'error']}
@@ -631,6 +891,16 @@ def _print_summary(s:dict):
     print(f"{s['source']}: {s['n_symbols']} symbols, {s['days']} days ({s['first']}..{s['last']}), {s['bars']:,} bars")
     for r in s['ranges']:
         print(f"  {r['n_symbols']:>3} symbols {r['start']}..{r['end']} ({r['bars']:,} bars): {_names(r['symbols'], 12)}")
+    acts = s.get('actions', [])
+    if s.get('adjustment') == 'raw': print("  raw prices (--raw-prices): not adjusted for corporate actions")
+    elif acts:
+        by = {}
+        for a in acts: by.setdefault(a['source'], set()).add(a['symbol'])
+        print(f"  prices adjusted for {_plural(len(acts), 'corporate action')} ("
+              + '; '.join(f"{src}: {_plural(len(syms), 'symbol')}" for src, syms in by.items()) + "; --raw-prices for the prices as printed)")
+        for a in acts[:20]: print(f"    {a['symbol']} {a['date']}: earlier prices x {a['ratio']:.6g} ({a['source']})")
+        if len(acts) > 20: print(f"    ... ({len(acts)} in all; --json lists them)")
+    else: print(f"  prices as printed: the source records no corporate action (no step in an Adj Close column, nothing in {ACTIONS_FILE})")
     print(f"  {len(s['problems'])} problems" + (':' if s['problems'] else ''))
     for p in s['problems']: print(f"    [{p['action']}] {p['message']}")
 
@@ -652,7 +922,10 @@ def cli_data(argv:list|None=None, # arguments after `tradellm data`
                                    'symbols, date ranges, bars, problems.')
     c.add_argument('path', nargs='?', default=None, help='folder of prices (default: $TRADELLM_DATA, then the cache)')
     c.add_argument('--symbols', nargs='+', default=None, help='only these symbols')
-    c.add_argument('--strict', action='store_true', help='fail (exit 1) on any problem, instead of dropping bad bars')
+    c.add_argument('--strict', action=argparse.BooleanOptionalAction, default=False,
+                   help='fail (exit 1) on any problem, a skipped file too (default: --no-strict, drop bad bars and list them)')
+    c.add_argument('--raw-prices', action='store_true',
+                   help=f'the prices as printed, not adjusted for corporate actions (Adj Close, {ACTIONS_FILE})')
     c.add_argument('--json', action='store_true', help='print a JSON summary')
     try: args = p.parse_args(argv)
     except SystemExit as e: return e.code if isinstance(e.code, int) else 2
@@ -666,8 +939,13 @@ def cli_data(argv:list|None=None, # arguments after `tradellm data`
         else:
             print(f"{r['out']}: {len(r['fetched'])} fetched, {len(r['updated'])} updated, "
                   f"{len(r['skipped'])} already complete, {len(r['failed'])} failed")
-            for sym, why in r['failed'].items(): print(f"  {sym}: {why}", file=sys.stderr)
-        if r['failed'] and not (r['fetched'] or r['updated'] or r['skipped']):
+            if not (r.get('network') and not (r['fetched'] or r['updated'])):  # (one line, below, when the network is down)
+                for sym, why in r['failed'].items(): print(f"  {sym}: {why}", file=sys.stderr)
+        if r['failed'] and not (r['fetched'] or r['updated'] or r['skipped']) and r.get('network'):
+            print(f"tradellm data fetch: the network is unreachable ({r['network']}); nothing was downloaded. Fetch on a "
+                  f"machine that can reach Yahoo Finance and copy the folder, then pass --data PATH or set TRADELLM_DATA.",
+                  file=sys.stderr)
+        elif r['failed'] and not (r['fetched'] or r['updated'] or r['skipped']):
             print(f"tradellm data fetch: none of the {len(r['failed'])} symbols could be downloaded. If this machine cannot "
                   f"reach Yahoo Finance (no network, a proxy), fetch on one that can and copy the folder, then pass "
                   f"--data PATH or set TRADELLM_DATA.", file=sys.stderr)
@@ -675,8 +953,9 @@ def cli_data(argv:list|None=None, # arguments after `tradellm data`
     try:
         with warnings.catch_warnings():  # (the check prints every problem itself)
             warnings.simplefilter('ignore', DataWarning)
-            panel = load_panel(args.path, symbols=symbols, strict=args.strict, cache=False)
+            panel = load_panel(args.path, symbols=symbols, strict=args.strict, cache=False, adjust=not args.raw_prices)
     except DataError as e:
+        if getattr(e, 'strict', False): e = _problems_error(e.problems, True, cli=True)  # (the command line's words)
         if args.json:
             print(json.dumps({'source': str(args.path), 'ok': False, 'message': str(e),
                               'errors': [asdict(x) for x in e.problems]}, indent=1))

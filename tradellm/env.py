@@ -19,7 +19,7 @@ from .tasks import (ENV_VERSION, TaskSpec, get_task, score_episode, buy_and_hold
 
 # %% auto #0
 __all__ = ['MARKET_FEATURES', 'POSITION_FEATURES', 'GLOBAL_FEATURES', 'OBS_BOUND', 'CHARSET', 'position_values', 'MarketView',
-           'feature_names', 'render_text', 'TradingEnv', 'demo_panel']
+           'feature_names', 'render_text', 'TradingEnv', 'orders_text', 'demo_panel']
 
 # %% ../nbs/04_env.ipynb #c006
 MARKET_FEATURES = ('close', 'change', 'rsi', 'macd', 'macd_signal', 'macd_hist', 'bb_pctb', 'trend',
@@ -364,7 +364,7 @@ class TradingEnv(TradingEnv):
         return self._labels
 
 # %% ../nbs/04_env.ipynb #c017
-def _as_text(orders) -> str:
+def orders_text(orders) -> str:
     "`Order`s made in code as an answer that reads back as the same orders: each fraction written in full (`repr`), where `str` rounds it to 6 digits."
     return ';'.join(f"{o.side} {o.symbol} {float(o.fraction)!r}" if _is_real(o.fraction) else str(o) for o in orders) or 'HOLD'
 
@@ -385,7 +385,7 @@ class TradingEnv(TradingEnv):
         else: fills = []
         before = pf.equity_history[-1]
         after = mark(pf, self._close[k], k)
-        self.actions.append(action if isinstance(action, str) else _as_text(parsed.orders))
+        self.actions.append(action if isinstance(action, str) else orders_text(parsed.orders))
         self._k, self._done = k, k == self.task.days
         info = self._info(parsed, fills)
         if self._done:
@@ -415,6 +415,12 @@ class TradingEnv(TradingEnv):
     def opens(self) -> np.ndarray: "(days + 1, n) opens of the window."; return self._open
     @property
     def closes(self) -> np.ndarray: "(days + 1, n) closes of the window."; return self._close
+    @property
+    def window_start(self) -> int: "Row of the panel where the episode's window starts."; return self._start
+    @property
+    def stock_columns(self) -> tuple: "Columns of the panel that hold the episode's stocks, in `symbols` order."; return tuple(self._cols)
+    @property
+    def buy_blocked(self) -> bool: "Whether the regime gate refuses BUY orders placed today."; return self._blocked_days[self._k]
     @property
     def benchmark(self) -> list: "B_0..B_N: the episode's buy-and-hold curve (`buy_and_hold_curve`) at each close."; return list(self._benchmark)
     def observation(self): "Today's observation, as `reset` and `step` return it."; return self._observation()

@@ -32,11 +32,11 @@ from .env import TradingEnv
 from .agents import Agent, BASELINES, make_agent
 
 # %% auto #0
-__all__ = ['EXPERIMENT', 'FEW_EPISODES', 'METRICS', 'run_episodes', 'mean', 'bootstrap_ci', 'paired_diff', 'summarize',
-           'TrackingError', 'default_tracking_uri', 'check_tracking', 'tracked_run', 'Terminated', 'buy_and_hold_curve',
-           'drawdown_curve', 'showcase_episode', 'plot_scores', 'plot_episode', 'OutputError', 'check_out',
-           'episodes_frame', 'leaderboard_markdown', 'write_results', 'evaluate', 'leaderboard_agents', 'leaderboard',
-           'recorded_runs', 'rescore', 'cli_evaluate', 'cli_leaderboard', 'cli_rescore']
+__all__ = ['BEAT_MARGIN', 'EXPERIMENT', 'FEW_EPISODES', 'METRICS', 'run_episodes', 'mean', 'bootstrap_ci', 'paired_diff',
+           'summarize', 'TrackingError', 'default_tracking_uri', 'check_tracking', 'tracked_run', 'Terminated',
+           'buy_and_hold_curve', 'drawdown_curve', 'showcase_episode', 'plot_scores', 'plot_episode', 'OutputError',
+           'check_out', 'episodes_frame', 'leaderboard_markdown', 'write_results', 'evaluate', 'leaderboard_agents',
+           'leaderboard', 'recorded_runs', 'rescore', 'cli_evaluate', 'cli_leaderboard', 'cli_rescore']
 
 # %% ../nbs/06_evaluate.ipynb #c006
 def _check_split(split):
@@ -109,19 +109,22 @@ def bootstrap_ci(values, # one value per episode
                  n_resamples:int=10_000, # bootstrap resamples
                  seed:int=0, # seed of the resampling
                 ) -> tuple:
-    "Percentile-bootstrap confidence interval `(low, high)` of the mean of `values`."
+    "BCa bootstrap confidence interval `(low, high)` of the mean of `values` (`scipy.stats.bootstrap`, seeded)."
     x = np.asarray(values, dtype=np.float64).ravel()
     if not len(x): raise ValueError("bootstrap_ci needs at least one value")
     if not np.isfinite(x).all(): raise ValueError("bootstrap_ci: values must be finite")
-    if np.all(x == x[0]): return float(x[0]), float(x[0])
-    rng = np.random.default_rng(seed)
-    means = np.empty(n_resamples)
-    step = max(1, 4_000_000 // len(x))  # keep the index array near 32 MB
-    for s in range(0, n_resamples, step):
-        k = min(step, n_resamples - s)
-        means[s:s + k] = x[rng.integers(0, len(x), size=(k, len(x)))].mean(1)
-    lo, hi = np.quantile(means, [(1 - level) / 2, (1 + level) / 2])
-    return float(lo), float(hi)
+    if np.all(x == x[0]): return float(x[0]), float(x[0])  # one episode, or all equal: nothing to resample
+    import warnings
+    from scipy import stats  # imported when an interval is asked for: `import tradellm.evaluate` stays light
+    def interval(method):
+        with warnings.catch_warnings(), np.errstate(all='ignore'):
+            warnings.simplefilter('ignore', RuntimeWarning)  # scipy's DegenerateDataWarning is one; a NaN is handled below
+            ci = stats.bootstrap((x,), np.mean, n_resamples=n_resamples, confidence_level=level, method=method,
+                                 batch=max(1, 4_000_000 // len(x)), rng=np.random.default_rng(seed)).confidence_interval
+        return float(ci.low), float(ci.high)
+    lo, hi = interval('BCa')
+    if not (math.isfinite(lo) and math.isfinite(hi)): lo, hi = interval('percentile')  # equal but for their last bits: BCa is 0/0
+    return lo, hi
 
 # %% ../nbs/06_evaluate.ipynb #c013
 def paired_diff(a, # agent A's values, one per episode
@@ -130,7 +133,7 @@ def paired_diff(a, # agent A's values, one per episode
                 n_resamples:int=10_000, # bootstrap resamples
                 seed:int=0, # seed of the resampling
                ) -> dict:
-    "Mean of `a - b` over paired episodes, its bootstrap interval, and the share of episodes A wins."
+    "Mean of `a - b` over paired episodes, the BCa interval of the per-episode differences, and the share of episodes A wins."
     a, b = np.asarray(a, dtype=np.float64).ravel(), np.asarray(b, dtype=np.float64).ravel()
     if len(a) != len(b): raise ValueError(f"paired_diff needs the same episodes for both: got {len(a)} and {len(b)} values")
     d = a - b
@@ -138,32 +141,39 @@ def paired_diff(a, # agent A's values, one per episode
     return dict(mean=mean(d), lo=lo, hi=hi, wins=float((d > 0).mean()), n=len(d))
 
 # %% ../nbs/06_evaluate.ipynb #c016
+BEAT_MARGIN = 1e-4  # an episode beats buy-and-hold when its return is ahead by more than one basis point
+
+_ROW_MEANS = {'return_mean': 'total_return', 'sharpe_mean': 'sharpe', 'max_drawdown_mean': 'max_drawdown', 'exposure_mean': 'exposure',
+              'trades_mean': 'trades', 'costs_mean': 'costs', 'buy_and_hold_return_mean': 'buy_and_hold_return',
+              'risk_score_mean': 'risk_score', 'pnl_score_mean': 'pnl_score', 'drawdown_score_mean': 'drawdown_score',
+              'alpha_score_mean': 'alpha_score', 'seed_score_mean': 'seed_score'}  # row key -> the metric it averages
+
 def summarize(records:list, # one agent's episodes of one task
-              baseline:list|None=None, # the baseline's episodes with the same seeds (for the paired difference)
+              baseline:list|None=None, # do-nothing's episodes with the same seeds (for the paired difference to it)
               n_resamples:int=10_000, # bootstrap resamples
               seed:int=0, # bootstrap seed
+              buy_and_hold:list|None=None, # buy-and-hold's episodes with the same seeds (for the paired difference to it)
              ) -> dict:
-    "A leaderboard row: mean score with its 95% interval, return, Sharpe, drawdown, trades, win rate vs buy-and-hold."
+    "A leaderboard row: mean score with its 95% interval, paired differences to do-nothing and buy-and-hold, the raw numbers' means, win rate vs buy-and-hold."
     if not records: raise ValueError("summarize needs at least one episode")
     r0 = records[0]
     score = [r['score'] for r in records]
-    met = {k: np.array([r['metrics'][k] for r in records], dtype=np.float64)
-           for k in ('total_return', 'sharpe', 'max_drawdown', 'trades', 'buy_and_hold_return', 'costs')}
+    met = {k: np.array([r['metrics'][k] for r in records], dtype=np.float64) for k in _ROW_MEANS.values()}
     lo, hi = bootstrap_ci(score, n_resamples=n_resamples, seed=seed)
     row = dict(agent=r0['agent'], spec=r0['spec'], task=r0['task'], split=r0['split'], episodes=len(records),
                seeds=f"{records[0]['seed']}..{records[-1]['seed']}", score_mean=mean(score), score_lo=lo, score_hi=hi,
                score_std=float(np.std(score, ddof=1)) if len(score) > 1 else 0.0,
-               return_mean=mean(met['total_return']), sharpe_mean=mean(met['sharpe']), max_drawdown_mean=mean(met['max_drawdown']),
-               trades_mean=mean(met['trades']), costs_mean=mean(met['costs']),
-               beat_buy_and_hold=float((met['total_return'] > met['buy_and_hold_return']).mean()),
-               buy_and_hold_return_mean=mean(met['buy_and_hold_return']),
+               **{k: mean(met[m]) for k, m in _ROW_MEANS.items()},
+               beat_buy_and_hold=float((met['total_return'] - met['buy_and_hold_return'] > BEAT_MARGIN).mean()),
                format_error_rate=mean([r['format_errors'] for r in records]) / len(records[0]['actions']),
                env_version=r0['env_version'], task_version=r0['task_version'])
-    if baseline is not None:
-        if [r['seed'] for r in baseline] != [r['seed'] for r in records]:
-            raise ValueError("the baseline must be run on the same seeds as the agent")
-        d = paired_diff(score, [r['score'] for r in baseline], n_resamples=n_resamples, seed=seed)
-        row.update(diff_do_nothing=d['mean'], diff_lo=d['lo'], diff_hi=d['hi'])
+    for name, other, keys in (('do_nothing', baseline, ('diff_do_nothing', 'diff_lo', 'diff_hi')),
+                              ('buy_and_hold', buy_and_hold, ('diff_buy_and_hold', 'diff_buy_and_hold_lo', 'diff_buy_and_hold_hi'))):
+        if other is None: continue
+        if [r['seed'] for r in other] != [r['seed'] for r in records]:
+            raise ValueError(f"the {name} baseline must be run on the same seeds as the agent")
+        d = paired_diff(score, [r['score'] for r in other], n_resamples=n_resamples, seed=seed)
+        row.update(zip(keys, (d['mean'], d['lo'], d['hi'])))
     return row
 
 # %% ../nbs/06_evaluate.ipynb #c019
@@ -316,10 +326,12 @@ def plot_scores(records_by_agent:dict, # agent name -> its records on one task
         ax.scatter(s, k + rng.uniform(-0.18, 0.18, len(s)), s=10, alpha=0.45, color=f'C{k}')
         lo, hi = (intervals or {}).get(name) or bootstrap_ci(s, n_resamples=n_resamples, seed=seed)
         ax.errorbar([mean(s)], [k], xerr=[[mean(s) - lo], [hi - mean(s)]], fmt='D', color='black', capsize=4, ms=5)
-    ax.axvline(0.3, color='grey', lw=0.8, ls='--')
+    cash = records_by_agent.get('do_nothing')
+    if cash: ax.axvline(mean([r['score'] for r in cash]), color='grey', lw=0.8, ls='--')
     ax.set_yticks(range(len(records_by_agent)), list(records_by_agent))
     ax.set_ylim(len(records_by_agent) - 0.5, -0.5)
-    ax.set_xlabel('score per episode (dots), mean with 95% CI (black), do-nothing 0.300 (dashed)', fontsize=9)
+    ax.set_xlabel('score per episode (dots), mean with 95% CI (black)' + (f", do-nothing's mean {mean([r['score'] for r in cash]):.3f} (dashed)"
+                  if cash else ''), fontsize=9)
     ax.set_title(title)
     if path is None: return fig
     fig.savefig(path, dpi=110)
@@ -381,8 +393,8 @@ def check_out(out) -> Path:
         raise OutputError(f"cannot write to --out {out} ({e.strerror or e}): choose a folder you can write") from None
     return out
 
-_CSV_METRICS = ('total_return', 'sharpe', 'max_drawdown', 'trades', 'buy_and_hold_return', 'costs',
-                'sharpe_score', 'pnl_score', 'drawdown_score', 'activity_score')
+_CSV_METRICS = ('total_return', 'buy_and_hold_return', 'excess_return', 'sharpe', 'risk_adjusted_return', 'max_drawdown', 'exposure',
+                'trades', 'costs', 'risk_score', 'pnl_score', 'drawdown_score', 'alpha_score', 'seed_score')
 
 def episodes_frame(records:list) -> pd.DataFrame:
     "One row per episode: who, which episode, the score and the metrics."
@@ -391,7 +403,7 @@ def episodes_frame(records:list) -> pd.DataFrame:
         m = r['metrics']
         rows.append(dict(agent=r['agent'], spec=r['spec'], task=r['task'], split=r['split'], episode=r['episode'], seed=r['seed'],
                          start=r['start'], end=r['end'], symbols=' '.join(r['symbols']), score=r['score'],
-                         **{k: m[k] for k in _CSV_METRICS}, beat_buy_and_hold=m['total_return'] > m['buy_and_hold_return'],
+                         **{k: m[k] for k in _CSV_METRICS}, beat_buy_and_hold=m['total_return'] - m['buy_and_hold_return'] > BEAT_MARGIN,
                          format_errors=r['format_errors'], env_version=r['env_version'], task_version=r['task_version']))
     return pd.DataFrame(rows)
 
@@ -402,19 +414,25 @@ def _jsonable(r):
 # %% ../nbs/06_evaluate.ipynb #c029
 def _pct(x): return f"{100 * x:+.2f}%"
 
+def _diff(r, key, lo, hi, one) -> str:
+    "A paired difference with its interval ('-' when its baseline was not run; the mean alone for one episode)."
+    if key not in r: return '-'
+    return f"{r[key]:+.3f}" if one else f"{r[key]:+.3f} [{r[lo]:+.3f}, {r[hi]:+.3f}]"
+
 def _task_table(rows) -> list:
     "Markdown table lines of one task's rows, best mean score first."
     llm = any(str(r['spec']).startswith('llm:') or r.get('format_error_rate', 0) > 0 for r in rows)  # then show format errors
-    lines = ['| agent | score [95% CI] | vs do-nothing [95% CI] | return | Sharpe | max DD | trades/ep | beats B&H |' + (' format errors |' if llm else ''),
-             '|---|---|---|---|---|---|---|---|' + ('---|' if llm else '')]
+    lines = ['| agent | score [95% CI] | vs do-nothing [95% CI] | vs B&H [95% CI] | return | Sharpe | max DD | exposure | trades/ep | costs '
+             '| beats B&H |' + (' format errors |' if llm else ''),
+             '|---|---|---|---|---|---|---|---|---|---|---|' + ('---|' if llm else '')]
     for r in sorted(rows, key=lambda r: -r['score_mean']):
         one = r.get('episodes', 2) < 2  # one episode: a mean, and no interval to show
-        diff = ('-' if 'diff_do_nothing' not in r else f"{r['diff_do_nothing']:+.3f}" if one else
-                f"{r['diff_do_nothing']:+.3f} [{r['diff_lo']:+.3f}, {r['diff_hi']:+.3f}]")
         score = f"{r['score_mean']:.3f}" + ('' if one else f" [{r['score_lo']:.3f}, {r['score_hi']:.3f}]")
-        lines.append(f"| {r['spec']} | {score} | {diff} | "
-                     f"{_pct(r['return_mean'])} | {r['sharpe_mean']:.2f} | {100 * r['max_drawdown_mean']:.2f}% | "
-                     f"{r['trades_mean']:.1f} | {100 * r['beat_buy_and_hold']:.0f}% |" + (f" {100 * r.get('format_error_rate', 0):.1f}% |" if llm else ''))
+        lines.append(f"| {r['spec']} | {score} | {_diff(r, 'diff_do_nothing', 'diff_lo', 'diff_hi', one)} | "
+                     f"{_diff(r, 'diff_buy_and_hold', 'diff_buy_and_hold_lo', 'diff_buy_and_hold_hi', one)} | "
+                     f"{_pct(r['return_mean'])} | {r['sharpe_mean']:.2f} | {100 * r['max_drawdown_mean']:.2f}% | {100 * r['exposure_mean']:.0f}% | "
+                     f"{r['trades_mean']:.1f} | {100 * r['costs_mean'] / get_task(r['task']).capital:.2f}% | {100 * r['beat_buy_and_hold']:.0f}% |"
+                     + (f" {100 * r.get('format_error_rate', 0):.1f}% |" if llm else ''))
     return lines
 
 FEW_EPISODES = 30  # below this many episodes the leaderboard warns that its intervals are too narrow to cite
@@ -430,15 +448,25 @@ def leaderboard_markdown(result:dict) -> str:
              f"Data: `{meta['data_source']}` ({meta['data_symbols']} symbols, {meta['data_range']}, fingerprint `{meta.get('data_fingerprint', '-')}`).  ",
              f"Written {meta['date']} by tradellm {meta['tradellm_version']} in {meta['seconds']:.0f} s.  ",
              f"Reproduce: `{meta['command']}`", '',
-             "Score: 0.40 Sharpe + 0.30 P&L + 0.15 drawdown + 0.15 activity, each part in [0, 1]; doing nothing scores 0.300. "
-             f"Intervals are 95% percentile-bootstrap intervals over episodes ({meta['n_resamples']:,} resamples, seeded); "
-             "*vs do-nothing* is the paired mean score difference on the same episodes. Return, Sharpe (annualised), "
-             "max drawdown and trades are means per episode; *beats B&H* is the share of episodes whose return beat the "
-             "equal-weight buy-and-hold of the same stocks and window (frictionless, from day 1's open). *Format errors* (shown "
-             "when language models play) is the share of days whose answer the parser could not fully read.", '']
+             f"Score (tasks {'/'.join(dict.fromkeys(meta['task_versions'].values()))}): 0.40 risk + 0.30 P&L + 0.15 drawdown + 0.15 alpha, "
+             "each part in [0, 1]. *Risk*: the annualised mean daily return over the larger of the agent's and the market's "
+             "volatility (at least 0.5% a day), on the task's scale; *P&L*: the return (-10% scores 0, +10% scores 1); "
+             "*drawdown*: the largest fall from a peak (20% scores 0); *alpha*: the return over the episode's buy-and-hold "
+             "(5 points behind scores 0, 5 ahead scores 1). Doing nothing scores 0.50 + 0.15 clip(0.5 - R_B / 0.1, 0, 1) on an "
+             "episode whose buy-and-hold returned R_B: 0.575 in a flat window, less when the market rose, more when it fell "
+             "(its mean on each task is below the table). The tasks-1.x score, on which doing nothing scored 0.300, is kept as "
+             "`seed_score` in `episodes.csv` and `summary.json`, never ranked.", '',
+             f"Intervals are 95% BCa bootstrap intervals over episodes (`scipy.stats.bootstrap`, {meta['n_resamples']:,} resamples, "
+             "seeded); *vs do-nothing* and *vs B&H* are the mean paired score differences to the `do_nothing` and `buy_and_hold` "
+             "agents on the same episodes, their intervals bootstrapped from the per-episode differences. Return, Sharpe "
+             "(annualised), max drawdown, exposure (the share of equity in stocks at the closes), trades and costs (fees paid, "
+             "as a share of capital; slippage is in the fill prices) are means per episode; *beats B&H* is the share of episodes "
+             "whose return beat the equal-weight buy-and-hold of the same stocks and window (frictionless, from day 1's open) "
+             "by more than one basis point. *Format errors* (shown when language models play) is the share of days whose "
+             "answer the parser could not fully read.", '']
     if meta['episodes'] < FEW_EPISODES:
         lines += [f"**Only {meta['episodes']} episode{'s' if meta['episodes'] > 1 else ''} per agent: these intervals are too "
-                  f"narrow to cite.** A percentile bootstrap over few episodes covers the true mean less often than it says "
+                  f"narrow to cite.** A bootstrap interval over few episodes covers the true mean less often than it says "
                   f"(one episode gives no interval at all); use {FEW_EPISODES} or more episodes for numbers you report.", '']
     for task in meta['tasks']:
         t = TASKS[task]
@@ -447,7 +475,11 @@ def leaderboard_markdown(result:dict) -> str:
         lines += [f"## {task}: {t.n_stocks} stock{'s' if t.n_stocks > 1 else ''}, {t.days} days, capital {t.capital:,.0f}, "
                   f"cost {t.cost:.1%}, slippage {t.slippage:.1%}, max {t.max_position:.0%} per stock, {t.max_trades} order{'s' if t.max_trades > 1 else ''} a day", '']
         lines += _task_table(rows)
-        lines += ['', f"Equal-weight buy-and-hold return of these episodes: {_pct(rows[0]['buy_and_hold_return_mean'])} on average.", '']
+        cash = [r['score_mean'] for r in rows if r['spec'] == 'do_nothing'] or [r['score_mean'] - r['diff_do_nothing'] for r in rows if 'diff_do_nothing' in r]
+        lines += ['', f"Equal-weight buy-and-hold return of these episodes: {_pct(rows[0]['buy_and_hold_return_mean'])} on average"
+                  + (f"; doing nothing scores {cash[0]:.3f} on them." if cash else '.')
+                  + ('' if any('diff_buy_and_hold' in r for r in rows) else
+                     " `buy_and_hold` is not among these agents, so *vs B&H* is blank: add it to `--agents` for that column."), '']
         if f'scores_{task}.png' in result.get('plots', []):
             lines += [f"![scores {task}](scores_{task}.png)", '', f"![episode {task}](episode_{task}.png)", '']
     if meta.get('mlflow_uri'): lines += [f"MLflow runs: `{meta['mlflow_uri']}` (experiment `{EXPERIMENT}`; `mlflow ui --backend-store-uri {meta['mlflow_uri']}`).", '']
@@ -490,9 +522,8 @@ def write_results(result:dict, # what `evaluate` returns
     return out
 
 # %% ../nbs/06_evaluate.ipynb #c031
-METRICS = ('score_mean', 'score_lo', 'score_hi', 'score_std', 'return_mean', 'sharpe_mean', 'max_drawdown_mean', 'trades_mean',
-           'costs_mean', 'beat_buy_and_hold', 'buy_and_hold_return_mean', 'format_error_rate', 'diff_do_nothing', 'diff_lo', 'diff_hi',
-           'seconds')
+METRICS = ('score_mean', 'score_lo', 'score_hi', 'score_std', *_ROW_MEANS, 'beat_buy_and_hold', 'format_error_rate',
+           'diff_do_nothing', 'diff_lo', 'diff_hi', 'diff_buy_and_hold', 'diff_buy_and_hold_lo', 'diff_buy_and_hold_hi', 'seconds')
 
 def _version():
     from tradellm import __version__
@@ -575,11 +606,12 @@ def evaluate(agents=BASELINES, # specs or `Agent`s for every task, or a dict tas
     panel = load_panel(data)
     fingerprint = panel.fingerprint()  # (tagged on every run: which prices a number was computed on, whatever the folder is called)
     rows, records = [], {}
-    total = sum((len(chosen[t]) + ('do_nothing' not in chosen[t])) * episodes * TASKS[t].days for t in tasks)
+    total = sum((len(chosen[t]) + ('do_nothing' not in chosen[t] or 'buy_and_hold' in chosen[t])) * episodes * TASKS[t].days for t in tasks)
     with _sigterm_raises(), tqdm(total=total, unit='day', desc='evaluate', disable=not progress) as bar:
         for task in tasks:
-            keys = sorted(chosen[task], key=lambda k: k != 'do_nothing')
-            baseline = None
+            # the baselines of the paired differences first: buy-and-hold (a listed do-nothing needs it too), then do-nothing
+            keys = sorted(chosen[task], key=lambda k: (k != 'buy_and_hold', k != 'do_nothing'))
+            baseline = bh = None
             if not keys or keys[0] != 'do_nothing':
                 bar.set_description(f"{task} do_nothing (baseline)")
                 baseline = run_episodes(make_agent('do_nothing'), task, split, episodes, seed, panel, bar)
@@ -597,7 +629,8 @@ def evaluate(agents=BASELINES, # specs or `Agent`s for every task, or a dict tas
                     recs = run_episodes(agent, task, split, episodes, seed, panel, bar)
                     for r in recs: r['spec'] = key
                     if key == 'do_nothing' and baseline is None: baseline = recs
-                    row = summarize(recs, baseline, n_resamples, seed)
+                    if key == 'buy_and_hold': bh = recs
+                    row = summarize(recs, baseline, n_resamples, seed, bh)
                     row['seconds'] = time.time() - t1
                     run.log_metrics({k: row[k] for k in METRICS if k in row})
                     run.log_series('episode_score', [r['score'] for r in recs])
@@ -612,7 +645,8 @@ def evaluate(agents=BASELINES, # specs or `Agent`s for every task, or a dict tas
                 env_version=ENV_VERSION, task_versions={t: TASKS[t].version for t in tasks}, data_source=panel.source,
                 data_fingerprint=fingerprint, data_symbols=len(panel.symbols), data_range=f"{panel.dates[0].date()} .. {panel.dates[-1].date()}",
                 date=dt.datetime.now(dt.timezone.utc).strftime('%Y-%m-%d %H:%M UTC'), tradellm_version=_version(),
-                command=command, mlflow_uri=uri, n_resamples=n_resamples, seconds=time.time() - t0)
+                command=command, mlflow_uri=uri, n_resamples=n_resamples, interval='95% BCa bootstrap (scipy.stats.bootstrap)',
+                beat_margin=BEAT_MARGIN, seconds=time.time() - t0)
     result = dict(meta=meta, rows=rows, records=records, out=None)
     if out is not None:
         with _sigterm_raises(): result['out'] = str(write_results(result, out))
@@ -678,6 +712,7 @@ def recorded_runs(uri:str|None=None) -> list:
                             env_version=t.get('env_version'), task_version=t.get('task_version'), status=r.info.status,
                             episodes=int(p.get('episodes', 0) or 0), seed=int(p.get('seed', 0) or 0),
                             n_resamples=int(p.get('n_resamples', 0) or 0) or None, start_time=r.info.start_time,
+                            score_mean=r.data.metrics.get('score_mean'),
                             agent_params={k[len('agent.'):]: v for k, v in p.items() if k.startswith('agent.')}))
         token = page.token
         if not token: break
@@ -697,29 +732,49 @@ def rescore(episodes:int|None=None, # episodes per evaluation (default: as recor
             stale_only:bool=False, # only the (agent, task, split) whose latest run is on older versions
             progress:bool=True, # progress bars
            ) -> dict:
-    "Re-evaluate every agent recorded in MLflow on the current versions (skipping those its spec no longer rebuilds); lists the runs on older versions."
+    "Re-evaluate every agent recorded in MLflow on the current versions; says which runs it re-scored, and which it skipped and why."
     if episodes is not None: _check_episodes(episodes)
-    runs = [r for r in recorded_runs(tracking_uri) if r['agent'] and r['task'] in TASKS and r['split'] in SPLITS]
+    runs = [r for r in recorded_runs(tracking_uri) if r['agent']]
     stale = [r for r in runs if _stale(r)]
+    rows, rescored, skipped, outcome = [], [], [], {}
+    def skip(r, reason):
+        skipped.append(dict(agent=r['agent'], task=r['task'], split=r['split'], run_id=r['run_id'], env_version=r['env_version'],
+                            task_version=r['task_version'], reason=reason))
+    known = []
+    for r in runs:
+        if r['task'] not in TASKS: skip(r, f"run {r['run_id'][:8]}: task {r['task']!r} no longer exists (tasks now: {', '.join(TASKS)})")
+        elif r['split'] not in SPLITS: skip(r, f"run {r['run_id'][:8]}: split {r['split']!r} no longer exists (splits now: {', '.join(SPLITS)})")
+        else: known.append(r)
+    key = lambda r: (r['agent'], r['task'], r['split'])
     latest = {}
-    for r in sorted(runs, key=lambda r: r['start_time'] or 0): latest[(r['agent'], r['task'], r['split'])] = r
+    for r in sorted(known, key=lambda r: r['start_time'] or 0): latest[key(r)] = r
     todo = [r for r in latest.values() if not stale_only or _stale(r)]
-    rows, skipped = [], []
     for r in todo:
+        outcome[key(r)] = 'skipped'
         try: agent = make_agent(r['agent'])
         except Exception as e:
-            skipped.append(dict(agent=r['agent'], task=r['task'], split=r['split'], reason=str(e).splitlines()[0]))
+            skip(r, f"run {r['run_id'][:8]}: {str(e).splitlines()[0]}")
             continue
         diff = _config_diff(agent, r['agent_params']) if r['agent_params'] else []  # (a run without them records only the spec)
         if diff:
-            skipped.append(dict(agent=r['agent'], task=r['task'], split=r['split'],
-                                reason=f"run {r['run_id'][:8]} recorded another agent than {r['agent']!r} builds now ({'; '.join(diff)}): "
-                                       "an Agent object with its own settings, or changed defaults; evaluate that agent again yourself"))
+            skip(r, f"run {r['run_id'][:8]} recorded another agent than {r['agent']!r} builds now ({'; '.join(diff)}): "
+                    "an Agent object with its own settings, or changed defaults; evaluate that agent again yourself")
             continue
         res = evaluate([agent], [r['task']], r['split'], episodes or r['episodes'] or 50, r['seed'], data,
                        tracking_uri=tracking_uri, progress=progress, n_resamples=r['n_resamples'] or 10_000, command='tradellm rescore')
-        rows += res['rows']
-    return dict(stale=stale, rows=rows, skipped=skipped, env_version=ENV_VERSION,
+        new = [x for x in res['rows'] if x['spec'] == r['agent']] or res['rows'][-1:]
+        rows += new
+        rescored.append(dict(agent=r['agent'], task=r['task'], split=r['split'], run_id=r['run_id'], env_version=r['env_version'],
+                             task_version=r['task_version'], score_was=r['score_mean'], new_run_id=new[0]['mlflow_run_id'],
+                             score=new[0]['score_mean']))
+        outcome[key(r)] = 're-scored'
+    for r in stale:  # older runs on stale versions: the latest run of their agent, task and split stands for them
+        last = latest.get(key(r))
+        if last is None or last is r: continue  # (unknown tasks are skipped above; a stale latest run was re-scored or skipped)
+        fate = outcome.get(key(r), 'already on the current versions')
+        skip(r, f"run {r['run_id'][:8]} is an older run of {r['agent']} on {r['task']} {r['split']}: its latest run {last['run_id'][:8]} "
+                + ('is' if fate == 'already on the current versions' else 'was') + f" {fate}")
+    return dict(stale=stale, rows=rows, rescored=rescored, skipped=skipped, env_version=ENV_VERSION,
                 task_versions={t: s.version for t, s in TASKS.items()})
 
 # %% ../nbs/06_evaluate.ipynb #c044
@@ -819,6 +874,12 @@ def cli_rescore(argv:list|None=None, # arguments after `tradellm rescore`
         for task in dict.fromkeys(r['task'] for r in res['rows']):
             print(f"\n{task} (rescored)")
             print('\n'.join(_task_table([r for r in res['rows'] if r['task'] == task])))
+        if res['rows']: print()
+        was = lambda s: 'no score recorded' if s is None else f"score {s:.3f}"
+        for r in res['rescored']:
+            print(f"rescored {r['agent']} ({r['task']}, {r['split']}): run {r['run_id'][:8]} (env {r['env_version']}, task {r['task_version']}, "
+                  f"{was(r['score_was'])}) -> run {r['new_run_id'][:8]} (env {res['env_version']}, task {res['task_versions'][r['task']]}, "
+                  f"score {r['score']:.3f})")
         for s in res['skipped']: print(f"skipped {s['agent']} ({s['task']}, {s['split']}): {s['reason']}")
         if not res['rows'] and not res['skipped']: print("no evaluation runs recorded yet: run `tradellm leaderboard` first")
     return _run_cli('rescore', run)

@@ -251,7 +251,7 @@ def system_prompt(task:str|TaskSpec, # the task (name or `TaskSpec`)
         rules.append(f"Regime gate: on a day when more than {REGIME_FALL_SHARE:.0%} of your stocks fell, or their mean change is "
                      f"below {REGIME_MEAN_CHANGE:g}%, BUY orders are refused; the observation then says 'Regime: RISK-OFF'.")
     w = {k: f"{v:.0%}" for k, v in WEIGHTS.items()}
-    rules.append(f"Your score, all on your whole capital: return per unit of risk {w['risk']}, total return {w['pnl']}, "
+    rules.append(f"Your score, measured on all your money: return per unit of risk {w['risk']}, total return {w['pnl']}, "
                  f"small drawdown {w['drawdown']}, and beating buy-and-hold of the same stocks {w['alpha']}. "
                  "Trading more or holding more earns nothing by itself; doing nothing scores about 0.575 in a flat market.")
     ex = 'INFY'  # an example symbol; the observation names the episode's own

@@ -13,7 +13,8 @@ from typing import NamedTuple
 import numpy as np
 
 # %% auto #0
-__all__ = ['MAX_ACTION_CHARS', 'MAX_ORDER_LINES', 'Order', 'ParsedAction', 'parse_action', 'Fill', 'Portfolio', 'execute', 'mark']
+__all__ = ['MAX_ACTION_CHARS', 'MAX_ORDER_LINES', 'Order', 'ParsedAction', 'parse_action', 'Fill', 'Portfolio', 'buy_room',
+           'shares_sold', 'refusal', 'execute', 'mark']
 
 # %% ../nbs/02_market.ipynb #c006
 class Order(NamedTuple):
@@ -243,11 +244,11 @@ class Portfolio:
         return np.divide(self.cost_basis, self._shares, out=np.zeros(len(self._shares)), where=self._shares > 0)
 
 # %% ../nbs/02_market.ipynb #c018
-def _room(cap:float, price:float, held:int) -> int:
+def buy_room(cap:float, price:float, held:int) -> int:
     "Whole shares a BUY may add at `price` before the holding's value passes `cap` (the per-stock cap in money); can be below 0."
     return math.floor(cap / price + 1e-9) - held
 
-def _sold(fraction:float, held:int) -> int:
+def shares_sold(fraction:float, held:int) -> int:
     "Shares a SELL of `fraction` of `held` whole shares sells: all of them at 1, else rounded down."
     return held if fraction >= 1 else math.floor(fraction * held + 1e-9)
 
@@ -256,7 +257,7 @@ def _buy(pf, i, order, open_price, equity_open):
     unit = price * (1 + pf.cost)
     want = math.floor(order.fraction * pf.cash / unit)
     held = int(pf._shares[i])
-    room = _room(pf.max_position * equity_open, price, held)
+    room = buy_room(pf.max_position * equity_open, price, held)
     n, reason = want, ''
     if room < want:
         n = max(room, 0)
@@ -281,7 +282,7 @@ def _sell(pf, i, order, open_price):
     held = int(pf._shares[i])
     price = open_price * (1 - pf.slippage)
     if held == 0: return Fill(str(order), 'SELL', order.symbol, 'rejected', price=price, reason=f"no {order.symbol} shares held")
-    n = _sold(order.fraction, held)
+    n = shares_sold(order.fraction, held)
     if n <= 0:
         return Fill(str(order), 'SELL', order.symbol, 'rejected', price=price,
                     reason=f"{order.fraction:g} of {held} shares is less than one share")
@@ -297,7 +298,7 @@ def _sell(pf, i, order, open_price):
 # %% ../nbs/02_market.ipynb #c019
 def _is_real(x) -> bool: return type(x) is float or isinstance(x, numbers.Real)  # (numpy's scalars are registered as Real)
 
-def _refusal(order, k:int, symbols, max_trades:int):
+def refusal(order, k:int, symbols, max_trades:int):
     "The `Fill` of an order refused before any price is read (the k-th of its day: past the daily limit, a symbol not in `symbols`, an invalid side or fraction), or None."
     if k >= max_trades:
         return Fill(str(order), order.side, order.symbol, 'rejected', reason=f"beyond the daily limit of {max_trades} orders")
@@ -320,7 +321,7 @@ def execute(pf:Portfolio, # the portfolio, changed in place
     # equity at the open, before any of today's fills, caps BUYs (computed only when an order may buy)
     equity_open = pf.equity(open_prices) if buy_allowed and any(o.side == 'BUY' for o in orders[:pf.max_trades]) else None
     for k, order in enumerate(orders):
-        f = _refusal(order, k, pf._col, pf.max_trades)  # (a remote client refuses these the same way)
+        f = refusal(order, k, pf._col, pf.max_trades)  # (a remote client refuses these the same way)
         if f is None and order.side == 'BUY' and not buy_allowed:
             f = Fill(str(order), 'BUY', order.symbol, 'rejected', reason="regime gate: RISK-OFF on the day the order was placed, BUY orders are refused")
         if f is None:

@@ -24,7 +24,7 @@ from gymnasium import spaces
 from .agents import Agent
 from .data import Panel, load_panel, cache_dir
 from .env import TradingEnv, MARKET_FEATURES, POSITION_FEATURES, GLOBAL_FEATURES
-from .market import Order, _room, _sold
+from .market import Order, buy_room, shares_sold
 from .tasks import ENV_VERSION, get_task
 
 # %% auto #0
@@ -63,7 +63,7 @@ def _orders(action:list, symbols, shares, buy_blocked, rng, max_orders, min_buy)
     sells, buys = [], []
     for s, a, h, m in zip(symbols, action, held, floor):
         side, f = ACTIONS[a]
-        if side == 'SELL' and h > 0 and _sold(f, h) > 0: sells.append(Order('SELL', s, f))
+        if side == 'SELL' and h > 0 and shares_sold(f, h) > 0: sells.append(Order('SELL', s, f))
         elif side == 'BUY' and not buy_blocked and f >= m: buys.append(Order('BUY', s, f))
     if rng is not None and (len(sells) > 1 or len(buys) > 1):
         if callable(rng): rng = rng()
@@ -74,25 +74,25 @@ def _orders(action:list, symbols, shares, buy_blocked, rng, max_orders, min_buy)
 
 def order_rng(env:TradingEnv) -> np.random.Generator:
     "The generator that orders `env`'s sells and buys today: a function of the episode (first day, stocks) and the day only."
-    cols = zlib.crc32(np.asarray(env._cols, dtype=np.int64).tobytes())
-    return np.random.default_rng([env._start, cols, env._k])
+    cols = zlib.crc32(np.asarray(env.stock_columns, dtype=np.int64).tobytes())
+    return np.random.default_rng([env.window_start, cols, env.day])
 
 def env_orders(action, # one entry of `ACTIONS` per stock of `env`
                env:TradingEnv, # the episode, on the day the action is decided
               ) -> list:
     "The `Order`s `action` sends on `env`'s current day: the rule training and evaluation share (see above)."
-    t, pf, k = env.task, env.pf, env._k  # (read from the portfolio and the window directly: this runs on every training step)
+    t, pf, k = env.task, env.pf, env.day
     action = _check_action(action, len(env.symbols))
-    close, held, blocked = env._close_rows[k], pf._shares.tolist(), env._blocked_days[k]  # the observation's closes and gate
+    close, held, blocked = env.closes[k].tolist(), pf.shares.tolist(), env.buy_blocked  # the observation's closes and gate
     min_buy = None
     if not blocked and any(ACTIONS[a][0] == 'BUY' for a in action):
-        sold = sum(_sold(ACTIONS[a][1], h) * c for a, h, c in zip(action, held, close) if ACTIONS[a][0] == 'SELL' and h)
+        sold = sum(shares_sold(ACTIONS[a][1], h) * c for a, h, c in zip(action, held, close) if ACTIONS[a][0] == 'SELL' and h)
         cash = pf.cash + sold * (1 - t.slippage) * (1 - t.cost)  # once today's sells have filled
         cap = t.max_position * pf.equity_history[-1]
         min_buy = []
         for c, h in zip(close, held):
             price = c * (1 + t.slippage)
-            room = _room(cap, price, h)  # whole shares the cap leaves (as the market computes it, at the open)
+            room = buy_room(cap, price, h)  # whole shares the cap leaves (as the market computes it, at the open)
             min_buy.append(price * (1 + t.cost) / cash if room >= 1 and cash > 0 else math.inf)
     return _orders(action, env.symbols, held, blocked, lambda: order_rng(env), t.max_trades, min_buy)
 
