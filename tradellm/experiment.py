@@ -86,7 +86,7 @@ class EvalSettings:
     tasks: tuple = ('easy',) # tasks evaluated (tasks 2.0.0)
     episodes: int = 50 # test episodes per agent and task (env seeds seed..seed+episodes-1, the same for every agent)
     seed: int = 0 # env seed of the first episode
-    max_new_tokens: int|None = None # cap on every language model's answer (None: each agent's own limit)
+    max_new_tokens: int|None = None # the token limit of every language model's answer (None: each agent's own: 96 zero-shot, an adapter's from its answers)
     batch_size: int|None = None # episodes stepped together (None: all)
 
 @dataclass(frozen=True)
@@ -346,12 +346,9 @@ def _slim(rec:dict) -> dict:
                 score=float(rec['score']), days=len(rec['actions']), format_errors=int(rec['format_errors']),
                 **{k: float(m[k]) for k in _KEEP if k in m}, env_version=rec['env_version'], task_version=rec['task_version'])
 
-def _llm(model, adapter, label, cap):
-    from tradellm.llm import ADAPTER_MAX_NEW_TOKENS, adapter_max_new_tokens, make_llm_agent
-    kw = {}
-    if cap is not None:
-        limits = adapter_max_new_tokens(adapter) if adapter is not None else dict.fromkeys(ADAPTER_MAX_NEW_TOKENS, 96)
-        kw['max_new_tokens'] = {t: min(cap, n) for t, n in limits.items()}
+def _llm(model, adapter, label, max_new_tokens):
+    from tradellm.llm import make_llm_agent
+    kw = {} if max_new_tokens is None else {'max_new_tokens': max_new_tokens}
     agent = make_llm_agent(model, adapter, name=label, **kw)
     agent.spec = label
     return agent
@@ -443,7 +440,7 @@ def results_markdown(result:dict, # what `experiment_report` builds
              f"Test split ({m['split_range']}), {m['episodes']} episodes per agent and task, env seeds {m['seeds']} "
              "(the same episodes for every agent, so every difference is paired). Score: tasks "
              + ', '.join(f"{t} {v}" for t, v in m['task_versions'].items()) + f", env {m['versions']['env']}. "
-             "Intervals: 95% bootstrap over episodes (paired for the differences). *vs SFT* and *vs B&H* are the mean score "
+             "Intervals: 95% BCa bootstrap over episodes (paired for the differences). *vs SFT* and *vs B&H* are the mean score "
              "differences to the SFT model and to buy-and-hold on the same episodes; return, exposure and trades are means per "
              "episode; format errors is the share of days whose answer the parser could not fully read.", '']
     if m['episodes'] < 30:
