@@ -120,9 +120,8 @@ def test_stages_reuse_rerun_and_invalidate(tmp_path):
     assert rec['inputs'] == {'steps': 4} and rec['seconds'] is not None and rec['versions']['tradellm']
 
 
-def test_stub_experiment_writes_the_report_and_nests_mlflow_runs(tmp_path):
-    out, db = tmp_path / 'exp', tmp_path / 'mlflow.db'
-    run_stubs(tmp_path, out, db)
+def check_report(out, db):
+    "The stub run's report (results.md/json, the figure) and its MLflow runs: one experiment run, a child run per stage."
     res = json.loads((out / 'results.json').read_text())
     rows = {r['agent']: r for r in res['tasks']['easy']}
     assert list(rows) == ['zero-shot', 'sft', 'grpo', 'teacher', 'buy_and_hold', 'do_nothing']
@@ -138,10 +137,12 @@ def test_stub_experiment_writes_the_report_and_nests_mlflow_runs(tmp_path):
 
 
 def test_killed_mid_stage_resumes_to_the_same_table(tmp_path):
-    "SIGTERM during GRPO: its MLflow run ends FAILED; the same command again re-runs GRPO only (then what follows), same table."
+    """SIGTERM during GRPO: its MLflow run ends FAILED; the same command again re-runs GRPO only (then what follows), same table
+    as an uninterrupted run (whose report and MLflow runs are checked first)."""
     db = tmp_path / 'mlflow.db'
     ref = tmp_path / 'uninterrupted'
     run_stubs(tmp_path, ref, tmp_path / 'ref.db')
+    check_report(ref, tmp_path / 'ref.db')
     out = tmp_path / 'killed'
     p = run_stubs(tmp_path, out, db, wait=False, SLEEP=60)
     t0 = time.time()
