@@ -112,13 +112,13 @@ PROFILES = {
                      note='a pipeline check in minutes (CI slow tests): 8 SFT examples, 2 SFT steps, 2 GRPO steps, '
                           '4 easy test episodes, answers cut at 64 tokens. Its numbers answer nothing'),
     'cpu': Profile('cpu', 'smollm2',
-                   sft_data=SFTDataSettings(easy_steps=800, medium_steps=0),
-                   sft=SFTSettings(max_steps=100, lora_rank=64, batch_size=1, grad_accum=4, eval_examples=32),
-                   grpo=GRPOSettings(steps=20, group_size=4, prompts=64),
+                   sft_data=SFTDataSettings(easy_steps=300, medium_steps=0),
+                   sft=SFTSettings(epochs=1.0, lora_rank=64, batch_size=1, grad_accum=4, eval_examples=16),
+                   grpo=GRPOSettings(steps=10, group_size=4, prompts=64),
                    ppo=PPOSettings(timesteps=5120),
-                   evaluation=EvalSettings(tasks=('easy',), episodes=50),
-                   note='SmolLM2-135M on a 2-core CPU: 800 easy examples, 100 SFT steps, 20 GRPO steps, '
-                        '50 easy test episodes per agent'),
+                   evaluation=EvalSettings(tasks=('easy',), episodes=50, max_new_tokens=96),
+                   note='SmolLM2-135M on a 2-core CPU: 300 easy examples (one epoch, 75 SFT steps), 10 GRPO steps, '
+                        '50 easy test episodes per agent, answers up to 96 tokens'),
     't4': Profile('t4', 'Qwen/Qwen2.5-0.5B-Instruct',
                   sft_data=SFTDataSettings(easy_steps=4000, medium_steps=3000),
                   sft=SFTSettings(epochs=1.0, lora_rank=64, lr=2e-4, batch_size=4, grad_accum=4, max_length=2048, qlora=True),
@@ -455,8 +455,9 @@ def results_markdown(result:dict, # what `experiment_report` builds
     if m.get('skipped'): lines += ['Not run in this profile: ' + '; '.join(f"{k} ({v})" for k, v in m['skipped'].items()) + '.', '']
     lines += ([f'![the chain]({figure})', ''] if figure else []) + ['## How it was made', '',
               f"Reproduce: `{m['command']}`  ",
-              f"Written {m['date']}; stages (seconds, or reused): " + ', '.join(
-                  f"{k} {v['seconds']:.0f}" + (' (reused)' if v['status'] == 'reused' else '') for k, v in m['stages'].items()) + '.  ',
+              f"Written {m['date']}; stages (wall seconds / CPU seconds when they ran): " + ', '.join(
+                  f"{k} {v['seconds']:.0f}/{v.get('cpu_seconds') or 0:.0f}" + (' (reused)' if v['status'] == 'reused' else '')
+                  for k, v in m['stages'].items()) + '.  ',
               f"Data: `{m['data_source']}` ({m['data_symbols']} symbols, {m['data_range']}), fingerprint `{m['data_fingerprint']}`.  ",
               f"Model: `{m['model']}`; teacher: {m['teacher']}.  ",
               'Versions: ' + ', '.join(f"{k} {v}" for k, v in m['versions'].items() if not isinstance(v, dict)) + '.  ',
@@ -593,13 +594,18 @@ def run_experiment(profile:str|Profile='smoke', # a profile name or a `Profile`
                     date=dt.datetime.now(dt.timezone.utc).strftime('%Y-%m-%d %H:%M UTC'), split='test', tasks=list(p.evaluation.tasks),
                     episodes=p.evaluation.episodes, seeds=f"{p.evaluation.seed}..{p.evaluation.seed + p.evaluation.episodes - 1}",
                     task_versions=_task_versions(p.evaluation.tasks), versions=versions(), teacher=teacher,
-                    stages={k: dict(status=v['status'], seconds=v['seconds'] or 0.0, cpu_seconds=v.get('cpu_seconds'), key=v['key']) for k, v in res.items()},
+                    stages={k: _stage_summary(v) for k, v in res.items()},
                     skipped={} if p.ppo is not None else {'ppo': 'no PPO stage in this profile'},
                     mlflow_uri=uri, mlflow_run_id=run.run_id, seconds=round(time.time() - t0, 1), **_data_meta(panel))
         result = experiment_report(out, evals, meta)
         run.log_metrics({f"{t}.{r['agent']}.score": r['score'] for t, rows in result['tasks'].items() for r in rows})
         for f in ('results.md', 'results.json', 'chain.png'): run.log_artifact(out / f)
     return result
+
+def _stage_summary(v:dict) -> dict:
+    "A stage's line in the report's provenance: status, wall and CPU seconds, key, and its numeric outputs (steps, losses, episode-days...)."
+    nums = {k: x for k, x in (v['outputs'] or {}).items() if isinstance(x, (int, float)) and not isinstance(x, bool)}
+    return nums | dict(status=v['status'], seconds=v['seconds'] or 0.0, cpu_seconds=v.get('cpu_seconds'), key=v['key'])
 
 def _task_versions(tasks):
     from tradellm.tasks import TASKS
