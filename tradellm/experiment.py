@@ -552,7 +552,7 @@ def experiment_stages(profile:Profile, # the settings
                                  + (('tradellm.llm',) if llm else ()), description=f"evaluate.evaluate: {AGENTS[label]}"))
     return stages
 
-# %% ../nbs/13_experiment.ipynb #e029
+# %% ../nbs/13_experiment.ipynb #e031
 def _data_meta(panel) -> dict:
     from tradellm.data import split_slice
     sl = split_slice(panel, 'test')
@@ -611,7 +611,7 @@ def _task_versions(tasks):
     from tradellm.tasks import TASKS
     return {t: TASKS[t].version for t in tasks}
 
-# %% ../nbs/13_experiment.ipynb #e031
+# %% ../nbs/13_experiment.ipynb #e033
 def cli_experiment(argv:list|None=None, # arguments after `tradellm experiment`
                   ) -> int:
     "`tradellm experiment`: the whole chain, resumable stage by stage."
