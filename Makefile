@@ -1,5 +1,6 @@
 # The two commands of the README's quick start, and the tools around them.
 #   make leaderboard   set up, then run every baseline on every task of the test split
+#   make experiment    set up, then the headline chain (PROFILE=smoke|cpu|t4; resumable)
 #   make test          set up, then run every test (what CI runs)
 #   make docs-nbs      set up, then re-execute the notebooks in place so their outputs match the code
 #   make docs-preview  render every notebook (with its stored outputs) to HTML in _preview/, without Quarto
@@ -11,10 +12,13 @@ BIN := $(VENV)/bin
 DATA ?= $(if $(wildcard ../shared/data/nifty68),../shared/data/nifty68,data/prices)
 EPISODES ?= 50
 OUT ?= results
+# the experiment's profile: smoke (minutes), cpu (SmolLM2-135M on a CPU), t4 (Qwen2.5-0.5B QLoRA on a GPU)
+PROFILE ?= cpu
+EXPERIMENT_OUT ?= experiment-$(PROFILE)
 # --no-llm: the rule agents only (about two minutes on two cores); --llm adds SmolLM2 (hours on a CPU: use a GPU)
 LEADERBOARD_FLAGS ?= --no-llm
 
-.PHONY: setup leaderboard test bench docs clean-nbs export docs-nbs docs-preview
+.PHONY: setup leaderboard experiment test bench docs clean-nbs export docs-nbs docs-preview
 
 $(VENV)/.installed: setup.py settings.ini
 	python3 -m venv $(VENV)
@@ -31,6 +35,11 @@ setup: $(VENV)/.installed
 leaderboard: setup
 	@if [ ! -d "$(DATA)" ]; then $(BIN)/tradellm data fetch --out "$(DATA)"; fi
 	$(BIN)/tradellm leaderboard --data "$(DATA)" --episodes $(EPISODES) --out $(OUT) $(LEADERBOARD_FLAGS)
+
+# zero-shot -> SFT -> GRPO and every baseline on the test split; rerun to resume (finished stages are reused)
+experiment: setup
+	@if [ ! -d "$(DATA)" ]; then $(BIN)/tradellm data fetch --out "$(DATA)"; fi
+	$(BIN)/tradellm experiment --profile $(PROFILE) --out $(EXPERIMENT_OUT) --data "$(DATA)"
 
 test: setup
 	PATH="$(abspath $(BIN)):$$PATH" bash scripts/test.sh

@@ -20,6 +20,7 @@ COMMANDS = {
     'sft-data':    ('tradellm.sft', 'cli_sft_data', "write chat examples from the rule agent's trajectories"),
     'sft':         ('tradellm.sft', 'cli_sft', 'supervised fine-tuning with LoRA on those examples'),
     'grpo':        ('tradellm.grpo', 'cli_grpo', 'GRPO fine-tuning with the environment as the reward'),
+    'experiment':  ('tradellm.experiment', 'cli_experiment', 'the whole chain (teacher, SFT, GRPO, paired test evaluation), resumable'),
     'serve':       ('tradellm.server', 'cli_serve', 'serve the environment over HTTP for remote agents'),
 }
 

@@ -6,6 +6,7 @@
 from __future__ import annotations
 import argparse
 import contextlib
+import contextvars
 import datetime as dt
 import json
 import logging
@@ -249,22 +250,28 @@ def tracked_run(uri:str|None, # tracking URI; None: no tracking (a stand-in that
                 tags:dict|None=None, # run tags
                 params:dict|None=None, # run params
                ):
-    "An MLflow run that ends FINISHED when the block completes and FAILED when anything (Ctrl-C, SIGTERM too) escapes it."
+    "An MLflow run that ends FINISHED when the block completes and FAILED when anything (Ctrl-C, SIGTERM too) escapes it; opened inside another one of the same store, it is that run's child."
     if uri is None:
         yield _Run()
         return
     from mlflow import MlflowClient
     from mlflow.entities import Param, RunTag
     client = MlflowClient(uri)
-    run = client.create_run(experiment_id, run_name=run_name, tags={k: str(v) for k, v in (tags or {}).items()})
+    outer = _OPEN_RUN.get()  # (uri, experiment, run id) of the run this block sits in, if any
+    tags = dict(tags or {}) | ({'mlflow.parentRunId': outer[2]} if outer and outer[:2] == (uri, experiment_id) else {})
+    run = client.create_run(experiment_id, run_name=run_name, tags={k: str(v) for k, v in tags.items()})
     rid = run.info.run_id
+    token = _OPEN_RUN.set((uri, experiment_id, rid))
     try:
         if params: client.log_batch(rid, params=[Param(k, str(v)[:6000]) for k, v in params.items()], tags=[RunTag('mlflow.runName', run_name)])
         with _sigterm_raises(): yield _Run(client, rid)  # a killed training run ends FAILED, not RUNNING forever
     except BaseException:
         with contextlib.suppress(Exception): client.set_terminated(rid, 'FAILED')
         raise
+    finally: _OPEN_RUN.reset(token)
     client.set_terminated(rid, 'FINISHED')
+
+_OPEN_RUN = contextvars.ContextVar('tradellm_open_run', default=None)  # nests runs: an experiment's stage runs, the stages' own runs
 
 @contextlib.contextmanager
 def _sigterm_raises():
