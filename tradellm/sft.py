@@ -23,12 +23,110 @@ from .market import parse_action
 from .tasks import ENV_VERSION
 
 # %% auto #0
-__all__ = ['SFT_DATA_VERSION', 'explain', 'rule_examples', 'data_card', 'build_sft_dataset', 'dataset_fingerprint',
-           'load_sft_dataset', 'SFTError', 'resolve_backend', 'to_prompt_completion', 'token_lengths', 'eval_subset',
-           'train_sft', 'tiny_chat_model', 'cli_sft_data', 'cli_sft']
+__all__ = ['TEACHER_GRID', 'MIN_TRADES', 'SFT_DATA_VERSION', 'teacher_grid', 'select_teacher', 'selection_markdown', 'explain',
+           'rule_examples', 'data_card', 'build_sft_dataset', 'dataset_fingerprint', 'load_sft_dataset', 'SFTError',
+           'resolve_backend', 'to_prompt_completion', 'token_lengths', 'eval_subset', 'train_sft', 'tiny_chat_model',
+           'cli_sft_data', 'cli_sft', 'cli_teacher_select']
+
+# %% ../nbs/09_sft.ipynb #s011
+TEACHER_GRID = {  # a few values per parameter: 18 + 4 + 8 + 9 = 39 teachers
+    'ema': dict(enter=[0.0, 0.5, 1.0, 2.0], exit=[-1.0, -0.5, 0.0], stop_loss=[0.0, 5.0]),
+    'macd': dict(zero_line=[False, True], stop_loss=[0.0, 5.0]),
+    'momentum': dict(enter=[0.0, 2.0, 4.0, 6.0], exit=[-2.0, 0.0], stop_loss=[0.0]),
+    'rsi': dict(buy_below=[35.0, 40.0, 45.0], trend_veto=[0.0, -1.0, -3.0]),
+}
+MIN_TRADES = 1.0  # a teacher must trade at least this often per episode (mean, on train) to be chosen: one that does not trade teaches nothing
+
+def teacher_grid(grid:dict|None=None, # family -> {parameter: values}
+                ) -> list:
+    "The spec of every teacher of the grid (each family's other parameters at their defaults; exits above entries left out)."
+    import itertools
+    from tradellm.agents import make_agent
+    out = []
+    for family, params in (grid or TEACHER_GRID).items():
+        for values in itertools.product(*params.values()):
+            kw = dict(zip(params, values))
+            if kw.get('exit', -math.inf) > kw.get('enter', math.inf): continue
+            arg = ','.join(f"{k}={int(v) if isinstance(v, bool) else v}" for k, v in kw.items())
+            out.append(make_agent(f"teacher:{family}:{arg}").spec)
+    return list(dict.fromkeys(out))
+
+def _paired(agent_recs, base_recs) -> dict:
+    from tradellm.evaluate import paired_diff
+    d = paired_diff([r['score'] for r in agent_recs], [r['score'] for r in base_recs])
+    return {k: d[k] for k in ('mean', 'lo', 'hi', 'wins')}
+
+def select_teacher(data=None, # a folder of prices or a loaded `Panel`
+                   tasks=('easy', 'medium'), # one teacher is chosen per task
+                   episodes:int=100, # train episodes per teacher and task (seeds seed..seed+episodes-1)
+                   val_episodes:int=200, # val episodes of the chosen teachers and the two baselines
+                   seed:int=0, # env seed of the first episode
+                   grid:dict|None=None, # family -> {parameter: values} (default `TEACHER_GRID`)
+                   min_trades:float=MIN_TRADES, # the least mean trades per train episode of a teacher that may be chosen
+                   progress:bool=True,
+                  ) -> dict:
+    "Every teacher of the grid on train, the best per task by mean train score (among those that trade), and the chosen ones on val against doing nothing and buy-and-hold (paired); test is not touched."
+    from tqdm.auto import tqdm
+    from tradellm.agents import make_agent
+    from tradellm.evaluate import run_episodes, mean, bootstrap_ci
+    panel = data if isinstance(data, Panel) else load_panel(data)
+    specs = teacher_grid(grid)
+    run = lambda spec, task, split, n: run_episodes(make_agent(spec), task, split, n, seed, panel, progress=False)
+    rows, chosen, val = [], {}, {}
+    bar = tqdm(total=len(tasks) * (len(specs) + 2), desc='teacher-select', disable=not progress)
+    for task in tasks:
+        base = {b: run(b, task, 'train', episodes) for b in ('do_nothing', 'buy_and_hold')}
+        bar.update(2)
+        for spec in [*specs, 'do_nothing', 'buy_and_hold']:
+            recs = base[spec] if spec in base else run(spec, task, 'train', episodes)
+            sc = [r['score'] for r in recs]
+            rows.append(dict(task=task, spec=spec, score=mean(sc), score_lo=bootstrap_ci(sc)[0], score_hi=bootstrap_ci(sc)[1],
+                             vs_do_nothing=_paired(recs, base['do_nothing'])['mean'], vs_buy_and_hold=_paired(recs, base['buy_and_hold'])['mean'],
+                             trades=mean([r['metrics']['trades'] for r in recs]),
+                             exposure=mean([r['metrics']['exposure'] for r in recs]), candidate=spec not in base))
+            if spec not in base: bar.update(1)
+        ok = [r for r in rows if r['task'] == task and r['candidate'] and r['trades'] >= min_trades]
+        if not ok: raise ValueError(f"{task}: no teacher of the grid trades {min_trades} times an episode on train: widen the grid")
+        chosen[task] = max(ok, key=lambda r: r['score'])['spec']
+        recs = {s: run(s, task, 'val', val_episodes) for s in (chosen[task], 'do_nothing', 'buy_and_hold')}
+        sc = [r['score'] for r in recs[chosen[task]]]
+        lo, hi = bootstrap_ci(sc)
+        val[task] = dict(spec=chosen[task], episodes=val_episodes, score=mean(sc), score_lo=lo, score_hi=hi,
+                         trades=mean([r['metrics']['trades'] for r in recs[chosen[task]]]),
+                         do_nothing=mean([r['score'] for r in recs['do_nothing']]), buy_and_hold=mean([r['score'] for r in recs['buy_and_hold']]),
+                         vs_do_nothing=_paired(recs[chosen[task]], recs['do_nothing']),
+                         vs_buy_and_hold=_paired(recs[chosen[task]], recs['buy_and_hold']))
+    bar.close()
+    from tradellm.tasks import TASKS
+    return dict(chosen=chosen, val=val, train=rows, rule=f"per task, the highest mean train score among the teachers with at least "
+                f"{min_trades:g} trades per episode", episodes=episodes, seed=seed, tasks=list(tasks), env_version=ENV_VERSION,
+                task_versions={t: TASKS[t].version for t in tasks}, data_source=panel.source, data_fingerprint=panel.fingerprint(),
+                grid={k: {p: [int(x) if isinstance(x, bool) else x for x in v] for p, v in g.items()} for k, g in (grid or TEACHER_GRID).items()})
+
+def selection_markdown(res:dict, # what `select_teacher` returns
+                       top:int=8, # train rows shown per task
+                      ) -> str:
+    "The selection as markdown: each task's best teachers on train, then the chosen one on val against the two baselines, said plainly."
+    out = [f"Teacher selection ({res['rule']}; {res['episodes']} train episodes per teacher and task, tasks {res['task_versions']}, "
+           f"env {res['env_version']}, data {res['data_fingerprint']}).", ""]
+    for task in res['tasks']:
+        rows = sorted((r for r in res['train'] if r['task'] == task), key=lambda r: -r['score'])
+        shown = [r for r in rows if r['candidate']][:top] + [r for r in rows if not r['candidate']]
+        out += [f"**{task}, train**", "", "| teacher | score [95% CI] | vs do-nothing | vs buy-and-hold | trades | exposure |", "|---|---|---|---|---|---|"]
+        out += [f"| {'**' + r['spec'] + '** (chosen)' if r['spec'] == res['chosen'][task] else r['spec']} | {r['score']:.4f} "
+                f"[{r['score_lo']:.4f}, {r['score_hi']:.4f}] | {r['vs_do_nothing']:+.4f} | {r['vs_buy_and_hold']:+.4f} | {r['trades']:.1f} | "
+                f"{r['exposure']:.0%} |" for r in sorted(shown, key=lambda r: -r['score'])]
+        v = res['val'][task]
+        word = lambda d: 'beats' if d['lo'] > 0 else 'loses to' if d['hi'] < 0 else 'is not distinguishable from'
+        dn, bh = v['vs_do_nothing'], v['vs_buy_and_hold']
+        out += ["", f"**{task}, val** ({v['episodes']} paired episodes): `{v['spec']}` scores {v['score']:.4f} [{v['score_lo']:.4f}, "
+                f"{v['score_hi']:.4f}] with {v['trades']:.1f} trades an episode; doing nothing {v['do_nothing']:.4f}, buy-and-hold "
+                f"{v['buy_and_hold']:.4f}. It {word(dn)} doing nothing ({dn['mean']:+.4f} [{dn['lo']:+.4f}, {dn['hi']:+.4f}], wins "
+                f"{dn['wins']:.0%}) and {word(bh)} buy-and-hold ({bh['mean']:+.4f} [{bh['lo']:+.4f}, {bh['hi']:+.4f}], wins {bh['wins']:.0%}).", ""]
+    return '\n'.join(out)
 
 # %% ../nbs/09_sft.ipynb #c006
-SFT_DATA_VERSION = '1.2.0'  # bump when the example format or the reasoning templates change (1.1.0: veto line, compact style; 1.2.0: the gate line names its rule)
+SFT_DATA_VERSION = '2.0.0'  # bump when the example format or the reasoning templates change (1.1.0: veto line, compact style; 1.2.0: the gate line names its rule; 2.0.0: the teacher chosen per task, HOLD at most half, the families' reasons)
 
 _OPENERS = ["Day {day} of {days}.", "Day {day}/{days}, return so far {ret:+.2f}%.", "Day {day} of {days}; checking the rules.",
             "{date}, day {day}.", "Rules check, day {day}/{days}."]
@@ -122,10 +220,146 @@ def _values(view, i:int, rules:dict, fraction:float, side:str) -> dict:
                 shares=int(view.shares[i]), avg=f"{view.feature('avg_cost', i):.2f}", close=f"{view.feature('close', i):.2f}",
                 fr=_size_words(side, fraction))
 
+# %% ../nbs/09_sft.ipynb #s001
+# the teacher families' sentences: rule -> (condition on the values, one stock's wordings, several stocks' wordings, the value quoted for several)
+# (several stocks: {names} in the order of the orders, {items} each with its value, {n} and the range {lo} to {hi} of the value)
+_FAMILY = {
+    'ema': {
+        'entry': (lambda v: v['trend_v'] >= v['enter'],
+                  ["{sym}: trend {trend}% is at or above the entry line of {enter:+g}%. Buy {fr}.",
+                   "{sym} is trending up (EMA10 {trend}% over EMA30, entry at {enter:+g}%): buy {fr}."],
+                  ["Buy {names}: trends {lo}% to {hi}%, at or above {enter:+g}%.", "Trend >= {enter:+g}% on {names} ({lo}% to {hi}%): buy."],
+                  'trend'),
+        'exit': (lambda v: v['trend_v'] < v['exit'],
+                 ["{sym}: trend {trend}% has fallen below the exit line of {exit:+g}%. Sell it all.",
+                  "{sym}'s trend is down to {trend}%, under {exit:+g}%: sell the whole position."],
+                 ["Trend below {exit:+g}% on {items}: sell them.", "Exits, trend < {exit:+g}%: {items}. Sell them."],
+                 'trend'),
+        'keep': (lambda v: v['trend_v'] >= v['exit'],
+                 ["Keep {sym}: trend {trend}% is still at or above {exit:+g}%.", "{sym} stays: its trend {trend}% has not broken {exit:+g}%."],
+                 ["Keep {n} held: trends {lo}% to {hi}%, not under {exit:+g}%.", "{n} held stay: trends {lo}% to {hi}% >= {exit:+g}%."],
+                 'trend'),
+        'no_entry': (lambda v: not v['trend_v'] >= v['enter'],
+                     ["No entry on {sym}: trend {trend}% < {enter:+g}%.", "{sym}: trend {trend}% is under {enter:+g}%, no buy."],
+                     ["No entry on {n}: trends {lo}% to {hi}%, under {enter:+g}%."],
+                     'trend'),
+    },
+    'momentum': {
+        'entry': (lambda v: v['mom_v'] >= v['enter'],
+                  ["{sym}: 10-day momentum {mom}% is at or above {enter:+g}%. Buy {fr}.",
+                   "{sym} has risen {mom}% in 10 days, past the {enter:+g}% entry: buy {fr}."],
+                  ["Buy {names}: momentum {lo}% to {hi}%, at or above {enter:+g}%."],
+                  'mom'),
+        'exit': (lambda v: v['mom_v'] < v['exit'],
+                 ["{sym}: momentum {mom}% is below the exit line of {exit:+g}%. Sell it all.",
+                  "{sym}'s 10-day momentum fell to {mom}%, under {exit:+g}%: sell the whole position."],
+                 ["Momentum below {exit:+g}% on {items}: sell them."],
+                 'mom'),
+        'keep': (lambda v: v['mom_v'] >= v['exit'],
+                 ["Keep {sym}: momentum {mom}% is still at or above {exit:+g}%."],
+                 ["Keep {n} held: momentum {lo}% to {hi}%, not under {exit:+g}%."],
+                 'mom'),
+        'no_entry': (lambda v: not v['mom_v'] >= v['enter'],
+                     ["{sym}: momentum {mom}% is under {enter:+g}%, so no buy.", "No entry on {sym}: momentum {mom}% < {enter:+g}%."],
+                     ["No entry on {n}: momentum {lo}% to {hi}%, under {enter:+g}%."],
+                     'mom'),
+    },
+    'macd': {
+        'entry': (lambda v: v['hist_v'] > 0 and (not v['zero_line'] or v['macd_v'] > 0),
+                  ["{sym}: MACD {macd} is above its signal {sig}{zl}. Buy {fr}.",
+                   "{sym}'s MACD has crossed over its signal ({macd} vs {sig}){zl}: buy {fr}."],
+                  ["Buy {names}: MACD above its signal{zl} (hist {lo} to {hi})."],
+                  'hist'),
+        'exit': (lambda v: v['hist_v'] < 0,
+                 ["{sym}: MACD {macd} is below its signal {sig}. Sell it all.",
+                  "{sym}'s MACD crossed under its signal ({macd} vs {sig}): sell the whole position."],
+                 ["MACD below its signal on {items}: sell them."],
+                 'hist'),
+        'keep': (lambda v: not v['hist_v'] < 0,
+                 ["Keep {sym}: MACD {macd} is not below its signal {sig}."],
+                 ["Keep {n} held: MACD hist {lo} to {hi}, not below 0."],
+                 'hist'),
+        'no_entry': (lambda v: not v['hist_v'] > 0,
+                     ["{sym}: MACD {macd} is not above its signal {sig}, so no buy."],
+                     ["No entry on {n}: MACD hist {lo} to {hi}, not above 0."],
+                     'hist'),
+        'under_zero': (lambda v: v['hist_v'] > 0 and v['zero_line'] and not v['macd_v'] > 0,
+                       ["{sym}: MACD {macd} is above its signal but not above 0, so no buy."],
+                       ["MACD above its signal but not above 0 on {items}: no buy."],
+                       'macd'),
+    },
+}
+_SHARED = {
+    'stop_loss': (lambda v: v['sl'] > 0 and v['pnl_v'] <= -v['sl'],
+                  ["{sym}: the position is down {pnl}%, at or past the -{sl:g}% stop. Sell it all."],
+                  ["Stop-loss at -{sl:g}% on {items}: sell them."], 'pnl'),
+    'take_profit': (lambda v: v['tp'] > 0 and v['pnl_v'] >= v['tp'],
+                    ["{sym}: the position is up {pnl}%, at or past the +{tp:g}% take-profit. Sell it all."],
+                    ["Take-profit at +{tp:g}% on {items}: sell them."], 'pnl'),
+    'regime_gate': (lambda v: True, ["{sym} has an entry signal, but the regime gate refuses BUY orders today."],
+                    ["Entry signals on {names}, but the regime gate refuses BUY orders today."], None),
+    'no_cash': (lambda v: True, ["{sym} has an entry signal, but its cash share buys no whole share. Skip it."],
+                ["Entry signals on {names}, but the cash left buys no whole share of them."], None),
+    'buy_limit': (lambda v: True, ["{sym} also qualifies; at most {max_buys} new buys a day, so it waits."],
+                  ["{names} also qualify; at most {max_buys} new buys a day, so they wait."], None),
+    'trade_limit': (lambda v: True, ["{sym} has a signal, but the daily trade limit is used up, so it waits."],
+                    ["No order slot left today for {names}: they wait."], None),
+}
+_FAMILY_ORDER = ('stop_loss', 'take_profit', 'exit', 'entry', 'buy_limit', 'regime_gate', 'no_cash', 'trade_limit', 'keep', 'under_zero', 'no_entry')
+_FAMILY_PLAIN = {'BUY': "{sym}: buy {fr}.", 'SELL': "{sym}: sell {fr}.", 'HOLD': "{sym}: no order today."}
+
+def _family_values(view, i:int, rules:dict, fraction:float, side:str) -> dict:
+    "What the sentences of a teacher family may quote about stock `i`: its inputs, printed as the observation prints them."
+    trend, mom, pnl = view.feature('trend', i), view.feature('momentum', i), view.feature('pnl_pct', i)
+    macd, sig, hist = view.feature('macd', i), view.feature('macd_signal', i), view.feature('macd_hist', i)
+    lines = tuple(x for x in (rules.get('enter'), rules.get('exit'), 0.0) if x is not None)
+    tp, sl = rules.get('tp', 0.0), rules.get('sl', 0.0)
+    return dict(sym=view.symbols[i], trend_v=trend, mom_v=mom, pnl_v=pnl, macd_v=macd, hist_v=hist, sig_v=sig, **rules,
+                trend=_fmt(trend, 2, True, lines), mom=_fmt(mom, 2, True, lines), pnl=_fmt(pnl, 2, True, (tp, -sl)),
+                macd=_fmt(macd, 2, lines=(0.0, sig)), sig=_fmt(sig, 2, lines=(macd,)), hist=_fmt(hist, 2, True, (0.0,)),
+                zl=' and above 0' if rules.get('zero_line') else '', fr=_size_words(side, fraction))
+
+def _explain_family(view, orders:dict, decisions:list, rng, rules:dict) -> list:
+    "The reason sentences of a teacher family's day: one per rule that fired (several stocks under one rule share a sentence)."
+    family, order = rules['family'], list(orders)
+    table = {**_SHARED, **{k: v for k, v in _FAMILY[family].items()}}
+    by_sym = {d.get('symbol'): d for d in decisions}
+    pick = lambda options: options[int(rng.integers(len(options)))]
+    groups, plain = {k: [] for k in _FAMILY_ORDER}, []
+    for i, sym in enumerate(view.symbols):
+        o = orders.get(sym)
+        side = o.side if o else 'HOLD'
+        d = by_sym.get(sym, {})
+        rule = d.get('rule', '') if d.get('decision', 'HOLD') == side else ''
+        key = rule[len(family) + 1:] if rule.startswith(family + '_') else rule
+        v = _family_values(view, i, rules, o.fraction if o else 0.0, side)
+        if key == 'no_entry' and family == 'macd' and _FAMILY['macd']['under_zero'][0](v): key = 'under_zero'
+        if key in table and table[key][0](v): groups[key].append(v)
+        else: plain.append((side, v))  # a decision the numbers do not bear out (never from the families): just the action
+    out = [_FAMILY_PLAIN[side].format(**v) for side, v in plain if side == 'SELL']
+    for key in _FAMILY_ORDER:
+        g = groups[key]
+        if not g: continue
+        cond, one, many, value = table[key]
+        if len(g) == 1 or (len(view.symbols) <= 2 and key in ('entry', 'exit', 'stop_loss', 'take_profit')):
+            out += [pick(one).format(**v) for v in g]
+            continue
+        if key == 'entry': g = [v for s in order for v in g if v['sym'] == s] + [v for v in g if v['sym'] not in order]  # as ordered
+        names = ', '.join(v['sym'] for v in g)
+        items = ', '.join(f"{v['sym']} ({v[value]}{'' if value in ('hist', 'macd') else '%'})" for v in g) if value else names
+        lo, hi = (min(g, key=lambda v: v[value + '_v'])[value], max(g, key=lambda v: v[value + '_v'])[value]) if value else ('', '')
+        out.append(pick(many).format(n=len(g), names=names, items=items, lo=lo, hi=hi, zl=g[0]['zl'], **rules))
+    return out + [_FAMILY_PLAIN[side].format(**v) for side, v in plain if side != 'SELL']
+
 # %% ../nbs/09_sft.ipynb #c009
 def _rule_params(agent) -> dict:
-    "The thresholds of an RSI agent (the design's defaults where it has none)."
+    "The thresholds of a teacher: a family's lines, or an RSI agent's (the design's defaults where it has none)."
     g = lambda k, d: float(getattr(agent, k, d))
+    family = getattr(agent, 'family', 'rsi')
+    if family != 'rsi':
+        out = dict(family=family, sl=g('stop_loss', 0.0), tp=g('take_profit', 0.0), zero_line=bool(getattr(agent, 'zero_line', False)),
+                   max_buys=int(getattr(agent, 'max_buys', 0)))
+        return out | {k: float(getattr(agent, a)) for k, a in (('enter', 'enter'), ('exit', 'exit_line')) if hasattr(agent, a)}
     return dict(buy=g('buy_below', 35.0), sell=g('sell_above', 65.0), tp=g('take_profit', 3.0), sl=g('stop_loss', 3.0),
                 veto=g('trend_veto', 0.0))
 
@@ -138,15 +372,25 @@ def explain(view, # the day's `MarketView`
            ) -> str:
     "The reasoning for one day: why each stock was bought, sold or left, in words drawn by `rng`."
     rules = {'veto': 0.0, **(rules or _rule_params(None))}
+    if rules.get('family', 'rsi') != 'rsi': rules.pop('veto')
     syms = list(view.symbols)
     parsed = parse_action(action, syms, syms[0] if len(syms) == 1 else None)
     orders = {o.symbol: o for o in parsed.orders}
-    by_sym = {d.get('symbol'): d for d in decisions}
     pick = lambda options: options[int(rng.integers(len(options)))]
     g = view._globals()
     lines = [] if concise else [pick(_OPENERS).format(day=g[0], days=view.days, date=view.date, ret=g[4])]
     if view.buy_blocked: lines.append(pick(_GATE).format(why=_gate_reason(g[6], len(syms), g[7])))  # the rule that shut it
-    said, groups = [], {r: [] for r in _GROUPED}
+    if rules.get('family', 'rsi') != 'rsi': lines += _explain_family(view, orders, decisions, rng, rules)
+    else: lines += _explain_rsi(view, orders, decisions, rng, rules)
+    if concise: return ' '.join(lines)
+    lines.append(pick(_CLOSE_ORDERS) + ' ' + ', '.join(map(str, parsed.orders)) + '.' if parsed.orders else pick(_CLOSE_HOLD))
+    return ' '.join(lines)
+
+def _explain_rsi(view, orders:dict, decisions:list, rng, rules:dict) -> list:
+    "The reason sentences of an RSI teacher's day."
+    syms, by_sym = list(view.symbols), {d.get('symbol'): d for d in decisions}
+    pick = lambda options: options[int(rng.integers(len(options)))]
+    lines, said, groups = [], [], {r: [] for r in _GROUPED}
     for i, sym in enumerate(syms):
         o = orders.get(sym)
         side = o.side if o else 'HOLD'
@@ -172,9 +416,7 @@ def explain(view, # the day's `MarketView`
             continue
         names = ', '.join(f"{v['sym']} ({v['pnl']}%)" if rule == 'hold_position' else f"{v['sym']} (RSI {v['rsi']})" for v in group)
         lines.append(pick(options).format(names=names, **_veto_words(rules)))
-    if concise: return ' '.join(lines)
-    lines.append(pick(_CLOSE_ORDERS) + ' ' + ', '.join(map(str, parsed.orders)) + '.' if parsed.orders else pick(_CLOSE_HOLD))
-    return ' '.join(lines)
+    return lines
 
 # %% ../nbs/09_sft.ipynb #c017
 def _system_prompt(task, style:str='compact') -> str:
@@ -197,7 +439,7 @@ def rule_examples(task:str='easy', # 'easy', 'medium' or 'hard'
                   steps:int=100, # examples (decisions) to record
                   seed:int=0, # episode k uses env seed `seed + k`
                   data=None, # a folder of prices or a loaded `Panel` (default: the data lookup)
-                  agent=None, # the rule agent (default: `RSIAgent()`)
+                  agent=None, # the teacher (default: `make_agent('teacher')`, the one chosen for the task on train)
                   system:str|None=None, # the system prompt (default: `tradellm.llm.system_prompt(task, style)`)
                   progress:bool=True, # show a progress bar
                   style:str='compact', # 'compact': short system prompt and reasons only; 'full': the zero-shot prompt, longer reasoning
@@ -211,10 +453,11 @@ def rule_examples(task:str='easy', # 'easy', 'medium' or 'hard'
     if hold_share is not None and not 0 <= hold_share < 1:
         raise ValueError(f"hold_share must be in [0, 1) (the share of HOLD examples to keep) or None, got {hold_share}")
     if agent is None:
-        from tradellm.agents import RSIAgent
-        agent = RSIAgent()
+        from tradellm.agents import make_agent
+        agent = make_agent('teacher')
     env = TradingEnv(task, split, 'text', data)
     spec = env.task
+    if hasattr(agent, 'teacher_for'): agent = agent.teacher_for(spec.name)  # the teachers chosen per task: this task's
     system = _system_prompt(spec.name, style) if system is None else system
     rules = _rule_params(agent)
     # with hold_share: collect every trade and every HOLD until there are enough of both, keep the first trades, draw the HOLDs
@@ -243,11 +486,12 @@ def rule_examples(task:str='easy', # 'easy', 'medium' or 'hard'
             view = env.view
             action, decisions = agent.decide(view, spec.max_position, spec.max_trades)
             think = explain(view, action, decisions, rng, rules, concise=style == 'compact')
+            if not think.strip(): raise RuntimeError(f"{spec.name}/{split} seed {seed + k} day {view.day}: no reasoning for {action!r}")
             row = {'messages': [{'role': 'system', 'content': system}, {'role': 'user', 'content': obs},
                                 {'role': 'assistant', 'content': f"<think>\n{think}\n</think>\n{action}"}],
                    'task': spec.name, 'split': split, 'date': view.date, 'seed': seed + k, 'day': view.day,
                    'symbols': list(env.symbols), 'action': action, 'decision': _decision_label(action, env.symbols),
-                   'rules': [d.get('rule', '') for d in decisions]}
+                   'rules': [d.get('rule', '') for d in decisions], 'teacher': getattr(agent, 'spec', '') or repr(agent)}
             kept = holds if row['decision'] == 'HOLD' else trades
             kept.append((n, row))
             obs, _, done, _, info = env.step(action)
@@ -289,6 +533,11 @@ def _card_markdown(card:dict) -> str:
            f"Rule agent trajectories with reasoning traces (tradellm sft-data {card['sft_data_version']}, env {card['env_version']}, "
            f"prompt {card['prompt_version']}, seed {card['seed']}). Conversational `messages` format.", "",
            f"Teacher {card.get('teacher')}; prompt style {card.get('prompt_style')}; HOLD share cap {card.get('hold_share')}.", ""]
+    for name, sh in card.get('action_shares', {}).items():
+        out += [f"Action shares ({name}): " + '; '.join(f"{t} " + ', '.join(f"{k} {v:.0%}" for k, v in a.items() if v) for t, a in sh.items()), ""]
+    for name, tk in (card.get('answer_tokens') or {}).items():
+        out += [f"Answer tokens ({name}, SmolLM2 tokenizer, end of turn included): " + '; '.join(
+            f"{t} mean {s['mean']}, p99 {s['p99']}, max {s['max']}" for t, s in tk.items()), ""]
     out += [f"**Warning:** {w}" for w in card.get('warnings', [])] + ([""] if card.get('warnings') else [])
     for name, c in card['splits'].items():
         out += [f"## {name} ({c['examples']} examples, {c['episodes']} episodes, {c['dates'][0]} to {c['dates'][1]})" if c['dates']
@@ -303,6 +552,30 @@ def _card_markdown(card:dict) -> str:
         out.append("")
     return '\n'.join(out)
 
+def _action_shares(rows:list) -> dict:
+    "Share of the examples per decision (HOLD, BUY, SELL, BUY+SELL), per task and over all."
+    out = {}
+    for t in ['all', *sorted({r['task'] for r in rows})]:
+        c = Counter(r['decision'] for r in rows if t == 'all' or r['task'] == t)
+        n = sum(c.values())
+        out[t] = {k: round(c.get(k, 0) / n, 4) for k in ('HOLD', 'BUY', 'SELL', 'BUY+SELL')}
+    return out
+
+def _answer_tokens(tokenizer, rows:dict) -> dict|None:
+    "Per split and task: mean, p99 and max answer tokens (end-of-turn included) under `tokenizer` (a model name or tokenizer); None where it cannot load."
+    if isinstance(tokenizer, str):
+        try:
+            from transformers import AutoTokenizer
+            from tradellm.llm import _resolve_source
+            tokenizer = AutoTokenizer.from_pretrained(_resolve_source(tokenizer)[0])
+        except Exception: return None
+    out = {}
+    for k, v in rows.items():
+        if not v: continue
+        n = [len(a) + 1 for a in tokenizer([r['messages'][-1]['content'] for r in v], add_special_tokens=False)['input_ids']]
+        out[k] = _length_stats([r['task'] for r in v], n)
+    return out
+
 def build_sft_dataset(out, # folder to write (created; files in it are replaced)
                       easy_steps:int=4000, # easy-task examples from `split`
                       medium_steps:int=3000, # medium-task examples from `split`
@@ -314,8 +587,9 @@ def build_sft_dataset(out, # folder to write (created; files in it are replaced)
                       system=None, # a system prompt for every task (default: the LLM agent's, per task, in `style`)
                       progress:bool=True, # show progress bars
                       style:str='compact', # prompt and reasoning style: 'compact' (fast to train) or 'full'
-                      hold_share:float|None=None, # keep HOLD days at most this share of each task's examples (None: natural)
-                      agent=None, # the teacher (default `RSIAgent()`: the design's rules)
+                      hold_share:float|None=0.5, # keep HOLD days at most this share of each task's examples (None: as the teacher decides)
+                      agent=None, # the teacher (default `make_agent('teacher')`: the one chosen per task on train)
+                      tokenizer='smollm2', # count answer tokens with this model's tokenizer for the card (None: skip)
                      ) -> dict:
     "Write the SFT dataset (DatasetDict, JSONL, data card) into `out`; returns the card."
     from datasets import Dataset, DatasetDict
@@ -327,8 +601,8 @@ def build_sft_dataset(out, # folder to write (created; files in it are replaced)
     val_split = 'val' if split != 'val' else 'test'
     rows = {'train': [], 'validation': []}
     if agent is None:
-        from tradellm.agents import RSIAgent
-        agent = RSIAgent()
+        from tradellm.agents import make_agent
+        agent = make_agent('teacher')
     kw = dict(agent=agent, system=system, progress=progress, style=style, hold_share=hold_share)
     for t, n in steps.items():
         rows['train'] += rule_examples(t, split, n, seed, panel, **kw)
@@ -344,13 +618,16 @@ def build_sft_dataset(out, # folder to write (created; files in it are replaced)
             'seed': seed, 'steps': steps, 'split': split, 'val_split': val_split, 'val_fraction': val_fraction,
             'prompt_style': 'custom' if system is not None else style, 'hold_share': hold_share,
             'teacher': agent.config() if hasattr(agent, 'config') else type(agent).__name__,
+            'teacher_spec': getattr(agent, 'spec', '') or None,
             'source': panel.source, 'splits': {k: data_card(v) for k, v in rows.items()}}
+    card['action_shares'] = {k: _action_shares(v) for k, v in rows.items() if v}
+    card['answer_tokens'] = _answer_tokens(tokenizer, rows) if tokenizer else None
     train = card['splits'].get('train', {})
     held = sum(a.get('HOLD', 0) for a in train.get('by_action', {}).values()) / max(1, train.get('examples', 0))
     card['warnings'] = [] if held <= 0.9 else [
         f"{held:.1%} of the training examples are HOLD: a model fine-tuned on them learns to hold, and GRPO from it sees "
-        "groups with one answer (zero reward spread). For a teacher that trades, pass --hold-share 0.5 (and, where the "
-        "design's rule rarely fires, --buy-below 40 --trend-veto -1)."]
+        "groups with one answer (zero reward spread). Use a teacher that trades (the default, --teacher teacher) and "
+        "--hold-share 0.5 (the default)."]
     (out / 'data_card.json').write_text(json.dumps(card, indent=1))
     (out / 'README.md').write_text(_card_markdown(card))
     card['fingerprint'] = dataset_fingerprint(out)
@@ -703,7 +980,8 @@ def cli_sft_data(argv:list|None=None, # arguments after `tradellm sft-data`
                 ) -> int:
     "`tradellm sft-data`: write the SFT dataset from the rule agent's trajectories."
     p = argparse.ArgumentParser(prog='tradellm sft-data', description="Write chat examples (system prompt, observation, "
-                                "<think> reasoning + action) from the RSI rule agent's seeded episodes.")
+                                "<think> reasoning + action) from a teacher's seeded episodes (by default the teacher chosen "
+                                "per task on train by `tradellm teacher-select`).")
     p.add_argument('--out', required=True, help='folder to write the dataset into')
     p.add_argument('--easy-steps', type=int, default=4000, help='easy-task examples (default 4000)')
     p.add_argument('--medium-steps', type=int, default=3000, help='medium-task examples (default 3000)')
@@ -714,19 +992,25 @@ def cli_sft_data(argv:list|None=None, # arguments after `tradellm sft-data`
     p.add_argument('--data', default=None, help='folder of prices (default: $TRADELLM_DATA, then the cache)')
     p.add_argument('--style', default='compact', choices=['compact', 'full'],
                    help="compact (default): short system prompt and reasons only, fast to train; full: the zero-shot prompt")
-    p.add_argument('--hold-share', type=float, default=None,
-                   help='keep HOLD days at most this share of the examples, e.g. 0.5 (default: as the rule decides)')
-    p.add_argument('--buy-below', type=float, default=35.0, help="teacher: buy when RSI is below this (default 35, the design's)")
-    p.add_argument('--trend-veto', type=float, default=0.0,
-                   help="teacher: no buy while the trend (%%) is below this (default 0, the design's: any bearish trend)")
+    p.add_argument('--hold-share', type=float, default=0.5,
+                   help='keep HOLD days at most this share of the examples (default 0.5; -1: as the teacher decides)')
+    p.add_argument('--teacher', default='teacher',
+                   help="the teacher's agent spec (default 'teacher': the one chosen per task on train; e.g. teacher:ema:enter=0.5,exit=0 or rsi)")
+    p.add_argument('--buy-below', type=float, default=None, help="RSI teacher: buy when RSI is below this (sets --teacher to the RSI rules)")
+    p.add_argument('--trend-veto', type=float, default=None,
+                   help="RSI teacher: no buy while the trend (%%) is below this (sets --teacher to the RSI rules)")
     p.add_argument('--json', action='store_true', help='print the data card as JSON')
     p.add_argument('--no-progress', action='store_true', help='no progress bars')
     a = p.parse_args(argv)
-    from tradellm.agents import RSIAgent
+    from tradellm.agents import RSIAgent, make_agent
     try:
+        if a.buy_below is not None or a.trend_veto is not None:
+            agent = RSIAgent(buy_below=35.0 if a.buy_below is None else a.buy_below, trend_veto=a.trend_veto or 0.0)
+        else: agent = make_agent(a.teacher)
+        if not hasattr(agent, 'decide') and not hasattr(agent, 'teacher_for'): raise ValueError(f"--teacher {a.teacher}: not a rule agent with decisions to explain; use teacher, teacher:FAMILY:... or rsi")
         card = build_sft_dataset(a.out, a.easy_steps, a.medium_steps, a.hard_steps, a.split, a.val_fraction, a.seed, a.data,
-                                 progress=not a.no_progress, style=a.style, hold_share=a.hold_share,
-                                 agent=RSIAgent(buy_below=a.buy_below, trend_veto=a.trend_veto))
+                                 progress=not a.no_progress, style=a.style, hold_share=None if a.hold_share < 0 else a.hold_share,
+                                 agent=agent)
     except (DataError, ValueError, OSError) as e: return _fail('sft-data', e)
     if a.json: print(json.dumps({'out': str(a.out), **card}, indent=1))
     else: print((Path(a.out) / 'README.md').read_text() + f"\nfingerprint {card['fingerprint']}; written to {a.out}")
@@ -778,4 +1062,46 @@ def cli_sft(argv:list|None=None, # arguments after `tradellm sft`
               f"{res['train_loss']:.4f}" + (f", eval loss {res['eval_loss']:.4f} (" + ', '.join(
                   f"{t} {res['eval_loss_' + t]:.4f}" for t in res['config']['eval_examples_by_task']) + ')' if 'eval_loss' in res else '') +
               f". Use it as --agents {res['agent_spec']}")
+    return 0
+
+# %% ../nbs/09_sft.ipynb #s016
+def cli_teacher_select(argv:list|None=None, # arguments after `tradellm teacher-select`
+                      ) -> int:
+    "`tradellm teacher-select`: search the teacher families on train, report the chosen ones on val (JSON, markdown, MLflow)."
+    import datetime as dt
+    p = argparse.ArgumentParser(prog='tradellm teacher-select', description="Search the teacher families' parameters on the train "
+                                "split by the task score, one teacher per task; report the chosen ones on val against doing nothing "
+                                "and buy-and-hold (paired). Test is not touched. Put the chosen specs in tradellm.agents.DEFAULT_TEACHERS.")
+    p.add_argument('--data', default=None, help='folder of prices (default: $TRADELLM_DATA, then the cache)')
+    p.add_argument('--out', default='teacher_selection.json', help='JSON file to write (default teacher_selection.json)')
+    p.add_argument('--tasks', default='easy,medium', help='tasks, comma-separated (default easy,medium)')
+    p.add_argument('--episodes', type=int, default=100, help='train episodes per teacher and task (default 100)')
+    p.add_argument('--val-episodes', type=int, default=200, help='val episodes of the chosen teachers and the baselines (default 200)')
+    p.add_argument('--seed', type=int, default=0, help='env seed of the first episode (default 0)')
+    p.add_argument('--min-trades', type=float, default=MIN_TRADES, help=f'least mean trades per train episode of a chosen teacher (default {MIN_TRADES:g})')
+    p.add_argument('--no-mlflow', action='store_true', help='do not log the run to MLflow')
+    p.add_argument('--json', action='store_true', help='print the result as JSON')
+    p.add_argument('--no-progress', action='store_true', help='no progress bar')
+    a = p.parse_args(argv)
+    from tradellm.evaluate import TrackingError, check_tracking, tracked_run
+    tasks = [t.strip() for t in a.tasks.split(',') if t.strip()]
+    try:
+        uri, exp = check_tracking() if not a.no_mlflow else (None, None)
+        res = select_teacher(a.data, tasks, a.episodes, a.val_episodes, a.seed, min_trades=a.min_trades, progress=not a.no_progress)
+        res['command'] = 'tradellm teacher-select ' + ' '.join(argv if argv is not None else sys.argv[2:])
+        res['date'] = dt.datetime.now(dt.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')
+        out = Path(a.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tags = {'stage': 'teacher_select', 'env_version': ENV_VERSION, 'data_fingerprint': res['data_fingerprint']}
+        params = {'episodes': a.episodes, 'val_episodes': a.val_episodes, 'seed': a.seed, 'tasks': ','.join(tasks), 'rule': res['rule'],
+                  **{f'chosen.{t}': s for t, s in res['chosen'].items()}}
+        with tracked_run(uri, exp, 'teacher-select', tags, params) as run:
+            res['mlflow_run_id'] = run.run_id
+            out.write_text(json.dumps(res, indent=1))
+            run.log_metrics({f'val_{t}_{k}': v[k]['mean'] if isinstance(v[k], dict) else v[k] for t, v in res['val'].items()
+                             for k in ('score', 'vs_do_nothing', 'vs_buy_and_hold')})
+            run.log_artifact(out)
+    except (DataError, ValueError, OSError, TrackingError) as e: return _fail('teacher-select', e)
+    if a.json: print(json.dumps({k: res[k] for k in ('chosen', 'val', 'rule', 'data_fingerprint')}, indent=1))
+    else: print(selection_markdown(res) + f"\nwritten to {out}")
     return 0
