@@ -26,7 +26,7 @@ from .tasks import ENV_VERSION
 __all__ = ['TEACHER_GRID', 'MIN_TRADES', 'SFT_DATA_VERSION', 'teacher_grid', 'select_teacher', 'selection_markdown', 'explain',
            'rule_examples', 'data_card', 'build_sft_dataset', 'dataset_fingerprint', 'load_sft_dataset', 'SFTError',
            'resolve_backend', 'to_prompt_completion', 'token_lengths', 'eval_subset', 'train_sft', 'tiny_chat_model',
-           'teacher_agreement', 'sft_eval', 'cli_sft_data', 'cli_sft', 'cli_teacher_select']
+           'teacher_agreement', 'sft_eval', 'sft_eval_markdown', 'cli_sft_data', 'cli_sft', 'cli_teacher_select']
 
 # %% ../nbs/09_sft.ipynb #s011
 TEACHER_GRID = {  # a few values per parameter: 24 + 4 + 8 + 9 = 45 teachers
@@ -1039,6 +1039,22 @@ def sft_eval(adapter, # the SFT adapter folder (`tradellm sft --out`)
     return dict(adapter=str(adapter), model=model, teacher=teacher, results=out, env_version=ENV_VERSION,
                 task_versions={t: res['meta']['task_versions'][t] for t in tasks}, sft_data_version=SFT_DATA_VERSION,
                 data_fingerprint=panel.fingerprint())
+
+# %% ../nbs/09_sft.ipynb #s041
+def sft_eval_markdown(ev:dict, # what `sft_eval` returns (or several of its `results` merged)
+                     ) -> str:
+    "The adapter and its teacher per task and split, as a markdown table."
+    out = ["| task / split | agent | score [95% CI] | vs do-nothing | vs buy-and-hold | trades/episode | format errors | agrees with teacher |",
+           "|---|---|---|---|---|---|---|---|"]
+    d = lambda x: f"{x['mean']:+.3f} [{x['lo']:+.3f}, {x['hi']:+.3f}]"
+    for key, r in ev['results'].items():
+        for name in ('sft', 'teacher'):
+            a = r[name]
+            agree = a.get('teacher_agreement')
+            out.append(f"| {key} ({r['episodes']} ep.) | {'SFT adapter' if name == 'sft' else 'teacher'} | {a['score']:.3f} "
+                       f"[{a['score_lo']:.3f}, {a['score_hi']:.3f}] | {d(a['vs_do_nothing'])} | {d(a['vs_buy_and_hold'])} | {a['trades']:.1f} | "
+                       f"{a['format_error_rate']:.1%} | " + (f"{agree['decision']:.0%} decision, {agree['orders']:.0%} orders" if agree else '-') + " |")
+    return '\n'.join(out)
 
 # %% ../nbs/09_sft.ipynb #c054
 def _fail(cmd, e) -> int:
