@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from tradellm.agents import (Agent, BASELINES, BuyAndHoldAgent, DoNothingAgent, RSI_RULES, RSIAgent, RandomAgent,
-                             make_agent)
+from tradellm.agents import (Agent, BASELINES, BuyAndHoldAgent, DEFAULT_TEACHERS, DoNothingAgent, EMATrendAgent, MACDAgent,
+                             MomentumAgent, RSI_RULES, RSIAgent, RandomAgent, TEACHER_RULES, TaskTeachers, make_agent, teacher_spec)
 from tradellm.env import MARKET_FEATURES, MarketView, TradingEnv
 from tradellm.market import parse_action
 
@@ -236,3 +236,74 @@ def test_make_agent_delegates_ppo_and_llm(monkeypatch):
     make_agent('llm:odd@name')  # an '@' that names no registered engine stays part of the model name
     assert calls == [('ppo', 'models/easy'), ('llm', 'smollm2'), ('llm', 'Qwen/Qwen2.5-0.5B-Instruct+adapters/sft'),
                      ('vllm', 'smollm2+a'), ('llm', 'odd@name')]
+
+
+# ---- the teacher families
+
+FEATS = {f: MARKET_FEATURES.index(f) for f in ('trend', 'macd', 'macd_signal', 'macd_hist', 'momentum')}
+
+
+@st.composite
+def family_views(draw):
+    "A view of 1 to 12 stocks with random trend, MACD and momentum (NaN sometimes), some held at a gain or loss."
+    v = draw(views())
+    n = len(v.symbols)
+    val = lambda lo, hi: draw(st.lists(st.floats(lo, hi) | st.just(float('nan')), min_size=n, max_size=n))
+    v.market[:, FEATS['momentum']] = val(-15, 15)
+    macd, sig = val(-20, 20), draw(st.lists(st.floats(-20, 20), min_size=n, max_size=n))
+    v.market[:, FEATS['macd']], v.market[:, FEATS['macd_signal']] = macd, sig
+    v.market[:, FEATS['macd_hist']] = np.array(macd) - np.array(sig)
+    return v
+
+
+@settings(max_examples=150, deadline=None)
+@given(family_views(), st.sampled_from([
+    EMATrendAgent(0.5, 0.0), EMATrendAgent(0.0, -1.0, stop_loss=5, max_buys=0), MACDAgent(), MACDAgent(zero_line=True, stop_loss=3),
+    MomentumAgent(2.0, 0.0), MomentumAgent(4.0, -2.0, max_buys=1)]), st.sampled_from([0.3, 1.0]), st.integers(1, 10))
+def test_family_decisions_follow_their_rules(view, agent, cap, limit):
+    "Each decision's rule is the family's, its recorded inputs are the view's, and the orders are the decisions (sells first, within the limits)."
+    text, decisions = agent.decide(view, max_position=cap, max_trades=limit)
+    f = agent.family
+    assert [d['symbol'] for d in decisions] == list(view.symbols)
+    new = 0
+    for i, d in enumerate(decisions):
+        assert d['rule'] in TEACHER_RULES and (d['rule'].startswith(f + '_') or d['rule'] in ('stop_loss', 'buy_limit', 'regime_gate', 'no_cash', 'trade_limit'))
+        for k in agent.inputs: assert d[k] == view.feature(k, i) or (math.isnan(d[k]) and math.isnan(view.feature(k, i)))
+        held, pnl = view.shares[i] > 0, view.feature('pnl_pct', i)
+        if d['decision'] == 'SELL':
+            assert held and (d['rule'] == f + '_exit' and agent.exit(d) or d['rule'] == 'stop_loss' and pnl <= -agent.stop_loss)
+        if d['decision'] == 'BUY':
+            assert not held and d['rule'] == f + '_entry' and agent.entry(d) and not view.buy_blocked
+            new += 1
+        if d['rule'] == f + '_keep': assert held and not agent.exit(d) and d['decision'] == 'HOLD'
+        if d['rule'] == f + '_no_entry': assert not held and not agent.entry(d)
+        if d['rule'] == 'buy_limit': assert agent.entry(d) and agent.max_buys
+    assert not agent.max_buys or new <= agent.max_buys
+    parsed = parse_action(text, view.symbols)
+    assert parsed.format_ok
+    acted = [d for d in decisions if d['decision'] != 'HOLD']
+    assert sorted((o.side, o.symbol) for o in parsed.orders) == sorted((d['decision'], d['symbol']) for d in acted) and len(acted) <= limit
+    assert [o.side for o in parsed.orders] == sorted((o.side for o in parsed.orders), key=lambda s: s != 'SELL')  # sells first
+
+
+def test_family_specs_round_trip():
+    for spec in ('teacher:ema:enter=1,exit=-0.5', 'teacher:macd:zero_line=1,stop_loss=3', 'teacher:momentum:enter=4,exit=-2,max_buys=2',
+                 'teacher:rsi:buy_below=40,trend_veto=-3'):
+        a = make_agent(spec)
+        assert a.spec == teacher_spec(a) and make_agent(a.spec).config() == a.config() and make_agent(a.spec).spec == a.spec
+    assert make_agent('teacher:momentum').config() == MomentumAgent().config()
+    for bad, msg in (('teacher:ema:enter', 'NAME=VALUE'), ('teacher:bollinger', 'unknown teacher family'), ('teacher:ema:exit=2', 'must not be above')):
+        with pytest.raises(ValueError, match=msg): make_agent(bad)
+
+
+def test_task_teachers_trade_each_task_with_its_own(synth_panel):
+    t = make_agent('teacher')
+    assert isinstance(t, TaskTeachers) and t.spec == 'teacher' and t.config() == {'name': 'teacher', **DEFAULT_TEACHERS}
+    envs = [TradingEnv('easy', 'test', data=synth_panel), TradingEnv('medium', 'test', data=synth_panel)]
+    play(t, envs, [0, 1])
+    assert len(t.last_decisions[0]) == 1 and len(t.last_decisions[1]) == 10
+    medium = make_agent(DEFAULT_TEACHERS['medium'])
+    assert {d['rule'] for d in t.last_decisions[1]} <= set(TEACHER_RULES) | set(RSI_RULES)
+    env = TradingEnv('medium', 'test', data=synth_panel)
+    play(medium, [env], [1])
+    assert env.actions[:len(envs[1].actions)] == envs[1].actions  # the medium episode was traded by the medium teacher (play runs easy's 20 days)

@@ -22,7 +22,8 @@ from tradellm.sft import (SFTError, build_sft_dataset, cli_sft, cli_sft_data, da
 def sft_dir(synth_panel, tmp_path_factory):
     "A small dataset of both tasks, with the LLM agent's system prompts."
     out = tmp_path_factory.mktemp('sft') / 'data'
-    card = build_sft_dataset(out, easy_steps=60, medium_steps=90, val_fraction=0.2, seed=3, data=synth_panel, progress=False)
+    card = build_sft_dataset(out, easy_steps=60, medium_steps=90, val_fraction=0.2, seed=3, data=synth_panel, progress=False,
+                             agent=RSIAgent(), hold_share=None)  # the design's RSI rules, every day: episodes replay day by day
     return out, card
 
 
@@ -137,7 +138,7 @@ def test_hold_share_errors_name_the_fix(synth_panel):
 
 def test_mostly_hold_data_carries_a_warning(tmp_path, synth_panel):
     card = build_sft_dataset(tmp_path / 'd', easy_steps=40, medium_steps=0, val_fraction=0, data=synth_panel, progress=False,
-                             agent=RSIAgent(buy_below=0.0), style='full')
+                             agent=RSIAgent(buy_below=0.0), style='full', hold_share=None)
     assert card['warnings'] and '--hold-share' in card['warnings'][0]
     assert '**Warning:**' in (tmp_path / 'd' / 'README.md').read_text()
     from tradellm.llm import system_prompt
@@ -466,3 +467,152 @@ def test_model_without_chat_template_is_refused(tmp_path, tiny_model, sft_dir):
     (base / 'tokenizer_config.json').write_text(json.dumps(cfg))
     with pytest.raises(SFTError, match='no chat template.*instruct model'):
         sft.train_sft(base, sft_dir[0], tmp_path / 'a', max_steps=1, lora_rank=2, track=False, progress=False)
+
+
+# ---- the default teachers (chosen per task on train) and the data they write
+
+
+@pytest.fixture(scope='module')
+def default_dir(synth_panel, tmp_path_factory):
+    "A dataset written with every default: the chosen teachers, HOLD at most half."
+    out = tmp_path_factory.mktemp('sft_default') / 'data'
+    card = build_sft_dataset(out, easy_steps=80, medium_steps=60, val_fraction=0.25, seed=0, data=synth_panel, progress=False)
+    return out, card
+
+
+def _think(answer):
+    assert answer.startswith('<think>\n') and '\n</think>\n' in answer
+    return answer[len('<think>\n'):answer.index('\n</think>\n')]
+
+
+def test_defaults_teach_decisions(default_dir):
+    "Every default example has reasoning; BUY, SELL and HOLD all occur; HOLD is at most half; the card gives the shares."
+    out, card = default_dir
+    rows = _rows(out)['train']
+    assert len(rows) == 140
+    assert all(_think(r['messages'][2]['content']).strip() for r in rows)
+    sides = {o for r in rows for o in ('BUY', 'SELL') if o in r['decision']} | {r['decision'] for r in rows if r['decision'] == 'HOLD'}
+    assert sides == {'BUY', 'SELL', 'HOLD'}
+    for t in ('easy', 'medium'):
+        n = sum(r['task'] == t for r in rows)
+        assert sum(r['task'] == t and r['decision'] == 'HOLD' for r in rows) <= math.ceil(0.5 * n)
+    saved = json.loads((out / 'data_card.json').read_text())
+    assert saved['sft_data_version'] == sft.SFT_DATA_VERSION and saved['hold_share'] == 0.5
+    from tradellm.agents import DEFAULT_TEACHERS
+    assert saved['teacher'] == {'name': 'teacher', **DEFAULT_TEACHERS}
+    shares = saved['action_shares']['train']
+    assert shares['all']['HOLD'] <= 0.5 and shares['easy']['BUY'] > 0 and shares['medium']['SELL'] > 0
+    assert abs(sum(shares['all'].values()) - 1) < 1e-3
+    assert {r['teacher'] for r in rows if r['task'] == 'medium'} == {DEFAULT_TEACHERS['medium']}
+
+
+def test_default_examples_are_the_teachers_decisions(default_dir, synth_panel):
+    "Replay each example's episode up to its day with the task's teacher: same observation, same action."
+    from tradellm.agents import make_agent
+    out, _ = default_dir
+    teacher = make_agent('teacher')
+    for r in _rows(out)['train'][::7]:
+        env = TradingEnv(r['task'], r['split'], 'text', synth_panel)
+        obs, _ = env.reset(seed=r['seed'])
+        t = teacher.teacher_for(r['task'])
+        for _ in range(r['day']):
+            obs, *_ = env.step(t.decide(env.view, env.task.max_position, env.task.max_trades)[0])
+        assert obs == r['messages'][1]['content']
+        assert t.decide(env.view, env.task.max_position, env.task.max_trades)[0] == r['action']
+
+
+def test_the_same_trace_never_justifies_two_actions(default_dir, synth_panel):
+    "On generated data (these examples and every day of more episodes), one reasoning text goes with one action."
+    from tradellm.agents import make_agent
+    out, _ = default_dir
+    seen = {}
+    rows = [r for rows in _rows(out).values() for r in rows]
+    for task in ('easy', 'medium'):
+        rows += rule_examples(task, 'train', 300, seed=50, data=synth_panel, progress=False)  # every day, as the teacher decides
+    for fam in ('teacher:macd:zero_line=1', 'teacher:momentum:enter=2,exit=0,stop_loss=3'):
+        rows += rule_examples('medium', 'train', 150, seed=9, data=synth_panel, agent=make_agent(fam), progress=False)
+    for r in rows:
+        think = _think(r['messages'][2]['content'])
+        assert think.strip(), r['action']
+        seen.setdefault((r['task'], think), set()).add(r['action'])
+    assert all(len(a) == 1 for a in seen.values()), [k for k, a in seen.items() if len(a) > 1][:3]
+
+
+def test_family_reasons_quote_the_inputs_and_never_contradict_the_action(synth_panel):
+    "The family sentences name each stock the orders touch, with the rule's own input, on the right side of its line."
+    from tradellm.agents import make_agent
+    for spec, word in (('teacher:ema:enter=0,exit=-1', 'trend'), ('teacher:macd:zero_line=0', 'MACD'), ('teacher:momentum:enter=2,exit=0', 'momentum')):
+        rows = rule_examples('medium', 'train', 120, seed=2, data=synth_panel, agent=make_agent(spec), hold_share=0.5, progress=False)
+        for r in rows:
+            think = _think(r['messages'][2]['content'])
+            assert word in think
+            for side, sym, _ in (line.split() for line in r['action'].split('; ') if line != 'HOLD'):
+                assert sym in think
+                assert ('Sell' in think or 'sell' in think) if side == 'SELL' else ('Buy' in think or 'buy' in think)
+
+
+def test_no_answer_is_cut_by_the_grpo_default_limit(default_dir, tiny_model):
+    "Every answer, end of turn included, fits GRPO's default completion limit with a sixth of it to spare."
+    from transformers import AutoTokenizer
+    from tradellm.grpo import DEFAULT_COMPLETION_LENGTH
+    from tradellm.llm import answer_budget
+    out, card = default_dir
+    tok = AutoTokenizer.from_pretrained(tiny_model)  # SmolLM2's tokenizer
+    ds = load_sft_dataset(out)
+    for name in ('train', 'validation'):
+        lens = sft.token_lengths(tok, ds[name])['answer']
+        assert max(lens) <= DEFAULT_COMPLETION_LENGTH * 5 / 6, max(lens)
+        assert answer_budget(max(lens)) <= DEFAULT_COMPLETION_LENGTH  # an adapter trained on them gets a limit no larger
+        assert card['answer_tokens'][name] is None or max(v['max'] for v in card['answer_tokens'][name].values()) == max(lens)
+
+
+def test_teacher_selection_on_a_small_grid(synth_panel):
+    "Every teacher of the grid is scored on train; the chosen one has the best mean among those that trade; val is paired."
+    grid = {'ema': dict(enter=[0.0, 1.0], exit=[-1.0]), 'momentum': dict(enter=[2.0], exit=[0.0])}
+    res = sft.select_teacher(synth_panel, ('easy', 'medium'), episodes=5, val_episodes=4, grid=grid, min_trades=0.2, progress=False)
+    assert len(res['train']) == 2 * (3 + 2)
+    for task in ('easy', 'medium'):
+        ok = [r for r in res['train'] if r['task'] == task and r['candidate'] and r['trades'] >= 0.2]
+        assert res['chosen'][task] == max(ok, key=lambda r: r['score'])['spec']
+        v = res['val'][task]
+        assert v['episodes'] == 4 and v['vs_do_nothing']['lo'] <= v['vs_do_nothing']['mean'] <= v['vs_do_nothing']['hi']
+        assert abs(v['vs_do_nothing']['mean'] - (v['score'] - v['do_nothing'])) < 1e-9
+    assert res['data_fingerprint'] == synth_panel.fingerprint()
+    with pytest.raises(ValueError, match='no teacher of the grid trades'):
+        sft.select_teacher(synth_panel, ('easy',), episodes=2, val_episodes=2, grid=grid, min_trades=99, progress=False)
+
+
+def test_default_teachers_are_the_recorded_selection():
+    "DEFAULT_TEACHERS holds what `tradellm teacher-select` chose (nbs/results/teacher_selection.json)."
+    from pathlib import Path
+    from tradellm.agents import DEFAULT_TEACHERS, make_agent
+    f = Path(__file__).resolve().parents[1] / 'nbs' / 'results' / 'teacher_selection.json'
+    rec = json.loads(f.read_text())
+    assert {t: make_agent(s).spec for t, s in DEFAULT_TEACHERS.items()} == rec['chosen']
+    assert rec['val']['medium']['vs_do_nothing']['lo'] > 0  # the medium teacher beats doing nothing on val
+
+
+def test_cli_teacher_select(tmp_path, synth_panel, capsys, monkeypatch):
+    from tradellm.cli import main
+    from tradellm.data import save_panel
+    save_panel(synth_panel, tmp_path / 'prices')
+    monkeypatch.setattr(sft, 'TEACHER_GRID', {'ema': dict(enter=[0.0], exit=[-1.0])})
+    assert main(['teacher-select', '--data', str(tmp_path / 'prices'), '--out', str(tmp_path / 'sel.json'), '--tasks', 'medium',
+                 '--episodes', '3', '--val-episodes', '3', '--min-trades', '0', '--no-mlflow', '--no-progress']) == 0
+    rec = json.loads((tmp_path / 'sel.json').read_text())
+    assert rec['chosen'] == {'medium': 'teacher:ema:enter=0,exit=-1,stop_loss=0,max_buys=3'} and rec['command'].startswith('tradellm teacher-select')
+    assert 'medium, val' in capsys.readouterr().out
+    assert main(['teacher-select', '--data', str(tmp_path / 'nope'), '--no-mlflow', '--no-progress']) == 2
+
+
+@pytest.mark.slow
+def test_sft_data_defaults_on_the_real_data(real_data_dir, tmp_path, capsys):
+    "The issue's command with no other flags: >= 700 examples, all three actions, reasoning in every one."
+    from tradellm.cli import main
+    assert main(['sft-data', '--data', str(real_data_dir), '--easy-steps', '400', '--medium-steps', '300', '--out', str(tmp_path / 'd'),
+                 '--no-progress', '--json']) == 0
+    rows = _rows(tmp_path / 'd')['train']
+    assert len(rows) >= 700
+    assert {'BUY', 'SELL', 'HOLD'} <= {s for r in rows for s in r['decision'].split('+')}
+    assert all(_think(r['messages'][2]['content']).strip() for r in rows)
+    assert sum(r['decision'] == 'HOLD' for r in rows) <= 0.5 * len(rows)

@@ -10,8 +10,10 @@ from dataclasses import dataclass
 import numpy as np
 
 # %% auto #0
-__all__ = ['RSI_RULES', 'AGENT_KINDS', 'BASELINES', 'Agent', 'DoNothingAgent', 'BuyAndHoldAgent', 'RSIAgent', 'RandomAgent',
-           'AgentKind', 'register_agent', 'entry_point', 'leaderboard_spec', 'make_agent']
+__all__ = ['RSI_RULES', 'TEACHER_RULES', 'AGENT_KINDS', 'BASELINES', 'TEACHER_FAMILIES', 'DEFAULT_TEACHERS', 'Agent',
+           'DoNothingAgent', 'BuyAndHoldAgent', 'RSIAgent', 'TeacherAgent', 'EMATrendAgent', 'MACDAgent',
+           'MomentumAgent', 'RandomAgent', 'AgentKind', 'register_agent', 'entry_point', 'leaderboard_spec',
+           'make_agent', 'teacher_spec', 'make_teacher', 'TaskTeachers']
 
 # %% ../nbs/05_agents.ipynb #c006
 class Agent:
@@ -157,6 +159,134 @@ class RSIAgent(RSIAgent):
             self.last_decisions.append(decisions)
         return out
 
+# %% ../nbs/05_agents.ipynb #t002
+TEACHER_RULES = {
+    'stop_loss': 'held with P&L at or below the stop-loss level: sell all',
+    'take_profit': 'held with P&L at or above the take-profit level: sell all',
+    'ema_entry': 'not held and the trend (EMA10 vs EMA30, %) is at or above the entry line: buy',
+    'ema_no_entry': 'not held and the trend is below the entry line: nothing to do',
+    'ema_exit': 'held and the trend is below the exit line: sell all',
+    'ema_keep': 'held and the trend is at or above the exit line: keep it',
+    'macd_entry': 'not held, MACD above its signal (and above 0 when the zero line is required): buy',
+    'macd_no_entry': 'not held and MACD is not above its signal (or not above 0): nothing to do',
+    'macd_exit': 'held and MACD is below its signal: sell all',
+    'macd_keep': 'held and MACD is at or above its signal: keep it',
+    'momentum_entry': 'not held and the 10-day momentum (%) is at or above the entry line: buy',
+    'momentum_no_entry': 'not held and momentum is below the entry line: nothing to do',
+    'momentum_exit': 'held and momentum is below the exit line: sell all',
+    'momentum_keep': 'held and momentum is at or above the exit line: keep it',
+    'regime_gate': 'an entry signal, but the regime gate refuses BUY orders today: wait',
+    'no_cash': 'an entry signal, but the cash share buys no whole share: skip',
+    'buy_limit': 'an entry signal, but the day already has `max_buys` new positions (the strongest signals): wait',
+    'trade_limit': 'a signal, but the daily trade limit is used up: hold',
+}
+
+class TeacherAgent(Agent):
+    "A rule trader of one family: per stock, an entry rule when it is not held, an exit rule when it is (plus an optional stop-loss); at most `max_buys` new positions a day."
+    family: str = ''  # 'ema', 'macd' or 'momentum' (the RSI family is `RSIAgent`)
+    params: tuple = ()  # the family's parameters, in spec order
+    inputs: tuple = ()  # the indicators its rules read (recorded in every decision)
+    obs_mode = 'numeric'
+    max_buys: int = 0  # new positions a day at most, strongest signals first (0: no limit)
+
+    @property
+    def name(self): return f'teacher_{self.family}'
+
+    def config(self): return dict(name=self.name, family=self.family, **{k: getattr(self, k) for k in self.params})
+
+    def entry(self, d:dict) -> bool: raise NotImplementedError  # buy a stock not held?
+    def exit(self, d:dict) -> bool: raise NotImplementedError  # sell a held one?
+    def strength(self, d:dict) -> float: raise NotImplementedError  # buys are sized strongest first
+
+    def decide(self, view, # the day's `MarketView`
+               max_position:float=1.0, # the task's per-stock cap, fraction of equity
+               max_trades:int=64, # the task's daily order limit
+              ) -> tuple:
+        "The action text and one decision dict per stock: `{symbol, decision, rule, <inputs>, pnl_pct, shares, ...}`."
+        sells, buys, decisions = [], [], []
+        for i, sym in enumerate(view.symbols):
+            shares, pnl = int(view.shares[i]), view.feature('pnl_pct', i)
+            d = dict(symbol=sym, decision='HOLD', **{k: view.feature(k, i) for k in self.inputs}, pnl_pct=pnl, shares=shares)
+            if shares > 0:
+                sl, tp = getattr(self, 'stop_loss', 0.0), getattr(self, 'take_profit', 0.0)
+                rule = ('stop_loss' if sl and pnl <= -sl else 'take_profit' if tp and pnl >= tp
+                        else f'{self.family}_exit' if self.exit(d) else f'{self.family}_keep')
+                d['rule'] = rule
+                if rule != f'{self.family}_keep': d.update(decision='SELL', fraction=1.0); sells.append(d)
+            elif self.entry(d):  # (a NaN indicator compares False: no entry)
+                if view.buy_blocked: d['rule'] = 'regime_gate'
+                else: d.update(decision='BUY', rule=f'{self.family}_entry'); buys.append(d)
+            else: d['rule'] = f'{self.family}_no_entry'
+            decisions.append(d)
+        buys.sort(key=self.strength, reverse=True)
+        for d in buys[self.max_buys:] if self.max_buys else []: d.update(decision='HOLD', rule='buy_limit')
+        buys = buys[:self.max_buys] if self.max_buys else buys
+        self._size_buys(view, buys, max_position)
+        orders = []
+        for d in sells + [b for b in buys if b['decision'] == 'BUY']:
+            if len(orders) >= max_trades: d.update(decision='HOLD', rule='trade_limit'); d.pop('fraction', None)
+            else: orders.append((d['decision'], d['symbol'], _fraction(d['fraction'])))
+        return _orders_text(orders), decisions
+
+    _size_buys = RSIAgent._size_buys  # the RSI rules' sizes: an equal share of the cash per stock not held, within the cap
+    act = RSIAgent.act
+
+# %% ../nbs/05_agents.ipynb #t003
+class EMATrendAgent(TeacherAgent):
+    "Trend following: buy when EMA10 is at least `enter`% above EMA30, sell when it falls below `exit`%."
+    family, params, inputs = 'ema', ('enter', 'exit', 'stop_loss', 'max_buys'), ('trend',)
+
+    def __init__(self,
+                 enter:float=0.5, # buy a stock not held when its trend (%) is at or above this
+                 exit:float=0.0, # sell a held one when its trend falls below this
+                 stop_loss:float=0.0, # also sell at this loss on the position, percent (0: no stop)
+                 max_buys:int=3, # new positions a day at most, strongest signal first (0: no limit)
+                ):
+        if exit > enter: raise ValueError(f"exit ({exit}) must not be above enter ({enter}): the rule would buy and sell on one trend")
+        self.enter, self.exit_line, self.stop_loss, self.max_buys = float(enter), float(exit), float(stop_loss), int(max_buys)
+        self.last_decisions = []
+
+    def config(self): return dict(name=self.name, family=self.family, enter=self.enter, exit=self.exit_line, stop_loss=self.stop_loss, max_buys=self.max_buys)
+    def entry(self, d): return d['trend'] >= self.enter
+    def exit(self, d): return d['trend'] < self.exit_line
+    def strength(self, d): return d['trend']
+
+class MACDAgent(TeacherAgent):
+    "MACD cross: hold a stock while its MACD line is above the signal line (buy on the cross up, sell on the cross down)."
+    family, params, inputs = 'macd', ('zero_line', 'stop_loss', 'max_buys'), ('macd', 'macd_signal', 'macd_hist')
+
+    def __init__(self,
+                 zero_line:bool=False, # also require the MACD line above 0 to buy
+                 stop_loss:float=0.0, # also sell at this loss on the position, percent (0: no stop)
+                 max_buys:int=3, # new positions a day at most, strongest signal first (0: no limit)
+                ):
+        self.zero_line, self.stop_loss, self.max_buys = bool(zero_line), float(stop_loss), int(max_buys)
+        self.last_decisions = []
+
+    def config(self): return dict(name=self.name, family=self.family, zero_line=self.zero_line, stop_loss=self.stop_loss, max_buys=self.max_buys)
+    def entry(self, d): return d['macd_hist'] > 0 and (not self.zero_line or d['macd'] > 0)
+    def exit(self, d): return d['macd_hist'] < 0
+    def strength(self, d): return d['macd_hist'] / max(abs(d['macd_signal']), 1e-9)
+
+class MomentumAgent(TeacherAgent):
+    "Momentum: buy when the 10-day return is at least `enter`%, sell when it falls below `exit`%."
+    family, params, inputs = 'momentum', ('enter', 'exit', 'stop_loss', 'max_buys'), ('momentum',)
+
+    def __init__(self,
+                 enter:float=2.0, # buy a stock not held when its 10-day momentum (%) is at or above this
+                 exit:float=0.0, # sell a held one when it falls below this
+                 stop_loss:float=0.0, # also sell at this loss on the position, percent (0: no stop)
+                 max_buys:int=3, # new positions a day at most, strongest signal first (0: no limit)
+                ):
+        if exit > enter: raise ValueError(f"exit ({exit}) must not be above enter ({enter})")
+        self.enter, self.exit_line, self.stop_loss, self.max_buys = float(enter), float(exit), float(stop_loss), int(max_buys)
+        self.last_decisions = []
+
+    def config(self): return dict(name=self.name, family=self.family, enter=self.enter, exit=self.exit_line, stop_loss=self.stop_loss, max_buys=self.max_buys)
+    def entry(self, d): return d['momentum'] >= self.enter
+    def exit(self, d): return d['momentum'] < self.exit_line
+    def strength(self, d): return d['momentum']
+
 # %% ../nbs/05_agents.ipynb #c034
 class RandomAgent(Agent):
     "A seeded random trader: one random order (or HOLD) a day per episode."
@@ -228,7 +358,7 @@ register_agent('llm@vllm', 'tradellm.scale:vllm_agent_from_spec', usage='llm:MOD
 # %% ../nbs/05_agents.ipynb #c041
 BASELINES = ('do_nothing', 'buy_and_hold', 'rsi', 'random')
 
-def make_agent(spec:str, # 'do_nothing', 'buy_and_hold', 'rsi', 'random[:SEED]', 'ppo:PATH' or 'llm:MODEL[+ADAPTER][@vllm]'
+def make_agent(spec:str, # 'do_nothing', 'buy_and_hold', 'rsi', 'random[:SEED]', 'teacher[:FAMILY[:k=v,...]]', 'ppo:PATH' or 'llm:MODEL[+ADAPTER][@vllm]'
               ) -> Agent:
     "The agent a spec names; `ValueError` that lists the choices otherwise."
     if isinstance(spec, Agent): return spec
@@ -243,12 +373,78 @@ def make_agent(spec:str, # 'do_nothing', 'buy_and_hold', 'rsi', 'random[:SEED]',
         except ValueError: raise ValueError(f"agent {s!r}: the random agent's seed must be an integer, e.g. random:7") from None
         agent = RandomAgent(seed)
         arg = str(seed) if seed else ''  # one spec per agent: 'random:02' is 'random:2', 'random:0' is 'random'
+    elif kind == 'teacher' and not arg: agent = TaskTeachers()
+    elif kind == 'teacher':
+        agent = make_teacher(arg)
+        arg = teacher_spec(agent).partition(':')[2]  # one spelling: every parameter, in order
     elif kind in AGENT_KINDS and arg:  # a kind served by a module above this one ('llm:...', 'ppo:...')
         base, at, backend = arg.rpartition('@')
         variant = AGENT_KINDS.get(f"{kind}@{backend}") if at else None  # 'llm:MODEL@vllm': another engine, same agent
         agent = entry_point((variant or AGENT_KINDS[kind]).make)(base if variant else arg)
     else:
         kinds = ', '.join(k.usage for name, k in AGENT_KINDS.items() if '@' not in name)
-        raise ValueError(f"unknown agent {s!r}; choose from {', '.join(BASELINES)}, random:SEED, {kinds}")
+        raise ValueError(f"unknown agent {s!r}; choose from {', '.join(BASELINES)}, random:SEED, teacher[:FAMILY[:k=v,...]] "
+                         f"(families: {', '.join(TEACHER_FAMILIES)}), {kinds}")
     agent.spec = f"{kind}:{arg}" if arg else kind
     return agent
+
+# %% ../nbs/05_agents.ipynb #t006
+TEACHER_FAMILIES = {'rsi': RSIAgent, 'ema': EMATrendAgent, 'macd': MACDAgent, 'momentum': MomentumAgent}
+
+def _family_params(family:str) -> tuple:
+    "The parameter names of a teacher family, in spec order (the constructor's arguments)."
+    import inspect
+    return tuple(p for p in inspect.signature(TEACHER_FAMILIES[family].__init__).parameters if p != 'self')
+
+def _teacher_value(x) -> str: return ('1' if x else '0') if isinstance(x, bool) else f"{float(x):g}"
+
+def teacher_spec(agent) -> str:
+    "The one spelling of a teacher's spec: 'teacher:FAMILY:k=v,...' with every parameter, in the constructor's order."
+    family = 'rsi' if isinstance(agent, RSIAgent) else agent.family
+    cfg = agent.config()
+    cfg['exit'] = cfg.get('exit')  # (the trend families keep their exit line as `exit_line`)
+    return f"teacher:{family}:" + ','.join(f"{k}={_teacher_value(cfg[k])}" for k in _family_params(family))
+
+def make_teacher(arg:str, # 'FAMILY[:k=v,...]' (the family's defaults for what is left out)
+                ) -> Agent:
+    "A teacher agent from the part of its spec after 'teacher:'."
+    family, _, kv = arg.strip().partition(':')
+    family = family.lower()
+    if family not in TEACHER_FAMILIES: raise ValueError(f"unknown teacher family {family!r}; choose from {', '.join(TEACHER_FAMILIES)}")
+    names, kw = _family_params(family), {}
+    for item in filter(None, (x.strip() for x in kv.split(','))):
+        k, eq, v = item.partition('=')
+        k = k.strip().lower().replace('-', '_')
+        if not eq or k not in names:
+            raise ValueError(f"teacher:{family}: {item!r} is not NAME=VALUE with NAME one of {', '.join(names)}")
+        try: kw[k] = bool(float(v)) if k == 'zero_line' else float(v)
+        except ValueError: raise ValueError(f"teacher:{family}: {k} must be a number, got {v!r}") from None
+    return TEACHER_FAMILIES[family](**kw)
+
+# %% ../nbs/05_agents.ipynb #t007
+DEFAULT_TEACHERS = {'easy': 'teacher:rsi:buy_below=40,sell_above=65,take_profit=3,stop_loss=3,trend_veto=-3',
+                    'medium': 'teacher:ema:enter=0,exit=-1,stop_loss=0,max_buys=3'}  # chosen on train by `tradellm teacher-select` (nbs/results/teacher_selection.json)
+
+class TaskTeachers(Agent):
+    "The teacher chosen for each task, as one agent (spec `teacher`): every episode is traded by its task's teacher (hard by medium's)."
+    name = 'teacher'
+    obs_mode = 'numeric'
+
+    def __init__(self, by_task:dict|None=None, # task -> teacher spec (default `DEFAULT_TEACHERS`)
+                ):
+        self.by_task = {t: make_agent(s) for t, s in (by_task or DEFAULT_TEACHERS).items()}
+        self.last_decisions = []
+
+    def teacher_for(self, task:str) -> Agent:
+        "The teacher of `task` (a task without its own gets medium's, else the first)."
+        return self.by_task.get(task) or self.by_task.get('medium') or next(iter(self.by_task.values()))
+
+    def config(self): return dict(name=self.name, **{t: a.spec for t, a in self.by_task.items()})
+
+    def act(self, envs, observations):
+        out, self.last_decisions = [], []
+        for env in envs:
+            text, decisions = self.teacher_for(env.task.name).decide(env.view, env.task.max_position, env.task.max_trades)
+            out.append(text)
+            self.last_decisions.append(decisions)
+        return out
