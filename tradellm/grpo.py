@@ -716,6 +716,7 @@ def train_grpo(model:str='smollm2', # 'smollm2', a folder written by save_pretra
         summary = dict(params, out=str(out), adapter_out=str(out / 'adapter'), steps_done=int(trainer.state.global_step),
                        steps_run=len(times), seconds=round(time.time() - t0, 1),
                        seconds_per_step=round(float(np.mean(times)), 2) if times else None,
+                       step_seconds=[round(x, 2) for x in times],
                        steps_per_minute=round(60 / float(np.mean(times)), 3) if times else None,
                        zero_spread_share=float(np.mean([h['zero_spread_share'] for h in hist])) if hist else None,
                        trade_zero_spread_share=float(np.mean([h['trade_zero_spread_share'] for h in hist])) if hist else None,
