@@ -25,10 +25,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 # What each variant changes from train_grpo's defaults. 'before': the settings of the 25.5-minute run of tasks 1.x
-# (five-day reward; no truncation mask; no completion tables; one generation per step).
+# (five-day reward; TRL's own generation, one prefill per completion; no truncation mask; no completion tables).
 VARIANTS = {
     'default': {},
-    'before': dict(reward='pnl5', mask_truncated_completions=False, log_completions=False, steps_per_generation=1),
+    'before': dict(reward='pnl5', share_prefill=False, mask_truncated_completions=False, log_completions=False),
+    'trlgen': dict(share_prefill=False),
     'nokl': dict(beta=0.0),
     'spg2': dict(steps_per_generation=2),
 }
@@ -82,11 +83,12 @@ def main(argv=None):
                 lora_r=64, prompt_style=None if a.adapter else 'compact')
     tmp = Path(tempfile.mkdtemp(prefix='bench_grpo_'))
     load0, t_start = os.getloadavg()[0], time.time()
-    per, parts = {}, {}
+    per, parts, zero = {}, {}, {}
     for v in names:  # one run per variant; its first step (first-call overheads) is not counted
         for k in spent: spent[k].clear()
         s = train_grpo(**dict(base, **VARIANTS[v], out=tmp / v, steps=a.steps + 1))
         per[v] = s['step_seconds'][1:]
+        zero[v] = s['zero_spread_share']
         parts[v] = {k: sum(x[1:]) / a.steps for k, x in spent.items()}  # the phases' calls after the first, per measured step
         print(f"{v}: steps {[round(x, 1) for x in s['step_seconds']]} s", file=sys.stderr)
     res = {'threads': a.threads, 'adapter': a.adapter or 'fresh LoRA r64 (stand-in)', 'group_size': 4, 'prompts_per_step': 1,
@@ -100,7 +102,7 @@ def main(argv=None):
         p['ref_logps'] = round(p['score_batch'] - p['generate'] - p['rewards'], 2)
         p['update'] = round(sec - p['score_batch'], 2)
         res['variants'][v] = dict(settings=VARIANTS[v], seconds_per_step=round(sec, 2), minutes_per_50_steps=round(sec * 50 / 60, 1),
-                                  parts=p)
+                                  step_seconds=per[v], zero_spread_share=zero[v], parts=p)
     if len(names) > 1:
         ref = res['variants'][names[-1]]['seconds_per_step']
         for v in names: res['variants'][v]['ratio_to_' + names[-1]] = round(res['variants'][v]['seconds_per_step'] / ref, 3)

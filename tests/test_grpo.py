@@ -441,6 +441,7 @@ def test_train_grpo_end_to_end_with_a_tiny_model(tiny_model, panel, tmp_path, mo
     arts = [a.path for a in c.list_artifacts(run.info.run_id, 'samples')]
     assert 'samples/step_00001.md' in arts
     assert s['kl'] is not None and s['loss_type'] == 'dapo' and s['reward.reward'] == 'score'
+    assert s['shared_prefills'] == 2  # one prompt per step, run through the model once for its group
     import pandas as pd  # TRL's completion table, with the episode scores the reward logged beside it
     tables = [a.path for a in c.list_artifacts(run.info.run_id, 'completions')]
     assert 'completions/completions_00002.parquet' in tables
@@ -474,6 +475,29 @@ def test_train_grpo_loss_types_and_multiturn(tiny_model, panel, tmp_path):
     assert (tmp_path / 'mt' / 'adapter' / 'adapter_config.json').is_file()
     # a random model calls no tool: each episode is the continuation's, the reference, so the episode reward is 0
     assert m['trade_mean'] == 0.0 and m['format_error_rate'] == 1.0
+
+
+def test_shared_prefill_generates_what_generate_does(tiny_model):
+    "One prefill per group, its KV cache copied to the group's rows: greedy completions are generate's own, left padding too."
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from tradellm.grpo import _shared_prefill_generate
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model).eval()
+    a, b = tok('Day 1 of 20: AAA close 100, RSI 31.')['input_ids'], tok('Day 7: hold?')['input_ids']
+    n = max(len(a), len(b))
+    ids = torch.tensor([[tok.pad_token_id] * (n - len(x)) + x for x in (a, a, a, b, b, b)])
+    mask = torch.tensor([[0] * (n - len(x)) + [1] * len(x) for x in (a, a, a, b, b, b)])
+    kw = dict(max_new_tokens=10, min_new_tokens=10, do_sample=False, pad_token_id=tok.pad_token_id)
+    calls = []
+    orig = model.generate
+    spy = lambda **k: calls.append(k.get('past_key_values') is not None) or orig(**k)
+    shared = _shared_prefill_generate(model, spy, 3)
+    with torch.no_grad():
+        assert torch.equal(shared(input_ids=ids, attention_mask=mask, **kw), orig(input_ids=ids, attention_mask=mask, **kw))
+        assert calls == [True]  # the cache was used
+        shared(input_ids=ids[[0, 3, 1, 4, 2, 5]], attention_mask=mask[[0, 3, 1, 4, 2, 5]], **kw)  # rows not in groups: plain generate
+    assert calls == [True, False]
 
 
 def test_completion_length_comes_from_the_adapters_answers(tmp_path):

@@ -592,6 +592,42 @@ def _callback(reward:TradingReward, run, bar, t0):
                 run.client.log_text(run.run_id, text, f"samples/step_{state.global_step:05d}.md")
     return GRPOLogger()
 
+# %% ../nbs/10_grpo.ipynb #c038b
+def _shared_prefill_generate(model, orig, group:int):
+    "`model.generate` that runs each group's prompt through the model once and copies its KV cache to the group's rows."
+    import torch
+    def generate(input_ids=None, attention_mask=None, **kw):
+        B = 0 if input_ids is None else input_ids.shape[0]
+        if (B == 0 or B % group or input_ids.shape[1] < 2 or 'past_key_values' in kw or attention_mask is None
+                or not bool((input_ids.view(B // group, group, -1) == input_ids[::group, None]).all())):
+            return orig(input_ids=input_ids, attention_mask=attention_mask, **kw)
+        ids, mask = input_ids[::group, :-1], attention_mask[::group, :-1]  # the last prompt token is fed by generate itself
+        pos = (mask.long().cumsum(-1) - 1).clamp(min=0)
+        with torch.no_grad(): cache = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True).past_key_values
+        cache.batch_repeat_interleave(group)
+        return orig(input_ids=input_ids, attention_mask=attention_mask, past_key_values=cache, **kw)
+    return generate
+
+def _trainer_class(share_prefill:bool=True):
+    "TRL's `GRPOTrainer`, or (share_prefill) one whose transformers generation runs each group's prompt once instead of once per completion."
+    from trl import GRPOTrainer
+    if not share_prefill: return GRPOTrainer
+
+    class SharedPrefillGRPOTrainer(GRPOTrainer):
+        "`GRPOTrainer` with one prefill per group: the `num_generations` rows of a group share a prompt, so its KV cache is computed once and copied; sampling and everything after it are TRL's."
+        def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):
+            G, m = int(num_generations), self.accelerator.unwrap_model(self.model_wrapped)
+            same = len(prompt_ids) % G == 0 and all(prompt_ids[i] == prompt_ids[i - i % G] for i in range(len(prompt_ids)))
+            if (self.use_vllm or self.use_transformers_continuous_batching or images is not None or multimodal_fields
+                    or G < 2 or not same):
+                return super()._generate_single_turn(prompt_ids, images, multimodal_fields, num_generations, has_tool_images)
+            m.generate = _shared_prefill_generate(m, type(m).generate.__get__(m), G)
+            self.shared_prefills = getattr(self, 'shared_prefills', 0) + len(prompt_ids) // G
+            try: return super()._generate_single_turn(prompt_ids, images, multimodal_fields, num_generations, has_tool_images)
+            finally: del m.generate
+    return SharedPrefillGRPOTrainer
+
+
 # %% ../nbs/10_grpo.ipynb #c039
 def train_grpo(model:str='smollm2', # 'smollm2', a folder written by save_pretrained, or a hub id
                adapter:str|None=None, # an SFT adapter folder to continue (default path); None: a fresh LoRA on the base
@@ -627,6 +663,7 @@ def train_grpo(model:str='smollm2', # 'smollm2', a folder written by save_pretra
                mask_truncated_completions:bool=True, # completions cut at the token limit take no part in the loss (DAPO's overlong filter)
                log_completions:bool=True, # TRL's completion tables (OUT/checkpoints/completions/*.parquet, logged to MLflow)
                steps_per_generation:int|None=None, # TRL: optimizer steps served by one generation batch (None: 1)
+               share_prefill:bool=True, # run each group's prompt through the model once when generating (`_trainer_class`)
               ) -> dict:
     "Fine-tune with GRPO, the environment as the reward; returns a summary (also written to OUT/grpo.json)."
     t = get_task(task)
@@ -653,7 +690,7 @@ def train_grpo(model:str='smollm2', # 'smollm2', a folder written by save_pretra
     panel = data if isinstance(data, Panel) else load_panel(data)
     import torch
     from datasets import Dataset
-    from trl import GRPOConfig, GRPOTrainer
+    from trl import GRPOConfig
     from tqdm.auto import tqdm
     from tradellm.evaluate import check_tracking, tracked_run
     from tradellm.llm import PROMPT_VERSION, adapter_meta, adapter_prompt_style, write_adapter_meta
@@ -686,6 +723,7 @@ def train_grpo(model:str='smollm2', # 'smollm2', a folder written by save_pretra
                   lora_r=None if adapter else lora_r, policy=policy, seed=seed, prompt_style=prompt_style, resumed_from=None if last is None else str(last),
                   multiturn=multiturn, loss_type=loss_type, scale_rewards=scale_rewards,
                   mask_truncated_completions=mask_truncated_completions, steps_per_generation=steps_per_generation,
+                  share_prefill=share_prefill,
                   **{f'reward.{k}': v for k, v in asdict(cfg).items()})
     tags = dict(kind='grpo', task=t.name, reward=cfg.reward, mode='multiturn' if multiturn else 'single', env_version=ENV_VERSION, task_version=t.version, prompt_version=PROMPT_VERSION)
     uri, exp = check_tracking() if track else (None, None)
@@ -696,7 +734,7 @@ def train_grpo(model:str='smollm2', # 'smollm2', a folder written by save_pretra
         env_factory = (lambda: TradingToolEnv(cfg, states)) if multiturn else None
         with warnings.catch_warnings():
             warnings.filterwarnings('ignore', message=".*environment_factory.*experimental")
-            trainer = GRPOTrainer(model=lm, reward_funcs=rw.funcs, args=args, train_dataset=Dataset.from_list(rows),
+            trainer = _trainer_class(share_prefill)(model=lm, reward_funcs=rw.funcs, args=args, train_dataset=Dataset.from_list(rows),
                                   processing_class=tok, peft_config=peft_config, callbacks=[cb], environment_factory=env_factory)
         from transformers.trainer_callback import PrinterCallback
         trainer.remove_callback(PrinterCallback)  # the metrics go to MLflow and the bar, not to stdout
@@ -717,6 +755,7 @@ def train_grpo(model:str='smollm2', # 'smollm2', a folder written by save_pretra
                        steps_run=len(times), seconds=round(time.time() - t0, 1),
                        seconds_per_step=round(float(np.mean(times)), 2) if times else None,
                        step_seconds=[round(x, 2) for x in times],
+                       shared_prefills=getattr(trainer, 'shared_prefills', 0),
                        steps_per_minute=round(60 / float(np.mean(times)), 3) if times else None,
                        zero_spread_share=float(np.mean([h['zero_spread_share'] for h in hist])) if hist else None,
                        trade_zero_spread_share=float(np.mean([h['trade_zero_spread_share'] for h in hist])) if hist else None,
