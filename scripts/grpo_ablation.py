@@ -1,6 +1,6 @@
 """The GRPO ablation of issue 20: reward designs trained from one SFT adapter, compared on val; the chosen one on test.
 
-    python scripts/grpo_ablation.py train --adapter SFT --steps 8             # the arms: pnl5, score, multiturn
+    python scripts/grpo_ablation.py train --adapter SFT --steps 8             # the arms -> nbs/results/grpo_ablation_train.json
     python scripts/grpo_ablation.py val --adapter SFT --episodes 8            # paired val table -> nbs/results/grpo_ablation.json
     python scripts/grpo_ablation.py test --adapter SFT --arm score --episodes 16   # -> nbs/results/grpo_test.json
 
@@ -86,6 +86,16 @@ def main(argv=None):
                            resume=(out / arm / 'checkpoints').is_dir() and any((out / arm / 'checkpoints').glob('checkpoint-*')),
                            data=panel, progress=False, **ARMS[arm])
             print(f"{arm}: {s['steps_done']} steps in {time.time() - t0:.0f} s, zero-spread {s['zero_spread_share']:.0%}", file=sys.stderr)
+        runs = {}
+        for arm in arms:  # what each arm's training did, step by step (the val and test stages say what it learnt)
+            summ = json.loads((out / arm / 'grpo.json').read_text())
+            runs[arm] = {k: v for k, v in summ.items() if k not in ('history', 'last_samples')}
+            runs[arm]['history'] = summ['history']
+            runs[arm]['last_samples'] = summ['last_samples']
+        doc = dict(what='GRPO ablation arms trained from the same SFT adapter (same seed, prompts, steps; only the reward design '
+                   'differs): their training signals', steps=a.steps, seed=a.seed, arms=arms, runs=runs,
+                   provenance=_provenance(a, adapter))
+        (results / 'grpo_ablation_train.json').write_text(json.dumps(doc, indent=1, default=str))
         return 0
     if a.stage == 'val':
         from tradellm.llm import make_llm_agent

@@ -491,7 +491,7 @@ def test_shared_prefill_generates_what_generate_does(tiny_model):
     kw = dict(max_new_tokens=10, min_new_tokens=10, do_sample=False, pad_token_id=tok.pad_token_id)
     calls = []
     orig = model.generate
-    spy = lambda **k: calls.append(k.get('past_key_values') is not None) or orig(**k)
+    spy = lambda **k: calls.append(k.get('cache', k.get('past_key_values')) is not None) or orig(**k)
     shared = _shared_prefill_generate(model, spy, 3)
     with torch.no_grad():
         assert torch.equal(shared(input_ids=ids, attention_mask=mask, **kw), orig(input_ids=ids, attention_mask=mask, **kw))

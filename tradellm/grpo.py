@@ -598,14 +598,16 @@ def _shared_prefill_generate(model, orig, group:int):
     import torch
     def generate(input_ids=None, attention_mask=None, **kw):
         B = 0 if input_ids is None else input_ids.shape[0]
-        if (B == 0 or B % group or input_ids.shape[1] < 2 or 'past_key_values' in kw or attention_mask is None
+        if (B == 0 or B % group or input_ids.shape[1] < 2 or 'past_key_values' in kw or 'cache' in kw or attention_mask is None
                 or not bool((input_ids.view(B // group, group, -1) == input_ids[::group, None]).all())):
             return orig(input_ids=input_ids, attention_mask=attention_mask, **kw)
         ids, mask = input_ids[::group, :-1], attention_mask[::group, :-1]  # the last prompt token is fed by generate itself
         pos = (mask.long().cumsum(-1) - 1).clamp(min=0)
-        with torch.no_grad(): cache = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True).past_key_values
+        with torch.no_grad(): out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)
+        key = 'cache' if 'cache' in out else 'past_key_values'  # transformers 5.x renames the KV cache `cache`
+        cache = out[key]
         cache.batch_repeat_interleave(group)
-        return orig(input_ids=input_ids, attention_mask=attention_mask, past_key_values=cache, **kw)
+        return orig(input_ids=input_ids, attention_mask=attention_mask, **{key: cache}, **kw)
     return generate
 
 def _trainer_class(share_prefill:bool=True):
