@@ -13,6 +13,11 @@ same-run A/B; on a shared machine the absolute times are an upper bound, and the
 
     python benchmarks/bench_grpo.py                         # default vs before (tasks-1.x settings), 3 steps each
     python benchmarks/bench_grpo.py --steps 6 --json
+    python benchmarks/bench_grpo.py --generation --adapter SFT   # one group's generation: TRL's vs one prefill per group
+
+`--generation` times only what the default changed: one group's sampling (4 completions of exactly the completion
+budget, from a real train-split prompt) by TRL's path (`generate` on the 4 identical rows) and with one prefill per
+group, alternating, in wall and in process CPU seconds (CPU seconds move less with the machine's load).
 """
 import argparse
 import json
@@ -53,6 +58,35 @@ def _timers(trainer_cls):
     return spent
 
 
+def generation_ab(a, panel):
+    "One group's generation, TRL's way and with a shared prefill, alternating `a.steps` times; wall and CPU seconds."
+    import torch
+    from tradellm.grpo import _shared_prefill_generate, completion_budget, prompt_rows
+    from tradellm.llm import adapter_prompt_style, load_model
+    style = adapter_prompt_style(a.adapter) if a.adapter else 'compact'
+    n = a.max_completion_length or (completion_budget(a.adapter, 'easy')[0] if a.adapter else 80)
+    lm, tok = load_model('smollm2', adapter=a.adapter, device='cpu')
+    row = prompt_rows('easy', 1, 'train', 0, 1, 'mixed', panel, style=style)[0]
+    ids = tok.apply_chat_template(row['prompt'], add_generation_prompt=True, return_tensors='pt', return_dict=True)
+    inp = {k: v.repeat(4, 1) for k, v in ids.items()}
+    kw = dict(max_new_tokens=n, min_new_tokens=n, do_sample=True, temperature=1.0, pad_token_id=tok.pad_token_id)
+    ways = {'trl': lm.generate, 'shared_prefill': _shared_prefill_generate(lm, lm.generate, 4)}
+    out = {w: {'wall': [], 'cpu': []} for w in ways}
+    with torch.no_grad():
+        for i in range(a.steps + 1):
+            for w, gen in ways.items():
+                t0, c0 = time.perf_counter(), time.process_time()
+                gen(**inp, **kw)
+                if i: out[w]['wall'].append(time.perf_counter() - t0); out[w]['cpu'].append(time.process_time() - c0)
+                print(f"{w} rep {i}: {time.perf_counter() - t0:.1f} s wall", file=sys.stderr)
+    res = {'what': 'one group of 4 completions', 'prompt_tokens': int(ids['input_ids'].shape[1]), 'completion_tokens': n,
+           'adapter': a.adapter, 'reps': a.steps, 'threads': a.threads}
+    for w, v in out.items(): res[w] = {k: round(sum(x) / len(x), 2) for k, x in v.items()}
+    res['ratio_wall'] = round(res['shared_prefill']['wall'] / res['trl']['wall'], 3)
+    res['ratio_cpu'] = round(res['shared_prefill']['cpu'] / res['trl']['cpu'], 3)
+    return res
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     ap.add_argument('--adapter', default=None, help='SFT adapter folder (default: a fresh rank-64 LoRA stands in)')
@@ -63,6 +97,7 @@ def main(argv=None):
     ap.add_argument('--threads', type=int, default=2, help='torch threads (default 2: the project machine)')
     ap.add_argument('--data', default=None, help='a folder of prices (default: the data lookup, else a synthetic panel)')
     ap.add_argument('--json', action='store_true', help='print the results as JSON')
+    ap.add_argument('--generation', action='store_true', help="time one group's generation only: TRL's vs one prefill per group")
     a, unknown = ap.parse_known_args(argv)
     if unknown: print(f"bench_grpo: ignoring options meant for other benchmarks: {' '.join(unknown)}", file=sys.stderr)
     os.environ.setdefault('TOKENIZERS_PARALLELISM', 'false')
@@ -74,6 +109,12 @@ def main(argv=None):
     torch.set_num_threads(a.threads)
     try: panel = load_panel(a.data)
     except DataError: panel = synthetic_panel(n_days=1100, symbols=30, start='2021-01-04', seed=7)
+    if a.generation:
+        load0 = os.getloadavg()[0]
+        res = generation_ab(a, panel)
+        res.update(load_average_start=round(load0, 2), load_average_end=round(os.getloadavg()[0], 2))
+        print(json.dumps(res, indent=1))
+        return 0
     names = [v.strip() for v in a.variants.split(',') if v.strip()]
     bad = [v for v in names if v not in VARIANTS]
     if bad: ap.error(f"unknown variants {bad}; choose from {', '.join(VARIANTS)}")

@@ -701,8 +701,8 @@ def train_grpo(model:str='smollm2', # 'smollm2', a folder written by save_pretra
     if multiturn:  # whole episodes from day 0; the system prompt says how to trade by tools
         rows = prompt_rows(t.name, prompts, 'train', seed, t.days, 'do_nothing', panel,
                            system=system_prompt(t, prompt_style) + '\n\n' + TOOL_INSTRUCTIONS, style=prompt_style)
-    else:  # any decision day: the score reward plays to the end; pnl5 needs `horizon` days after it
-        rows = prompt_rows(t.name, prompts, 'train', seed, cfg.horizon if cfg.reward == 'pnl5' else 1, policy, panel, style=prompt_style)
+    else:  # any decision day, for both rewards (the same states; pnl5 scores fewer days near the end)
+        rows = prompt_rows(t.name, prompts, 'train', seed, 1, policy, panel, style=prompt_style)
     lm, tok, peft_config = _load_policy(model, adapter, device, dtype, lora_r, lora_alpha)
     states = StateCache(panel)
     rw = (EpisodeReward if multiturn else TradingReward)(cfg, states=states, eos_token_ids=end_token_ids(lm, tok))
