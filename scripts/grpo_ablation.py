@@ -27,7 +27,13 @@ TEACHER = dict(buy_below=40, sell_above=65, take_profit=3, stop_loss=3, trend_ve
 def _provenance(a, adapter):
     from tradellm.llm import adapter_meta
     commit = subprocess.run(['git', 'rev-parse', 'HEAD'], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-    return dict(commit=commit, adapter=str(adapter), adapter_meta=adapter_meta(adapter), threads=a.threads,
+    meta = adapter_meta(adapter)
+    sft = Path(adapter) / 'tradellm_sft.json'  # what train_sft recorded: the SFT data version, examples, losses
+    if sft.is_file():
+        rec = json.loads(sft.read_text())
+        meta.update({k: rec.get(k) for k in ('sft_data_version', 'env_version', 'train_loss', 'eval_loss')},
+                    train_examples=rec.get('config', {}).get('train_examples'), lora_rank=rec.get('config', {}).get('lora_rank'))
+    return dict(commit=commit, adapter=str(adapter), adapter_meta=meta, threads=a.threads,
                 machine=f"{os.cpu_count()} CPU cores, shared (load average {os.getloadavg()[0]:.1f} at the end)",
                 date=time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime()))
 
