@@ -7,10 +7,16 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from tradellm.agents import Agent
 from tradellm.data import Panel, split_slice, synthetic_panel
 from tradellm.env import TradingEnv, demo_panel
 from tradellm.grpo import (STATE_COLUMNS, GRPOEnvConfig, StateCache, TradingReward, cli_grpo, columns,
                            completion_text, format_score, prompt_rows, rebuild_state, state_row)
+
+
+def PnL(**kw):
+    "The five-day P&L reward of tasks 1.x's GRPO (kept as `reward='pnl5'` for comparison)."
+    return GRPOEnvConfig(reward='pnl5', **kw)
 
 
 def window_panel(closes):
@@ -43,11 +49,82 @@ def medium_rows(panel):
 
 
 def trade(panel_, row, comps, **cfg):
-    rw = TradingReward(GRPOEnvConfig(**cfg), panel_)
+    rw = TradingReward(PnL(**cfg), panel_)
     return rw.trade_reward(comps, **columns([row], len(comps)))
 
 
 # --- the reward comes from executing each completion ---------------------------------------------------------
+
+class Script(Agent):
+    "A leaderboard agent that plays fixed action texts, one a day (the prompt's history, the completion, the continuation)."
+    name, obs_mode = 'script', 'text'
+
+    def __init__(self, actions): self.actions = list(actions)
+    def reset(self, envs): self.day = 0
+    def act(self, envs, observations):
+        a = self.actions[self.day] if self.day < len(self.actions) else 'HOLD'
+        self.day += 1
+        return [a]
+
+
+def leaderboard_score(panel_, row, completion):
+    "The score the leaderboard (`run_episodes`) gives the episode: the row's actions, the completion on its day, then HOLD."
+    from tradellm.evaluate import run_episodes
+    script = json.loads(row['actions']) + [completion]
+    rec = run_episodes(Script(script), row['task'], row['split'], 1, row['seed'], panel_, progress=False)[0]
+    assert rec['start'] == row['start'] and rec['actions'][:len(script)] == script
+    return rec
+
+
+def test_score_reward_is_the_leaderboards_score_difference(held_state, panel, medium_rows):
+    "Must hold: a completion's reward is the leaderboard score of the episode it produces minus the reference's, to the bit."
+    from tradellm.tasks import score_episode
+    cases = [(held_state[0], held_state[2], ['SELL AAA 1.0', 'HOLD', 'BUY AAA 1.0', 'BUY AAA 0.3', 'SELL AAA 0.5', 'nonsense'])]
+    for row in medium_rows[:3]:
+        s = row['symbols']
+        cases.append((panel, row, [f'BUY {s[0]} 0.3; BUY {s[1]} 0.3', 'HOLD', f'BUY {s[2]} 1', '; '.join(f'BUY {x} 0.1' for x in s), 'garbage']))
+    for panel_, row, comps in cases:
+        rw = TradingReward(GRPOEnvConfig(), panel_)  # the default: reward='score', continuation='hold'
+        got = rw.trade_reward(comps, **columns([row], len(comps)))
+        ref = leaderboard_score(panel_, row, 'HOLD')
+        for c, r in zip(comps, got):
+            rec = leaderboard_score(panel_, row, c)
+            assert r == rec['score'] - ref['score']  # same function, same numbers: exact
+            again = score_episode(rec['equity'], _benchmark(panel_, row), row['task'], rec['metrics']['trades'])['score']
+            assert again == rec['score']  # the leaderboard's record is `score_episode` of the episode's curves
+        assert got[comps.index('HOLD')] == 0.0
+        assert len({round(x, 12) for x in got}) >= 3, got  # different actions on one state: different rewards
+
+
+def _benchmark(panel_, row):
+    env = TradingEnv(row['task'], row['split'], data=panel_)
+    rebuild_state(env, row)
+    return env._benchmark
+
+
+def test_score_reward_different_actions_differ_and_weights(held_state):
+    panel, env, row = held_state
+    rw = TradingReward(GRPOEnvConfig(), panel)
+    out = rw.score(['SELL AAA 1.0', 'HOLD', 'BUY AAA 1.0'], [row] * 3)
+    # held 500 AAA at 100; the price climbs to 150 by day 7: selling loses score, buying the rest gains it
+    assert out[0]['trade'] < 0.0 == out[1]['trade'] < out[2]['trade']
+    assert out[1]['score'] == out[1]['reference'] == out[0]['reference']
+    assert rw.weights == [5.0, 0.5] and PnL().trade_weight == 1.0
+    assert [s['horizon'] for s in out] == [19] * 3  # played to the end of the episode
+
+
+def test_score_reward_cut_and_continuation(held_state):
+    panel, _, row = held_state
+    rw = TradingReward(GRPOEnvConfig(), panel, eos_token_ids=[2])
+    got = rw.trade_reward(['BUY AAA 1.0', 'BUY AAA 1.0'], completion_ids=[[5, 2], [5, 6]], **columns([row], 2))
+    assert got[0] > 0 and got[1] == 0.0  # the cut one trades as HOLD: the reference
+    # the rule teacher as the continuation: the reference is HOLD today then the teacher, the same after any completion
+    rsi = TradingReward(GRPOEnvConfig(continuation='rsi'), panel)
+    s = rsi.score(['HOLD', 'BUY AAA 1.0'], [row] * 2)
+    assert s[0]['trade'] == 0.0 and s[0]['reference'] == s[1]['reference']
+    with pytest.raises(ValueError, match='continuation must be'): GRPOEnvConfig(continuation='random:1')
+    with pytest.raises(ValueError, match='reward must be one of'): GRPOEnvConfig(reward='sharpe')
+
 
 def test_different_actions_on_one_state_get_different_rewards(held_state):
     panel, env, row = held_state
@@ -67,7 +144,7 @@ def test_horizon_is_config(held_state):
 
 def test_volatility_scale_is_read_on_the_decision_day(held_state):
     panel, env, row = held_state
-    s = TradingReward(GRPOEnvConfig(horizon=4), panel).score(['BUY AAA 1.0'], [row])[0]
+    s = TradingReward(PnL(horizon=4), panel).score(['BUY AAA 1.0'], [row])[0]
     vol = env.view.feature('volatility', 0)
     assert s['scale'] == pytest.approx(max(vol, 5.0) / 100 * math.sqrt(4 / 252))
     assert s['excess'] == pytest.approx(0.015)  # close of day 5 is 103: 500 more shares earn 1,500
@@ -81,10 +158,10 @@ def test_reward_is_clipped(held_state):
 
 def test_format_reward_and_weights(held_state):
     panel, _, row = held_state
-    rw = TradingReward(GRPOEnvConfig(format_weight=0.25), panel)
+    rw = TradingReward(PnL(format_weight=0.25), panel)
     comps = ['HOLD', '<think>up</think>\nBUY AAA 0.5', 'BUY AAA 0.5\nSELL AAA 7', 'the market looks fine', '<think>never closed']
     assert rw.format_reward(comps, **columns([row], 5)) == [1.0, 1.0, 0.5, 0.0, 0.0]
-    rw_strict = TradingReward(GRPOEnvConfig(graded_format=False), panel)
+    rw_strict = TradingReward(PnL(graded_format=False), panel)
     assert rw_strict.format_reward(comps, **columns([row], 5)) == [1.0, 1.0, 0.0, 0.0, 0.0]
     assert rw.weights == [1.0, 0.25] and [f.__name__ for f in rw.funcs] == ['trade_reward', 'format_reward']
 
@@ -97,7 +174,7 @@ def test_unreadable_answer_executes_as_hold(held_state):
 def test_cut_completions_execute_as_hold_with_format_zero(held_state):
     "A completion TRL cut at max_completion_length (its last id ends nothing) is HOLD with format 0, whatever it reads as."
     panel, _, row = held_state
-    rw = TradingReward(GRPOEnvConfig(scale='capital'), panel, eos_token_ids=[2, 0])
+    rw = TradingReward(PnL(scale='capital'), panel, eos_token_ids=[2, 0])
     # held: 500 AAA at 100, 50,000 cash; closes 100 (day 2 open) .. 104 (day 6): BUY 1.0 adds 500 shares: +2,000 = +2%;
     # SELL AAA sells the 500 at 100 and misses the +2,000: -2%
     comps = ['BUY AAA 1.0', 'BUY AAA 1.0', 'BUY AAA', '<think>RSI is low', 'SELL AAA', 'SELL AAA']
@@ -110,7 +187,7 @@ def test_cut_completions_execute_as_hold_with_format_zero(held_state):
     # without completion_ids (a plain call) the text alone is scored, as before
     assert rw.trade_reward(comps[:2], **columns([row], 2)) == pytest.approx([2.0, 2.0])
     with pytest.raises(ValueError, match='eos_token_ids=end_token_ids'):
-        TradingReward(GRPOEnvConfig(), panel).format_reward(comps, completion_ids=ids, **cols)
+        TradingReward(PnL(), panel).format_reward(comps, completion_ids=ids, **cols)
     with pytest.raises(ValueError, match='2 completion_ids for 6 completions'):
         rw.format_reward(comps, completion_ids=ids[:2], **cols)
 
@@ -126,7 +203,7 @@ def test_end_token_ids_are_trls():
 
 def test_group_statistics(held_state):
     panel, _, row = held_state
-    rw = TradingReward(GRPOEnvConfig(scale='capital'), panel)
+    rw = TradingReward(PnL(scale='capital'), panel)
     logged = {}
     cols = columns([row, row | {'state_id': 'other'}], 2)
     rw.trade_reward(['HOLD', 'HOLD', 'BUY AAA 1.0', 'nonsense'], log_metric=logged.__setitem__, **cols)
@@ -147,7 +224,7 @@ def test_conversational_completions(held_state):
 
 def test_missing_columns_and_bad_config_are_explained(held_state):
     panel, _, row = held_state
-    rw = TradingReward(GRPOEnvConfig(), panel)
+    rw = TradingReward(PnL(), panel)
     with pytest.raises(ValueError, match='state_id'):
         rw.trade_reward(['HOLD'], **{k: v for k, v in columns([row]).items() if k != 'state_id'})
     with pytest.raises(ValueError, match="'symbols'"): rw.format_reward(['HOLD'])
@@ -162,7 +239,7 @@ def test_horizon_is_cut_at_the_end_of_the_episode():
     env.reset(seed=0)
     for _ in range(18): env.step('HOLD')
     row = state_row(env)  # day 18 of 20: two days left
-    s = TradingReward(GRPOEnvConfig(horizon=5, scale='capital'), panel).score(['BUY AAA 1.0'], [row])[0]
+    s = TradingReward(PnL(horizon=5, scale='capital'), panel).score(['BUY AAA 1.0'], [row])[0]
     assert s['horizon'] == 2 and s['excess'] == 0.0  # flat at 150
     env.step('HOLD'); env.step('HOLD')
     with pytest.raises(ValueError, match='episode is over'): state_row(env)
@@ -268,7 +345,7 @@ def test_prompt_rows_on_real_data(real_panel):
     for r in rows:
         assert '2020-10-01' <= r['start'] <= '2023-12-31'
         assert rebuild_state(env, r) == r['prompt'][1]['content']
-    rw = TradingReward(GRPOEnvConfig(), real_panel)
+    rw = TradingReward(PnL(), real_panel)
     out = rw.trade_reward(['BUY 1.0', 'HOLD', 'BUY 0.5', 'SELL 1.0'] * 6, **columns(rows, 4))
     assert all(out[i + 1] == 0.0 for i in range(0, 24, 4))
     assert all(out[i] != 0.0 for i in range(0, 24, 4))  # a full buy always moves equity on real prices
@@ -284,9 +361,9 @@ ACTION = st.one_of(
 @given(comps=st.lists(ACTION, min_size=1, max_size=6))
 def test_reward_of_a_completion_does_not_depend_on_its_group(held_state, comps):
     panel, _, row = held_state
-    rw = TradingReward(GRPOEnvConfig(), panel)
+    rw = TradingReward(PnL(), panel)
     together = rw.trade_reward(comps, **columns([row], len(comps)))
-    alone = [TradingReward(GRPOEnvConfig(), panel).trade_reward([c], **columns([row]))[0] for c in comps]
+    alone = [TradingReward(PnL(), panel).trade_reward([c], **columns([row]))[0] for c in comps]
     assert together == alone
     assert all(-5.0 <= x <= 5.0 for x in together)
     fmt = rw.format_reward(comps, **columns([row], len(comps)))
@@ -358,10 +435,18 @@ def test_train_grpo_end_to_end_with_a_tiny_model(tiny_model, panel, tmp_path, mo
     c = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     run = c.get_run(s['mlflow_run_id'])
     assert run.info.status == 'FINISHED' and run.data.tags['env_version'] == s['env_version']
-    for k in ('reward', 'reward_std', 'frac_reward_zero_std', 'env/zero_spread_share', 'env/format_error_rate', 'env/group_reward_std'):
-        assert len(c.get_metric_history(run.info.run_id, k)) == 2, k
+    for k in ('reward', 'reward_std', 'frac_reward_zero_std', 'kl', 'completions/clipped_ratio', 'env/zero_spread_share',
+              'env/format_error_rate', 'env/group_reward_std', 'env/truncated_share', 'env/score_mean'):
+        assert len(c.get_metric_history(run.info.run_id, k)) == 2, k  # per step: spread, zero-spread share, truncation, format, KL
     arts = [a.path for a in c.list_artifacts(run.info.run_id, 'samples')]
     assert 'samples/step_00001.md' in arts
+    assert s['kl'] is not None and s['loss_type'] == 'dapo' and s['reward.reward'] == 'score'
+    assert s['shared_prefills'] == 2  # one prompt per step, run through the model once for its group
+    import pandas as pd  # TRL's completion table, with the episode scores the reward logged beside it
+    tables = [a.path for a in c.list_artifacts(run.info.run_id, 'completions')]
+    assert 'completions/completions_00002.parquet' in tables
+    df = pd.read_parquet(out / 'checkpoints' / 'completions' / 'completions_00002.parquet')
+    assert {'episode_score', 'reference_score', 'trade_reward', 'format_reward', 'advantage'} <= set(df.columns)
     # resume: one more step from checkpoint-2
     s2 = _tiny_train(tiny_model, panel, out, steps=3, resume=True)
     assert s2['steps_done'] == 3 and s2['steps_run'] == 1 and s2['resumed_from'].endswith('checkpoint-2')
@@ -378,6 +463,41 @@ def test_train_grpo_end_to_end_with_a_tiny_model(tiny_model, panel, tmp_path, mo
     assert s3['adapter'] == s['adapter_out'] and s3['lora_r'] is None and s3['steps_done'] == 1
     assert s3['prompt_style'] == 'compact' and adapter_prompt_style(tmp_path / 'b' / 'adapter') == 'compact'
     assert (tmp_path / 'b' / 'adapter' / 'adapter_config.json').is_file() and not (tmp_path / 'b' / 'adapter' / 'ref').exists()
+
+
+def test_train_grpo_loss_types_and_multiturn(tiny_model, panel, tmp_path):
+    "Dr. GRPO (no std scaling) with the five-day reward; then the multi-turn mode through TRL's environment_factory."
+    s = _tiny_train(tiny_model, panel, tmp_path / 'dr', steps=1, reward='pnl5', loss_type='dr_grpo', scale_rewards='none',
+                    mask_truncated_completions=False, log_completions=False)
+    assert s['steps_done'] == 1 and s['reward.reward'] == 'pnl5' and s['loss_type'] == 'dr_grpo'
+    m = _tiny_train(tiny_model, panel, tmp_path / 'mt', steps=1, multiturn=True, max_completion_length=24)
+    assert m['steps_done'] == 1 and m['multiturn'] and m['reward.reward'] == 'score'
+    assert (tmp_path / 'mt' / 'adapter' / 'adapter_config.json').is_file()
+    # a random model calls no tool: each episode is the continuation's, the reference, so the episode reward is 0
+    assert m['trade_mean'] == 0.0 and m['format_error_rate'] == 1.0
+
+
+def test_shared_prefill_generates_what_generate_does(tiny_model):
+    "One prefill per group, its KV cache copied to the group's rows: greedy completions are generate's own, left padding too."
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from tradellm.grpo import _shared_prefill_generate
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model).eval()
+    a, b = tok('Day 1 of 20: AAA close 100, RSI 31.')['input_ids'], tok('Day 7: hold?')['input_ids']
+    n = max(len(a), len(b))
+    ids = torch.tensor([[tok.pad_token_id] * (n - len(x)) + x for x in (a, a, a, b, b, b)])
+    mask = torch.tensor([[0] * (n - len(x)) + [1] * len(x) for x in (a, a, a, b, b, b)])
+    kw = dict(max_new_tokens=10, min_new_tokens=10, do_sample=False, pad_token_id=tok.pad_token_id)
+    calls = []
+    orig = model.generate
+    spy = lambda **k: calls.append(k.get('cache', k.get('past_key_values')) is not None) or orig(**k)
+    shared = _shared_prefill_generate(model, spy, 3)
+    with torch.no_grad():
+        assert torch.equal(shared(input_ids=ids, attention_mask=mask, **kw), orig(input_ids=ids, attention_mask=mask, **kw))
+        assert calls == [True]  # the cache was used
+        shared(input_ids=ids[[0, 3, 1, 4, 2, 5]], attention_mask=mask[[0, 3, 1, 4, 2, 5]], **kw)  # rows not in groups: plain generate
+    assert calls == [True, False]
 
 
 def test_completion_length_comes_from_the_adapters_answers(tmp_path):
@@ -425,7 +545,7 @@ def test_tool_env_matches_the_single_turn_reward(held_state):
     from tradellm.grpo import TradingToolEnv
     panel, _, row = held_state
     for scale in ('volatility', 'capital'):
-        cfg = GRPOEnvConfig(horizon=5, scale=scale)
+        cfg = PnL(horizon=5, scale=scale)
         tenv = TradingToolEnv(cfg, data=panel)
         assert tenv.hold() == 'The environment has not been reset.'
         tenv.reset(**row)
@@ -439,14 +559,51 @@ def test_tool_env_matches_the_single_turn_reward(held_state):
     assert tenv.get_reward() == 0.0 and tenv.days == 1
 
 
+def test_tool_env_scores_the_whole_episode(held_state):
+    "Multi-turn, score reward: tool calls trade to the end; get_reward finishes the episode and is the leaderboard's difference."
+    from tradellm.grpo import EpisodeReward, TradingToolEnv
+    panel, _, row = held_state
+    tenv = TradingToolEnv(GRPOEnvConfig(), data=panel)
+    tenv.reset(**row)
+    tenv.buy('AAA', 1.0)
+    single = TradingReward(GRPOEnvConfig(), panel).trade_reward(['BUY AAA 1.0'], **columns([row]))[0]
+    assert tenv.get_reward() == single == leaderboard_score(panel, row, 'BUY AAA 1.0')['score'] - leaderboard_score(panel, row, 'HOLD')['score']
+    assert tenv.env._done and tenv.format_score() == 1.0 and tenv.calls == 1
+    tenv.reset(**row)
+    for _ in range(19): last = tenv.hold()
+    assert last.endswith('That was the last day of this episode.') and tenv.get_reward() == 0.0
+    tenv.reset(**row)
+    tenv.sell('AAA', 7.0); tenv.buy('AAA', 0.5)
+    assert tenv.format_score() == 0.5 and tenv.get_reward() == tenv.get_reward()  # cached: TRL and our statistics read the same
+    # the TRL reward function of the mode: tool-call format, and the group statistics of both rewards
+    envs = [TradingToolEnv(GRPOEnvConfig(), data=panel) for _ in range(2)]
+    for e in envs: e.reset(**row)
+    envs[0].buy('AAA', 1.0)
+    er = EpisodeReward(GRPOEnvConfig(), panel)
+    assert er.tool_format_reward(['a', 'b'], environments=envs, **columns([row], 2)) == [1.0, 0.0]
+    assert er.history[-1]['zero_spread_share'] == 0.0 and er.weights == [0.1]
+    with pytest.raises(ValueError, match='environment_factory'): er.tool_format_reward(['a'], **columns([row]))
+
+
+def test_tool_tokenizer_gives_smollm2_a_tool_template(tiny_model):
+    from transformers import AutoTokenizer
+    from trl.chat_template_utils import supports_tool_calling
+    from tradellm.grpo import TradingToolEnv, tool_tokenizer
+    tok = tool_tokenizer(AutoTokenizer.from_pretrained(tiny_model))
+    assert supports_tool_calling(tok)
+    call = '<tool_call>\n{"name": "buy", "arguments": {"symbol": "AAA", "fraction": 0.5}}\n</tool_call><|im_end|>'
+    parsed = tok.parse_response(call, prefix='')
+    assert parsed['tool_calls'][0]['function'] == {'name': 'buy', 'arguments': {'symbol': 'AAA', 'fraction': 0.5}}
+    env = TradingToolEnv()
+    text = tok.apply_chat_template([{'role': 'user', 'content': 'x'}], tools=[env.buy, env.sell, env.hold], tokenize=False)
+    assert '"name": "buy"' in text and '<|im_start|>' in text
+
+
 def test_compare_agents_is_paired(panel):
     from tradellm.agents import RSIAgent
     from tradellm.grpo import compare_agents
     tbl = compare_agents(['do_nothing', RSIAgent()], 'easy', splits=('val', 'test'), episodes=4, data=panel, progress=False)
     assert [(r['split'], r['agent']) for r in tbl] == [('val', 'do_nothing'), ('val', 'rsi'), ('test', 'do_nothing'), ('test', 'rsi')]
-    from tradellm.evaluate import run_episodes
-    cash = run_episodes('do_nothing', 'easy', 'val', 4, data=panel, progress=False)  # 0.50 + 0.15 clip(0.5 - R_B / 0.1) each
-    assert tbl[0]['score'] == pytest.approx(np.mean([0.5 + 0.15 * np.clip(0.5 - r['metrics']['buy_and_hold_return'] / 0.1, 0, 1) for r in cash]))
-    assert tbl[0]['diff'] == 0.0 and tbl[0]['episodes'] == 4
+    assert tbl[0]['diff'] == 0.0 and tbl[0]['episodes'] == 4  # (doing nothing scores by the market under tasks 2.0.0, not 0.3)
     assert tbl[1]['diff'] == pytest.approx(tbl[1]['score'] - tbl[0]['score'])
     with pytest.raises(ValueError, match='at least one agent'): compare_agents([], data=panel)

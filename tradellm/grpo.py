@@ -23,10 +23,11 @@ from .market import parse_action
 from .tasks import ENV_VERSION, get_task
 
 # %% auto #0
-__all__ = ['POLICIES', 'STATE_COLUMNS', 'SCALES', 'DEFAULT_COMPLETION_LENGTH', 'DEFAULT_SFT_ADAPTER', 'state_row',
-           'rebuild_state', 'prompt_rows', 'StateCache', 'GRPOEnvConfig', 'completion_text', 'end_token_ids',
-           'format_score', 'risk_scale', 'equity_after', 'columns', 'TradingReward', 'TradingToolEnv', 'default_out',
-           'completion_budget', 'train_grpo', 'cli_grpo', 'compare_agents']
+__all__ = ['POLICIES', 'STATE_COLUMNS', 'SCALES', 'REWARDS', 'SCORE_WEIGHT', 'TOOL_INSTRUCTIONS', 'DEFAULT_COMPLETION_LENGTH',
+           'TOOL_TURN_TOKENS', 'DEFAULT_SFT_ADAPTER', 'state_row', 'rebuild_state', 'prompt_rows', 'StateCache',
+           'GRPOEnvConfig', 'completion_text', 'end_token_ids', 'format_score', 'risk_scale', 'equity_after',
+           'finish_episode', 'columns', 'TradingReward', 'TradingToolEnv', 'EpisodeReward', 'tool_tokenizer',
+           'default_out', 'completion_budget', 'multiturn_budget', 'train_grpo', 'cli_grpo', 'compare_agents']
 
 # %% ../nbs/10_grpo.ipynb #c006
 POLICIES = ('mixed', 'rsi', 'random', 'do_nothing')
@@ -144,30 +145,46 @@ class StateCache:
 
 # %% ../nbs/10_grpo.ipynb #c016
 SCALES = ('volatility', 'capital')
+REWARDS = ('score', 'pnl5')  # the episode score (the leaderboard's function); the five-day P&L of tasks 1.x's GRPO
+SCORE_WEIGHT = 5.0  # default weight of the score reward: a score difference of 0.1 weighs as much as a clean answer (format 1 x 0.5)
 
 @dataclass
 class GRPOEnvConfig:
-    "How completions are scored: the horizon, the risk scale, and the weights of the two rewards."
-    horizon:int = 5 # trading days the completion's orders are held and scored over
-    trade_weight:float = 1.0 # weight of the trade reward in the sum TRL optimises
+    "How completions are scored: which reward, its continuation or horizon, the risk scale, and the weights of the two rewards."
+    horizon:int = 5 # pnl5: trading days the completion's orders are held and scored over (the score reward plays to the end)
+    trade_weight:float|None = None # weight of the trade reward in the sum TRL optimises (None: SCORE_WEIGHT for 'score', 1 for 'pnl5')
     format_weight:float = 0.5 # weight of the format reward
     scale:str = 'volatility' # 'volatility': excess P&L over the stocks' horizon volatility; 'capital': in percent of capital
     min_volatility:float = 5.0 # floor of the annualised volatility (percent) the scale uses
     clip:float = 5.0 # the trade reward is clipped to [-clip, clip]
     graded_format:bool = True # 0.5 for an answer with some readable orders and some unreadable lines
+    reward:str = 'score' # 'score': the leaderboard's episode score minus the reference's; 'pnl5': P&L over `horizon` days
+    continuation:str = 'hold' # who trades the rest of the episode after the completion's day: 'hold', or an agent spec ('rsi')
 
     def __post_init__(self):
+        if self.reward not in REWARDS: raise ValueError(f"reward must be one of {', '.join(REWARDS)}, got {self.reward!r}")
+        if self.trade_weight is None: self.trade_weight = SCORE_WEIGHT if self.reward == 'score' else 1.0
+        c = str(self.continuation)
+        if c != 'hold' and c.split(':')[0] in ('llm', 'random', 'ppo'):
+            raise ValueError(f"continuation must be 'hold' or a deterministic rule agent spec ('rsi', 'buy_and_hold', ...), got {c!r}: "
+                             "it is played once per completion, so it must be cheap and give the same answer on the same state")
         if int(self.horizon) != self.horizon or self.horizon < 1: raise ValueError(f"horizon must be a whole number of days >= 1, got {self.horizon}")
         if self.scale not in SCALES: raise ValueError(f"scale must be one of {', '.join(SCALES)}, got {self.scale!r}")
         if not self.clip > 0: raise ValueError(f"clip must be above 0, got {self.clip}")
         if not self.min_volatility > 0: raise ValueError(f"min_volatility must be above 0 (percent), got {self.min_volatility}")
+
+def _message_text(m:dict) -> str:
+    "A message's content, and its tool calls as `name(arguments)` (multi-turn completions)."
+    calls = [f"{c['function']['name']}({json.dumps(c['function'].get('arguments', {}))})" for c in m.get('tool_calls') or []
+             if isinstance(c, dict) and isinstance(c.get('function'), dict)]
+    return '\n'.join([str(m.get('content') or '')] + calls).strip('\n') if calls else str(m.get('content', ''))
 
 def completion_text(completion) -> str:
     "The text of a completion as TRL passes it: a string, or (conversational) a list of messages."
     if isinstance(completion, str): return completion
     if isinstance(completion, dict): return str(completion.get('content', ''))
     if isinstance(completion, (list, tuple)):
-        return '\n'.join(str(m.get('content', '')) if isinstance(m, dict) else str(m) for m in completion)
+        return '\n'.join(_message_text(m) if isinstance(m, dict) else str(m) for m in completion)
     return str(completion)
 
 def end_token_ids(model, tok) -> list:
@@ -203,6 +220,25 @@ def equity_after(env:TradingEnv, snap:dict, action:str, h:int) -> float:
     for _ in range(h - 1): env.step('HOLD')
     return env.pf.equity_history[-1]
 
+def _continuation(spec:str):
+    "The agent that finishes episodes after a completion's day (None for 'hold')."
+    if spec == 'hold': return None
+    from tradellm.agents import make_agent
+    return make_agent(spec)
+
+def finish_episode(env:TradingEnv, # the env the snapshot was taken from
+                   snap:dict, # `env.snapshot()` of the decision day
+                   action:str, # the completion's answer (parsed by the env as the leaderboard's harness would)
+                   continuation:str='hold', # who trades the remaining days: 'hold', or a rule agent spec ('rsi')
+                  ) -> dict:
+    "Restore `snap`, step `action`, let the continuation trade to the end of the episode; the env's final `info['metrics']` (its `score` is the leaderboard's)."
+    env.restore(snap)
+    obs, _, done, _, info = env.step(action)
+    agent = _continuation(continuation)
+    if agent is not None and not done: agent.reset([env])
+    while not done: obs, _, done, _, info = env.step('HOLD' if agent is None else agent.act([env], [obs])[0])
+    return info['metrics']
+
 def columns(rows:list, # prompt rows
             repeat:int=1, # completions per row (TRL repeats each row `num_generations` times)
            ) -> dict:
@@ -212,7 +248,7 @@ def columns(rows:list, # prompt rows
 class TradingReward:
     "TRL reward functions that execute every completion in its own copy of the environment at its prompt's state."
     def __init__(self,
-                 config:GRPOEnvConfig|None=None, # horizon, scale, weights
+                 config:GRPOEnvConfig|None=None, # which reward (score or pnl5), continuation, horizon, scale, weights
                  data=None, # a loaded `Panel` or a folder of prices (ignored when `states` is given)
                  states:StateCache|None=None, # share a cache of snapshots
                  keep_samples:int=8, # completions kept from the last batch (for logging)
@@ -223,7 +259,8 @@ class TradingReward:
         self.keep_samples = keep_samples
         self.eos_token_ids = None if eos_token_ids is None else [int(i) for i in eos_token_ids]
         self.history, self.samples = [], []  # one stats dict per scored batch; the last batch's sample completions
-        self._noop = {}  # (state_id, horizon) -> equity of doing nothing
+        self._noop = {}  # pnl5: (state_id, horizon) -> equity of doing nothing
+        self._ref = {}  # score: state_id -> final metrics of the reference (HOLD today, then the continuation)
 
     def _rows(self, n, cols):
         missing = [k for k in STATE_COLUMNS if k not in cols]
@@ -244,7 +281,7 @@ class TradingReward:
     def score(self, completions:list, rows:list,
               truncated:list|None=None, # per completion, True when it was cut at the token limit: executed as HOLD, format 0
              ) -> list:
-        "One dict per completion: trade (the reward), excess (P&L over doing nothing / capital), scale, format, format_ok, truncated."
+        "One dict per completion: trade (the reward), format, format_ok, truncated; `score`/`reference` (score reward) or `excess`/`scale` (pnl5)."
         c = self.config
         cut = [False] * len(completions) if truncated is None else [bool(t) for t in truncated]
         out, done = [None] * len(completions), {}
@@ -256,18 +293,23 @@ class TradingReward:
                 continue
             env, snap = self.states.get(row)
             k = int(snap['k'])
-            h = min(int(c.horizon), env.task.days - k)
-            if h < 1: raise ValueError(f"row {row['state_id']} is the end of its episode: no day is left to trade")
-            scale = risk_scale(env, k, h, c)
-            if cut[i]: excess, fmt = 0.0, 0.0  # an unfinished answer: HOLD (the same equity as doing nothing), no format credit
+            if env.task.days - k < 1: raise ValueError(f"row {row['state_id']} is the end of its episode: no day is left to trade")
+            fmt = 0.0 if cut[i] else format_score(text, row['symbols'], c.graded_format)
+            action = 'HOLD' if cut[i] else text  # an unfinished answer: HOLD, no format credit
+            if c.reward == 'score':
+                if row['state_id'] not in self._ref: self._ref[row['state_id']] = finish_episode(env, snap, 'HOLD', c.continuation)
+                ref = self._ref[row['state_id']]
+                m = ref if cut[i] else finish_episode(env, snap, action, c.continuation)
+                s = dict(trade=m['score'] - ref['score'], score=m['score'], reference=ref['score'], trades=m['trades'],
+                         exposure=m['exposure'], horizon=env.task.days - k)
             else:
+                h = min(int(c.horizon), env.task.days - k)
+                scale = risk_scale(env, k, h, c)
                 nk = (row['state_id'], h)
                 if nk not in self._noop: self._noop[nk] = equity_after(env, snap, 'HOLD', h)
-                excess = (equity_after(env, snap, text, h) - self._noop[nk]) / env.task.capital
-                fmt = format_score(text, row['symbols'], c.graded_format)
-            trade = float(np.clip(excess / scale, -c.clip, c.clip))
-            done[key] = out[i] = dict(trade=trade, excess=excess, scale=scale, horizon=h, format=fmt, format_ok=fmt == 1.0,
-                                      truncated=cut[i], state_id=row['state_id'], completion=text)
+                excess = 0.0 if cut[i] else (equity_after(env, snap, action, h) - self._noop[nk]) / env.task.capital
+                s = dict(trade=float(np.clip(excess / scale, -c.clip, c.clip)), excess=excess, scale=scale, horizon=h)
+            done[key] = out[i] = dict(s, format=fmt, format_ok=fmt == 1.0, truncated=cut[i], state_id=row['state_id'], completion=text)
         return out
 
     def _record(self, scores, log_metric=None):
@@ -287,6 +329,9 @@ class TradingReward:
                  'format_error_rate': float(np.mean([not s['format_ok'] for s in scores])),
                  'truncated_share': float(np.mean([s.get('truncated', False) for s in scores])),
                  'groups': len(groups)}
+        if 'score' in scores[0]:
+            stats['score_mean'] = float(np.mean([s['score'] for s in scores]))
+            stats['trade_share'] = float(np.mean([s['trade'] != 0 for s in scores]))  # completions whose episode differs from the reference's
         self.history.append(stats)
         self.samples = [dict(state_id=s['state_id'], completion=s['completion'][:500], trade=s['trade'], format=s['format'],
                              truncated=s.get('truncated', False)) for s in scores[:self.keep_samples]]
@@ -295,10 +340,13 @@ class TradingReward:
         return stats
 
     def trade_reward(self, completions, completion_ids=None, **cols) -> list:
-        "TRL reward function: each completion's risk-adjusted P&L over the horizon, relative to doing nothing (0 when cut)."
+        "TRL reward function. score: the episode's leaderboard score minus the reference's (HOLD today; the same continuation after). pnl5: risk-scaled P&L over the horizon minus doing nothing's. A cut completion trades as HOLD."
         cut = self.truncated(completion_ids, len(completions))
         scores = self.score(completions, self._rows(len(completions), cols), cut)
         self._record(scores, cols.get('log_metric'))
+        if cols.get('log_extra') is not None and 'score' in scores[0]:  # columns of TRL's completions table (log_completions)
+            cols['log_extra']('episode_score', [s['score'] for s in scores])
+            cols['log_extra']('reference_score', [s['reference'] for s in scores])
         return [s['trade'] for s in scores]
 
     def format_reward(self, completions, completion_ids=None, **cols) -> list:
@@ -318,16 +366,21 @@ class TradingReward:
         return [self.config.trade_weight, self.config.format_weight]
 
 # %% ../nbs/10_grpo.ipynb #c031
+TOOL_INSTRUCTIONS = ("Trade by calling tools, one call a day: buy(symbol, fraction), sell(symbol, fraction) or hold(). Each call "
+                     "places that day's order and answers with what filled and the next day's observation. Keep calling one "
+                     "tool a day until the episode ends.")
+
 class TradingToolEnv:
-    "A multi-turn environment for TRL's `environment_factory`: the model trades one day per tool call."
+    "A multi-turn environment for TRL's `environment_factory`: the model trades one day per tool call; `get_reward` scores the episode."
     def __init__(self,
-                 config:GRPOEnvConfig|None=None, # horizon (tool calls that trade) and the risk scale
+                 config:GRPOEnvConfig|None=None, # reward ('score': the episode's score, 'pnl5': P&L over `horizon` tool days), continuation
                  states:StateCache|None=None, # shared snapshots (each instance keeps its own env)
                  data=None, # a loaded `Panel` or a folder of prices (when `states` is not given)
                 ):
         self.config = config or GRPOEnvConfig()
         self.states = states or StateCache(data)
         self.env, self._key, self._snap, self._row, self.days = None, None, None, None, 0
+        self.calls, self.errors, self._reward, self.final = 0, 0, None, None
 
     def reset(self, **row):
         "Restore the row's state (TRL passes the dataset row); the prompt already holds its observation."
@@ -336,16 +389,26 @@ class TradingToolEnv:
         if self.env is None or self._key != key: self.env, self._key = TradingEnv(row['task'], row['split'], 'text', self.states.panel), key
         self.env.restore(snap)
         self._snap, self._row, self.days = snap, {k: row[k] for k in STATE_COLUMNS}, 0
+        self.calls, self.errors, self._reward, self.final = 0, 0, None, None
         return None
+
+    @property
+    def limit(self) -> int:
+        "Tool calls that trade: to the end of the episode (score), or `horizon` days (pnl5)."
+        left = self.env.task.days - int(self._snap['k'])
+        return left if self.config.reward == 'score' else min(left, int(self.config.horizon))
 
     def _trade(self, action):
         if self.env is None: return "The environment has not been reset."
-        if self.days >= self.config.horizon or self.env._done: return "The episode is over: no more orders are taken."
+        if self.days >= self.limit or self.env._done: return "The episode is over: no more orders are taken."
         obs, _, done, _, info = self.env.step(action)
         self.days += 1
+        self.calls += 1
+        self.errors += bool(info.get('parse_errors'))
+        if done: self.final = info['metrics']
         what = '; '.join(f"{o['order']}: {o['status']}" + (f" ({o['reason']})" if o['reason'] else '') for o in info['orders'])
         what = what or ('; '.join(info.get('parse_errors', [])) or 'no order')
-        last = self.days >= self.config.horizon or done
+        last = self.days >= self.limit or done
         return f"{what}\n\n{obs}" + ("\n\nThat was the last day of this episode." if last else '')
 
     def buy(self, symbol:str, fraction:float) -> str:
@@ -380,14 +443,68 @@ class TradingToolEnv:
         """
         return self._trade('HOLD')
 
+    def format_score(self) -> float:
+        "Share of the tool calls whose order was readable (0 when the model called no tool)."
+        return (self.calls - self.errors) / self.calls if self.calls else 0.0
+
     def get_reward(self) -> float:
-        "Excess P&L over doing nothing for the days traded, over the risk scale, clipped (0 when no day was traded)."
-        if self.env is None or self.days == 0: return 0.0
+        "score: the episode, finished by the continuation after the last tool call, scored by the env (the leaderboard's `score`), minus the reference (HOLD from the prompt's day, then the continuation). pnl5: the single-turn P&L reward over the days traded. Computed once per rollout."
+        if self._reward is not None: return self._reward
+        if self.env is None: return 0.0
         c, env0 = self.config, self.states.env(self._row['task'], self._row['split'])
-        k = int(self._snap['k'])
-        noop = equity_after(env0, self._snap, 'HOLD', self.days)
-        excess = (self.env.pf.equity_history[-1] - noop) / self.env.task.capital
-        return float(np.clip(excess / risk_scale(self.env, k, self.days, c), -c.clip, c.clip))
+        if c.reward == 'score':
+            agent = _continuation(c.continuation)
+            if agent is not None and not self.env._done: agent.reset([self.env])
+            obs = self.env._observation()
+            while not self.env._done:
+                obs, _, _, _, info = self.env.step('HOLD' if agent is None else agent.act([self.env], [obs])[0])
+                self.final = info.get('metrics', self.final)
+            self._reward = float(self.final['score'] - finish_episode(env0, self._snap, 'HOLD', c.continuation)['score'])
+        elif self.days == 0: self._reward = 0.0
+        else:
+            k = int(self._snap['k'])
+            noop = equity_after(env0, self._snap, 'HOLD', self.days)
+            excess = (self.env.pf.equity_history[-1] - noop) / self.env.task.capital
+            self._reward = float(np.clip(excess / risk_scale(self.env, k, self.days, c), -c.clip, c.clip))
+        return self._reward
+
+
+# %% ../nbs/10_grpo.ipynb #c031b
+class EpisodeReward(TradingReward):
+    "The multi-turn mode's TRL reward function: the format of the tool calls (each environment's `get_reward`, the episode score, is TRL's other reward, weight 1); records the same group statistics as `TradingReward`."
+    def tool_format_reward(self, completions, environments=None, completion_ids=None, **cols) -> list:
+        "Share of readable tool orders per rollout (0 without a tool call); computes (and caches) each environment's episode reward for the statistics."
+        if environments is None: raise ValueError("the multi-turn reward reads TRL's `environments`: train with environment_factory=...")
+        cut = self.truncated(completion_ids, len(completions))
+        rows = self._rows(len(completions), cols)
+        scores = []
+        for comp, env, row, x in zip(completions, environments, rows, cut):
+            fmt = env.format_score()
+            scores.append(dict(trade=env.get_reward(), format=fmt, format_ok=env.calls > 0 and fmt == 1.0, truncated=x,
+                               state_id=row['state_id'], completion=completion_text(comp), tool_days=env.calls))
+        self._record(scores, cols.get('log_metric'))
+        if cols.get('log_extra') is not None: cols['log_extra']('tool_days', [s['tool_days'] for s in scores])
+        return [s['format'] for s in scores]
+
+    @property
+    def funcs(self) -> list: return [self.tool_format_reward]
+
+    @property
+    def weights(self) -> list:
+        "TRL gives the environment's reward weight 1: the format weight is taken relative to the trade weight (the same sum, scaled)."
+        return [self.config.format_weight / self.config.trade_weight]
+
+def tool_tokenizer(tok):
+    "`tok` with a chat template TRL can parse tool calls of: its own when TRL knows it; a ChatML tokenizer (SmolLM2) gets TRL's Qwen2.5 template, which speaks the same `<|im_start|>`/`<|im_end|>` tokens."
+    from trl.chat_template_utils import add_response_schema, qwen2_5_chat_template
+    try: return add_response_schema(tok)
+    except ValueError:
+        if '<|im_start|>' not in tok.get_vocab() or '<|im_end|>' not in tok.get_vocab():
+            raise ValueError("the multi-turn mode needs a chat template TRL can parse tool calls of (Qwen2.5/3, Llama 3.1/3.2, ...) "
+                             "or a ChatML tokenizer; this tokenizer has neither") from None
+        tok.chat_template = qwen2_5_chat_template
+        return add_response_schema(tok)
+
 
 # %% ../nbs/10_grpo.ipynb #c036
 def default_out(task:str) -> Path:
@@ -417,6 +534,14 @@ def completion_budget(adapter, # an SFT (or GRPO) adapter folder; None for a fre
         need = int(rec[task]['max'])
         return answer_budget(need), need
     return max([DEFAULT_COMPLETION_LENGTH] + [answer_budget(int(v['max'])) for v in rec.values()]), None
+
+TOOL_TURN_TOKENS = 256  # one day of the multi-turn mode: the tool call (~30 tokens) and the tool's answer (easy observation ~150)
+
+def multiturn_budget(task:str, # the task
+                     answer_tokens:int=DEFAULT_COMPLETION_LENGTH, # tokens of one day's answer (`completion_budget`)
+                    ) -> int:
+    "Default `max_completion_length` of the multi-turn mode: every day's call and observation, sized for a GPU (easy: 20 x 256 = 5,120)."
+    return get_task(task).days * max(TOOL_TURN_TOKENS, min(answer_tokens, 512))
 
 def _load_policy(model, adapter, device, dtype, lora_r, lora_alpha):
     "The model to train (a PeftModel when continuing an adapter), its tokenizer, and the LoRA config for a fresh adapter."
@@ -467,6 +592,44 @@ def _callback(reward:TradingReward, run, bar, t0):
                 run.client.log_text(run.run_id, text, f"samples/step_{state.global_step:05d}.md")
     return GRPOLogger()
 
+# %% ../nbs/10_grpo.ipynb #c038b
+def _shared_prefill_generate(model, orig, group:int):
+    "`model.generate` that runs each group's prompt through the model once and copies its KV cache to the group's rows."
+    import torch
+    def generate(input_ids=None, attention_mask=None, **kw):
+        B = 0 if input_ids is None else input_ids.shape[0]
+        if (B == 0 or B % group or input_ids.shape[1] < 2 or 'past_key_values' in kw or 'cache' in kw or attention_mask is None
+                or not bool((input_ids.view(B // group, group, -1) == input_ids[::group, None]).all())):
+            return orig(input_ids=input_ids, attention_mask=attention_mask, **kw)
+        ids, mask = input_ids[::group, :-1], attention_mask[::group, :-1]  # the last prompt token is fed by generate itself
+        pos = (mask.long().cumsum(-1) - 1).clamp(min=0)
+        with torch.no_grad(): out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)
+        key = 'cache' if 'cache' in out else 'past_key_values'  # transformers 5.x renames the KV cache `cache`
+        cache = out[key]
+        cache.batch_repeat_interleave(group)
+        return orig(input_ids=input_ids, attention_mask=attention_mask, **{key: cache}, **kw)
+    return generate
+
+def _trainer_class(share_prefill:bool=True):
+    "TRL's `GRPOTrainer`, or (share_prefill) one whose transformers generation runs each group's prompt once instead of once per completion."
+    from trl import GRPOTrainer
+    if not share_prefill: return GRPOTrainer
+
+    class SharedPrefillGRPOTrainer(GRPOTrainer):
+        "`GRPOTrainer` with one prefill per group: the `num_generations` rows of a group share a prompt, so its KV cache is computed once and copied; sampling and everything after it are TRL's."
+        def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):
+            G, m = int(num_generations), self.accelerator.unwrap_model(self.model_wrapped)
+            same = len(prompt_ids) % G == 0 and all(prompt_ids[i] == prompt_ids[i - i % G] for i in range(len(prompt_ids)))
+            if (self.use_vllm or self.use_transformers_continuous_batching or images is not None or multimodal_fields
+                    or G < 2 or not same):
+                return super()._generate_single_turn(prompt_ids, images, multimodal_fields, num_generations, has_tool_images)
+            m.generate = _shared_prefill_generate(m, type(m).generate.__get__(m), G)
+            self.shared_prefills = getattr(self, 'shared_prefills', 0) + len(prompt_ids) // G
+            try: return super()._generate_single_turn(prompt_ids, images, multimodal_fields, num_generations, has_tool_images)
+            finally: del m.generate
+    return SharedPrefillGRPOTrainer
+
+
 # %% ../nbs/10_grpo.ipynb #c039
 def train_grpo(model:str='smollm2', # 'smollm2', a folder written by save_pretrained, or a hub id
                adapter:str|None=None, # an SFT adapter folder to continue (default path); None: a fresh LoRA on the base
@@ -496,6 +659,14 @@ def train_grpo(model:str='smollm2', # 'smollm2', a folder written by save_pretra
                progress:bool=True, # a progress bar over steps
                prompt_style:str|None=None, # system prompt style (None: the adapter's, from its tradellm_adapter.json; 'full' without one)
                use_vllm:bool=False, # generate the groups with vLLM on the training GPUs (TRL's use_vllm, colocate mode; CUDA only)
+               reward:str='score', # 'score': the leaderboard's episode score (minus the reference's); 'pnl5': five-day P&L (ignored when `env_config` is given)
+               multiturn:bool=False, # whole episodes through TRL's environment_factory, one tool call a day (`TradingToolEnv`)
+               loss_type:str='dapo', # TRL's loss: 'dapo' (token-level, its default), 'dr_grpo' (no length or std bias), 'grpo', 'bnpo', ...
+               scale_rewards:str='group', # TRL's advantage scaling: 'group' (by the group's std), 'batch', or 'none' (Dr. GRPO)
+               mask_truncated_completions:bool=True, # completions cut at the token limit take no part in the loss (DAPO's overlong filter)
+               log_completions:bool=True, # TRL's completion tables (OUT/checkpoints/completions/*.parquet, logged to MLflow)
+               steps_per_generation:int|None=None, # TRL: optimizer steps served by one generation batch (None: 1)
+               share_prefill:bool=True, # run each group's prompt through the model once when generating (`_trainer_class`)
               ) -> dict:
     "Fine-tune with GRPO, the environment as the reward; returns a summary (also written to OUT/grpo.json)."
     t = get_task(task)
@@ -503,6 +674,7 @@ def train_grpo(model:str='smollm2', # 'smollm2', a folder written by save_pretra
     if use_vllm: check_vllm('grpo --use-vllm')
     device, main = process_device(device), is_main_process()  # under accelerate launch: this rank's GPU; rank 0 logs and saves
     auto_length, need = completion_budget(adapter, t.name)
+    if multiturn: auto_length, need = multiturn_budget(t.name, auto_length), None
     if max_completion_length is None: max_completion_length = auto_length
     elif need is not None and max_completion_length < need:
         warnings.warn(f"max_completion_length={max_completion_length} is below the longest answer the adapter was fine-tuned on for "
@@ -514,7 +686,9 @@ def train_grpo(model:str='smollm2', # 'smollm2', a folder written by save_pretra
         if int(v) != v or v < lo: raise ValueError(f"{name} must be a whole number >= {lo}, got {v}")
     if beta < 0: raise ValueError(f"beta must be >= 0, got {beta}")
     if not temperature > 0: raise ValueError(f"temperature must be above 0 (GRPO samples its groups), got {temperature}")
-    cfg = env_config or GRPOEnvConfig(horizon=horizon)
+    if reward not in REWARDS: raise ValueError(f"reward must be one of {', '.join(REWARDS)}, got {reward!r}")
+    if scale_rewards not in ('group', 'batch', 'none'): raise ValueError(f"scale_rewards must be 'group', 'batch' or 'none', got {scale_rewards!r}")
+    cfg = env_config or GRPOEnvConfig(horizon=horizon, reward=reward)
     out = Path(out) if out is not None else default_out(t.name)
     ck_dir = out / 'checkpoints'
     last = _last_checkpoint(ck_dir) if resume else None
@@ -522,34 +696,53 @@ def train_grpo(model:str='smollm2', # 'smollm2', a folder written by save_pretra
     panel = data if isinstance(data, Panel) else load_panel(data)
     import torch
     from datasets import Dataset
-    from trl import GRPOConfig, GRPOTrainer
+    from trl import GRPOConfig
     from tqdm.auto import tqdm
     from tradellm.evaluate import check_tracking, tracked_run
     from tradellm.llm import PROMPT_VERSION, adapter_meta, adapter_prompt_style, write_adapter_meta
     if prompt_style is None: prompt_style = adapter_prompt_style(adapter) if adapter is not None else 'full'
-    rows = prompt_rows(t.name, prompts, 'train', seed, cfg.horizon, policy, panel, style=prompt_style)
+    from tradellm.llm import system_prompt
+    if multiturn:  # whole episodes from day 0; the system prompt says how to trade by tools
+        rows = prompt_rows(t.name, prompts, 'train', seed, t.days, 'do_nothing', panel,
+                           system=system_prompt(t, prompt_style) + '\n\n' + TOOL_INSTRUCTIONS, style=prompt_style)
+    else:  # any decision day, for both rewards (the same states; pnl5 scores fewer days near the end)
+        rows = prompt_rows(t.name, prompts, 'train', seed, 1, policy, panel, style=prompt_style)
     lm, tok, peft_config = _load_policy(model, adapter, device, dtype, lora_r, lora_alpha)
-    reward = TradingReward(cfg, states=StateCache(panel), eos_token_ids=end_token_ids(lm, tok))
+    states = StateCache(panel)
+    rw = (EpisodeReward if multiturn else TradingReward)(cfg, states=states, eos_token_ids=end_token_ids(lm, tok))
+    extra = {}
+    if multiturn:
+        tok = tool_tokenizer(tok)
+        extra['max_tool_calling_iterations'] = t.days + 1
+    if steps_per_generation: extra['steps_per_generation'] = int(steps_per_generation)
     args = GRPOConfig(output_dir=str(ck_dir), max_steps=int(steps), per_device_train_batch_size=group_size * prompts_per_step,
                       gradient_accumulation_steps=1, num_generations=group_size, max_completion_length=max_completion_length,
-                      learning_rate=learning_rate, beta=beta, temperature=temperature, reward_weights=reward.weights,
+                      learning_rate=learning_rate, beta=beta, temperature=temperature, reward_weights=rw.weights,
+                      loss_type=loss_type, scale_rewards=scale_rewards, mask_truncated_completions=mask_truncated_completions,
+                      log_completions=log_completions, num_completions_to_print=0,
                       logging_steps=1, save_steps=save_steps, save_strategy='steps', report_to='none', seed=seed,
                       disable_tqdm=True, remove_unused_columns=False, dataloader_num_workers=0,
-                      gradient_checkpointing=gradient_checkpointing, **_precision(),
+                      gradient_checkpointing=gradient_checkpointing, **extra, **_precision(),
                       **(dict(use_vllm=True, vllm_mode='colocate') if use_vllm else {}))
     params = dict(model=str(model), adapter=None if adapter is None else str(adapter), task=t.name, steps=steps,
                   group_size=group_size, horizon=cfg.horizon, max_completion_length=max_completion_length, prompts=prompts,
                   prompts_per_step=prompts_per_step, learning_rate=learning_rate, beta=beta, temperature=temperature,
                   lora_r=None if adapter else lora_r, policy=policy, seed=seed, use_vllm=use_vllm, prompt_style=prompt_style, resumed_from=None if last is None else str(last),
+                  multiturn=multiturn, loss_type=loss_type, scale_rewards=scale_rewards,
+                  mask_truncated_completions=mask_truncated_completions, steps_per_generation=steps_per_generation,
+                  share_prefill=share_prefill,
                   **{f'reward.{k}': v for k, v in asdict(cfg).items()})
-    tags = dict(kind='grpo', task=t.name, env_version=ENV_VERSION, task_version=t.version, prompt_version=PROMPT_VERSION)
+    tags = dict(kind='grpo', task=t.name, reward=cfg.reward, mode='multiturn' if multiturn else 'single', env_version=ENV_VERSION, task_version=t.version, prompt_version=PROMPT_VERSION)
     uri, exp = check_tracking() if track and main else (None, None)
     t0 = time.time()
     bar = tqdm(total=int(steps), initial=0, desc=f"grpo {t.name}", unit='step', disable=not progress)
     with tracked_run(uri, exp, run_name=f"grpo-{t.name}", tags=tags, params=params) as run:
-        cb = _callback(reward, run, bar, t0)
-        trainer = GRPOTrainer(model=lm, reward_funcs=reward.funcs, args=args, train_dataset=Dataset.from_list(rows),
-                              processing_class=tok, peft_config=peft_config, callbacks=[cb])
+        cb = _callback(rw, run, bar, t0)
+        env_factory = (lambda: TradingToolEnv(cfg, states)) if multiturn else None
+        with warnings.catch_warnings():
+            warnings.filterwarnings('ignore', message=".*environment_factory.*experimental")
+            trainer = _trainer_class(share_prefill)(model=lm, reward_funcs=rw.funcs, args=args, train_dataset=Dataset.from_list(rows),
+                                  processing_class=tok, peft_config=peft_config, callbacks=[cb], environment_factory=env_factory)
         from transformers.trainer_callback import PrinterCallback
         trainer.remove_callback(PrinterCallback)  # the metrics go to MLflow and the bar, not to stdout
         if last is not None: bar.update(int(last.name.split('-')[-1]))
@@ -563,11 +756,13 @@ def train_grpo(model:str='smollm2', # 'smollm2', a folder written by save_pretra
         if main: write_adapter_meta(out / 'adapter', prompt_style=prompt_style, stage='grpo', base_model=str(model), task=t.name,
                                     started_from=None if adapter is None else str(adapter), prompt_version=PROMPT_VERSION,
                                     max_completion_length=max_completion_length, **({'answer_tokens': answers} if answers else {}))
-        hist = reward.history
+        hist = rw.history
         times = cb.step_times
         summary = dict(params, out=str(out), adapter_out=str(out / 'adapter'), steps_done=int(trainer.state.global_step),
                        steps_run=len(times), seconds=round(time.time() - t0, 1),
                        seconds_per_step=round(float(np.mean(times)), 2) if times else None,
+                       step_seconds=[round(x, 2) for x in times],
+                       shared_prefills=getattr(trainer, 'shared_prefills', 0),
                        steps_per_minute=round(60 / float(np.mean(times)), 3) if times else None,
                        zero_spread_share=float(np.mean([h['zero_spread_share'] for h in hist])) if hist else None,
                        trade_zero_spread_share=float(np.mean([h['trade_zero_spread_share'] for h in hist])) if hist else None,
@@ -575,13 +770,18 @@ def train_grpo(model:str='smollm2', # 'smollm2', a folder written by save_pretra
                        truncated_share=float(np.mean([h['truncated_share'] for h in hist])) if hist else None,
                        clipped_ratio=_mean_log(cb.logs, 'completions/clipped_ratio'),
                        reward_mean=float(np.mean([h['reward_mean'] for h in hist])) if hist else None,
+                       trade_mean=float(np.mean([h['trade_mean'] for h in hist])) if hist else None,
+                       group_reward_std=float(np.mean([h['group_reward_std'] for h in hist])) if hist else None,
+                       kl=_mean_log(cb.logs, 'kl'),
                        env_version=ENV_VERSION, task_version=t.version, prompt_version=PROMPT_VERSION,
                        torch_threads=torch.get_num_threads(), mlflow_run_id=getattr(run, 'run_id', None))
         run.log_metrics({k: summary[k] for k in ('zero_spread_share', 'format_error_rate', 'truncated_share', 'steps_per_minute')
                          if summary[k] is not None},
                         step=summary['steps_done'])
-        if main: (out / 'grpo.json').write_text(json.dumps(dict(summary, history=hist, last_samples=reward.samples), indent=1))
-        if getattr(run, 'client', None) is not None: run.log_artifact(out / 'grpo.json')
+        if main: (out / 'grpo.json').write_text(json.dumps(dict(summary, history=hist, last_samples=rw.samples), indent=1))
+        if getattr(run, 'client', None) is not None:
+            run.log_artifact(out / 'grpo.json')
+            if (ck_dir / 'completions').is_dir(): run.client.log_artifacts(run.run_id, str(ck_dir / 'completions'), 'completions')
     return summary
 
 # %% ../nbs/10_grpo.ipynb #c044
@@ -589,7 +789,8 @@ DEFAULT_SFT_ADAPTER = 'sft_adapter'  # `tradellm sft`'s default output folder
 
 def _parser():
     p = argparse.ArgumentParser(prog='tradellm grpo', description='GRPO fine-tuning with the environment as the reward: each '
-                                'completion is executed in its own copy of the environment and scored over a short horizon.')
+                                "completion is executed in its own copy of the environment, the episode finished and scored with "
+                                "the leaderboard's score.")
     p.add_argument('--model', default='smollm2', help="'smollm2' (default), a model folder, or a hub id")
     p.add_argument('--adapter', default=DEFAULT_SFT_ADAPTER,
                    help=f'SFT adapter folder to continue (default {DEFAULT_SFT_ADAPTER}, where `tradellm sft` writes)')
@@ -600,7 +801,19 @@ def _parser():
     p.add_argument('--task', default='easy', choices=['easy', 'medium', 'hard'])
     p.add_argument('--steps', type=int, default=50, help='optimizer steps (default 50)')
     p.add_argument('--group-size', type=int, default=4, help='completions per prompt (default 4)')
-    p.add_argument('--horizon', type=int, default=5, help='days a completion is held and scored over (default 5)')
+    p.add_argument('--reward', default='score', choices=list(REWARDS),
+                   help="'score' (default): the leaderboard's episode score of the completion's episode minus the reference's "
+                   "(HOLD that day), the rest of the episode played by --continuation; 'pnl5': risk-scaled P&L over --horizon days")
+    p.add_argument('--continuation', default='hold', help="who trades the days after the completion's (score reward): 'hold' "
+                   "(default: keep the positions), or a rule agent ('rsi')")
+    p.add_argument('--multiturn', action='store_true', help="whole episodes through TRL's environment_factory: one tool call a day, "
+                   'the episode score as the reward')
+    p.add_argument('--loss-type', default='dapo', help="TRL's loss: 'dapo' (default), 'dr_grpo', 'grpo', 'bnpo', ...")
+    p.add_argument('--scale-rewards', default='group', choices=['group', 'batch', 'none'],
+                   help="TRL's advantage scaling (default group; 'none' with --loss-type dr_grpo is Dr. GRPO)")
+    p.add_argument('--no-mask-truncated', action='store_true', help='let completions cut at the token limit take part in the loss')
+    p.add_argument('--steps-per-generation', type=int, default=None, help='optimizer steps served by one generation batch (TRL)')
+    p.add_argument('--horizon', type=int, default=5, help='pnl5 reward: days a completion is held and scored over (default 5)')
     p.add_argument('--max-completion-length', type=int, default=None,
                    help="tokens per completion (default: the adapter's longest SFT answer on the task plus 5%%, rounded up to 8; "
                    f"{DEFAULT_COMPLETION_LENGTH} when the adapter records none)")
@@ -612,7 +825,8 @@ def _parser():
                    '(default 0.04; 0: no reference model)')
     p.add_argument('--temperature', type=float, default=1.0, help='sampling temperature of the groups (default 1)')
     p.add_argument('--lora-r', type=int, default=16, help='LoRA rank of a fresh adapter (default 16)')
-    p.add_argument('--trade-weight', type=float, default=1.0, help='weight of the trade reward (default 1)')
+    p.add_argument('--trade-weight', type=float, default=None,
+                   help=f'weight of the trade reward (default {SCORE_WEIGHT:g} for the score reward, 1 for pnl5)')
     p.add_argument('--format-weight', type=float, default=0.5, help='weight of the format reward (default 0.5)')
     p.add_argument('--scale', default='volatility', choices=list(SCALES), help='risk scale of the trade reward')
     p.add_argument('--save-steps', type=int, default=25, help='checkpoint every N steps (default 25)')
@@ -638,20 +852,23 @@ def cli_grpo(argv:list) -> int:
             raise FileNotFoundError(f"no SFT adapter at {adapter}: GRPO starts from one, since zero-shot answers rarely parse and "
                                     "every group would earn the same reward. Run `tradellm sft --data DIR` first (it writes "
                                     f"{DEFAULT_SFT_ADAPTER}), pass --adapter DIR, or --fresh-lora to start from the base model anyway")
-        cfg = GRPOEnvConfig(horizon=a.horizon, trade_weight=a.trade_weight, format_weight=a.format_weight, scale=a.scale)
+        cfg = GRPOEnvConfig(horizon=a.horizon, trade_weight=a.trade_weight, format_weight=a.format_weight, scale=a.scale,
+                            reward=a.reward, continuation=a.continuation)
         if a.threads:
             import torch
             torch.set_num_threads(a.threads)
         s = train_grpo(a.model, adapter, a.task, a.out, a.steps, a.group_size, a.horizon, a.max_completion_length, a.prompts,
                        a.prompts_per_step, a.lr, a.beta, a.temperature, lora_r=a.lora_r, env_config=cfg, seed=a.seed, save_steps=a.save_steps,
                        resume=a.resume, track=not a.no_mlflow, data=a.data, device=a.device, progress=not a.json,
-                       prompt_style=a.prompt_style, use_vllm=a.use_vllm)
+                       prompt_style=a.prompt_style, use_vllm=a.use_vllm, reward=a.reward, multiturn=a.multiturn, loss_type=a.loss_type,
+                       scale_rewards=a.scale_rewards, mask_truncated_completions=not a.no_mask_truncated,
+                       steps_per_generation=a.steps_per_generation)
     except (ValueError, FileNotFoundError, DataError, ModelError) as e:
         print(f"tradellm grpo: {e}", file=sys.stderr)
         return 2
     if a.json: print(json.dumps(s, indent=1))
     else:
-        print(f"GRPO {s['task']}: {s['steps_done']} steps, {s['seconds_per_step']} s/step, zero-spread groups "
+        print(f"GRPO {s['task']} ({s['reward.reward']} reward{', multi-turn' if s['multiturn'] else ''}): {s['steps_done']} steps, {s['seconds_per_step']} s/step, zero-spread groups "
               f"{s['zero_spread_share']:.0%}, format errors {s['format_error_rate']:.0%}, completions cut at "
               f"{s['max_completion_length']} tokens {s['truncated_share']:.0%}\nadapter: {s['adapter_out']}\n"
               f"evaluate: tradellm evaluate --agents llm:{s['model']}+{s['adapter_out']} --task {s['task']} --split val")

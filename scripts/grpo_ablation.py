@@ -1,0 +1,145 @@
+"""The GRPO ablation of issue 20: reward designs trained from one SFT adapter, compared on val; the chosen one on test.
+
+    python scripts/grpo_ablation.py train --adapter SFT --steps 8             # the arms -> nbs/results/grpo_ablation_train.json
+    python scripts/grpo_ablation.py val --adapter SFT --episodes 8            # paired val table -> nbs/results/grpo_ablation.json
+    python scripts/grpo_ablation.py test --adapter SFT --arm score --episodes 16   # -> nbs/results/grpo_test.json
+
+Every arm starts from the same SFT adapter with the same seed, prompts, steps and settings (train_grpo's defaults);
+only the reward design differs. Stages are resumable: a trained arm (its adapter folder exists) is not retrained.
+The results files record where they came from (commit, adapter and its metadata, settings, machine, times).
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+ARMS = {'pnl5': dict(reward='pnl5'), 'score': dict(reward='score'), 'multiturn': dict(reward='score', multiturn=True)}
+# the teacher the new SFT data was made from (its data card): RSI mean reversion with a trend veto
+TEACHER = dict(buy_below=40, sell_above=65, take_profit=3, stop_loss=3, trend_veto=-3)
+
+
+def _provenance(a, adapter):
+    from tradellm.llm import adapter_meta
+    commit = subprocess.run(['git', 'rev-parse', 'HEAD'], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    meta = adapter_meta(adapter)
+    sft = Path(adapter) / 'tradellm_sft.json'  # what train_sft recorded: the SFT data version, examples, losses
+    if sft.is_file():
+        rec = json.loads(sft.read_text())
+        meta.update({k: rec.get(k) for k in ('sft_data_version', 'env_version', 'train_loss', 'eval_loss')},
+                    train_examples=rec.get('config', {}).get('train_examples'), lora_rank=rec.get('config', {}).get('lora_rank'))
+    return dict(commit=commit, adapter=str(adapter), adapter_meta=meta, threads=a.threads,
+                machine=f"{os.cpu_count()} CPU cores, shared (load average {os.getloadavg()[0]:.1f} at the end)",
+                date=time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime()))
+
+
+def _agent_scores(agent, split, episodes, seed, panel):
+    from tradellm.evaluate import run_episodes
+    recs = run_episodes(agent, 'easy', split, episodes, seed, panel, progress=False)
+    return dict(scores=[r['score'] for r in recs], trades=[r['metrics']['trades'] for r in recs],
+                exposure=[r['metrics']['exposure'] for r in recs], format_errors=[r['format_errors'] for r in recs])
+
+
+def _row(name, res, ref=None):
+    import numpy as np
+    from tradellm.evaluate import bootstrap_ci, paired_diff
+    lo, hi = bootstrap_ci(res['scores'])
+    out = dict(agent=name, score=float(np.mean(res['scores'])), lo=lo, hi=hi, episodes=len(res['scores']),
+               trades=float(np.mean(res['trades'])), exposure=float(np.mean(res['exposure'])),
+               format_errors=float(np.mean(res['format_errors'])))
+    if ref is not None:
+        d = paired_diff(res['scores'], ref['scores'])
+        out.update(diff=d['mean'], diff_lo=d['lo'], diff_hi=d['hi'], wins=d['wins'])
+    return out
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    ap.add_argument('stage', choices=['train', 'val', 'test'])
+    ap.add_argument('--adapter', required=True, help='the SFT adapter every arm starts from')
+    ap.add_argument('--arms', default='pnl5,score,multiturn')
+    ap.add_argument('--arm', default='score', help='test: the arm chosen on val')
+    ap.add_argument('--steps', type=int, default=8)
+    ap.add_argument('--episodes', type=int, default=8)
+    ap.add_argument('--seed', type=int, default=0)
+    ap.add_argument('--out', default='data/ablation', help='where the arms are trained (ignored by git)')
+    ap.add_argument('--data', default=os.environ.get('TRADELLM_DATA', '/work/shared/data/nifty68'))
+    ap.add_argument('--threads', type=int, default=2)
+    ap.add_argument('--zero-shot', action='store_true', help='test: also evaluate zero-shot SmolLM2 (slow: its answers run to the limit)')
+    a = ap.parse_args(argv)
+    import torch
+    from tradellm.agents import RSIAgent
+    from tradellm.data import load_panel
+    from tradellm.grpo import train_grpo
+    torch.set_num_threads(a.threads)
+    panel = load_panel(a.data)
+    out, adapter = Path(a.out), Path(a.adapter)
+    arms = [x for x in a.arms.split(',') if x]
+    results = ROOT / 'nbs' / 'results'
+    results.mkdir(parents=True, exist_ok=True)
+    if a.stage == 'train':
+        for arm in arms:
+            if (out / arm / 'adapter' / 'adapter_config.json').is_file() and (out / arm / 'grpo.json').is_file():
+                print(f"{arm}: trained already", file=sys.stderr)
+                continue
+            t0 = time.time()
+            s = train_grpo('smollm2', str(adapter), 'easy', out / arm, steps=a.steps, seed=a.seed, save_steps=max(1, a.steps // 2),
+                           resume=(out / arm / 'checkpoints').is_dir() and any((out / arm / 'checkpoints').glob('checkpoint-*')),
+                           data=panel, progress=False, **ARMS[arm])
+            print(f"{arm}: {s['steps_done']} steps in {time.time() - t0:.0f} s, zero-spread {s['zero_spread_share']:.0%}", file=sys.stderr)
+        runs = {}
+        for arm in arms:  # what each arm's training did, step by step (the val and test stages say what it learnt)
+            summ = json.loads((out / arm / 'grpo.json').read_text())
+            runs[arm] = {k: v for k, v in summ.items() if k not in ('history', 'last_samples')}
+            runs[arm]['history'] = summ['history']
+            runs[arm]['last_samples'] = summ['last_samples']
+        doc = dict(what='GRPO ablation arms trained from the same SFT adapter (same seed, prompts, steps; only the reward design '
+                   'differs): their training signals', steps=a.steps, seed=a.seed, arms=arms, runs=runs,
+                   provenance=_provenance(a, adapter))
+        (results / 'grpo_ablation_train.json').write_text(json.dumps(doc, indent=1, default=str))
+        return 0
+    if a.stage == 'val':
+        from tradellm.llm import make_llm_agent
+        sft = _agent_scores(make_llm_agent('smollm2', adapter), 'val', a.episodes, a.seed, panel)
+        rows = [_row('SFT', sft)]
+        runs = {}
+        for arm in arms:
+            summ = json.loads((out / arm / 'grpo.json').read_text())
+            runs[arm] = {k: v for k, v in summ.items() if k not in ('history', 'last_samples')}
+            runs[arm]['zero_spread_by_step'] = [h['zero_spread_share'] for h in summ['history']]
+            res = _agent_scores(make_llm_agent('smollm2', out / arm / 'adapter'), 'val', a.episodes, a.seed, panel)
+            rows.append(_row(f'GRPO {arm}', res, sft))
+            print(rows[-1], file=sys.stderr)
+        doc = dict(what='GRPO ablation on val (issue 20): each arm from the same SFT adapter, same steps and seed; paired '
+                   'differences to SFT on the same seeded val episodes', split='val', steps=a.steps, seed=a.seed,
+                   episodes=a.episodes, arms=arms, rows=rows, runs=runs, provenance=_provenance(a, adapter))
+        (results / 'grpo_ablation.json').write_text(json.dumps(doc, indent=1))
+        return 0
+    from tradellm.llm import make_llm_agent
+    grpo = _agent_scores(make_llm_agent('smollm2', out / a.arm / 'adapter'), 'test', a.episodes, a.seed, panel)
+    others = [('SFT', make_llm_agent('smollm2', adapter)), ('teacher (RSI 40/65, veto -3)', RSIAgent(**TEACHER)),
+              ('buy-and-hold', 'buy_and_hold'), ('doing nothing', 'do_nothing')]
+    if a.zero_shot: others.insert(0, ('zero-shot', make_llm_agent('smollm2')))
+    rows = [_row(f'GRPO {a.arm}', grpo)]
+    for name, agent in others:
+        res = _agent_scores(agent, 'test', a.episodes, a.seed, panel)
+        r = _row(name, res)
+        from tradellm.evaluate import paired_diff
+        d = paired_diff(grpo['scores'], res['scores'])  # GRPO minus this agent, paired
+        r.update(grpo_minus=d['mean'], grpo_minus_lo=d['lo'], grpo_minus_hi=d['hi'], grpo_wins=d['wins'])
+        rows.append(r)
+        print(r, file=sys.stderr)
+    doc = dict(what=f'GRPO ({a.arm}, chosen on val) on test against the other agents, paired on the same seeded test episodes',
+               split='test', arm=a.arm, episodes=a.episodes, seed=a.seed, rows=rows, teacher=TEACHER,
+               provenance=_provenance(a, adapter))
+    (results / 'grpo_test.json').write_text(json.dumps(doc, indent=1))
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
