@@ -9,16 +9,19 @@ Runs the same episodes, seeds and model down three roads, in turn, for `--rounds
 
 MFU = (prompt tokens computed, the reused prefix excluded, + generated tokens) x 2 x parameters / wall seconds,
 over the fp32 matmul rate of this machine (torch, 1024 x 1024) measured right before and right after each run,
-so contention from other processes hits both. Episodes per minute are scaled to whole episodes when `--days` runs
+so contention from other processes hits both; the rate is the best of torch's default thread count (all cores) and
+`--threads`, so a run on fewer threads is not flattered by a slower yardstick. Episodes per minute are scaled to whole episodes when `--days` runs
 only the first days of each. The ratio to the plain path is fast over plain episodes per minute, round by round.
 
 Answers: with `--adapter DIR` the adapter answers (its prompt style and token limits, as `make_llm_agent` sets
 them). Without one, the stand-in is an SFT adapter that has learned its teacher: the base model runs every step,
 but the tokens fed back are the teacher's answer (the RSI rule agent's action with its concise reasons, exactly
 what `tradellm sft-data` writes), with the compact prompt and the adapter token limits (192 easy, 640 medium).
-These answers are as long as an SFT adapter's and end where its would; the output says which was measured.
+These answers are as long as an SFT adapter's and end where its would; `--endless 0.05` makes that share of them
+run to the token limit instead (a think block that never closes: the 'endless' format error of `07_llm`, which SFT
+keeps under 10% of answers, not at 0). The output says which was measured.
 
-    python benchmarks/bench_llm.py                                   # easy and medium, teacher-forced answers
+    python benchmarks/bench_llm.py --threads 1                       # easy and medium, teacher-forced answers
     python benchmarks/bench_llm.py --adapter checkpoints/sft-smollm2 # a trained adapter's own answers
     python benchmarks/bench_llm.py --tasks easy --curve 8,16,32,64   # MFU against the batch size
 """
@@ -32,26 +35,30 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 
-def matmul_rate(torch, n=1024, seconds=1.0):
-    "fp32 FLOP/s of an n x n matmul on this machine now (the best of three timed blocks)."
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    a @ b
+def matmul_rate(torch, threads=(), n=1024, seconds=1.0):
+    "fp32 FLOP/s of an n x n matmul on this machine now: the best of three timed blocks at each thread count in `threads`."
+    a, b, run_threads = torch.randn(n, n), torch.randn(n, n), torch.get_num_threads()
     best = 0.0
-    for _ in range(3):
-        k, t0 = 0, time.perf_counter()
-        while time.perf_counter() - t0 < seconds / 3:
-            a @ b
-            k += 1
-        best = max(best, 2 * n ** 3 * k / (time.perf_counter() - t0))
+    for th in sorted(set(threads) | {run_threads}):
+        torch.set_num_threads(th)
+        a @ b
+        for _ in range(3):
+            k, t0 = 0, time.perf_counter()
+            while time.perf_counter() - t0 < seconds / 3:
+                a @ b
+                k += 1
+            best = max(best, 2 * n ** 3 * k / (time.perf_counter() - t0))
+    torch.set_num_threads(run_threads)
     return best
 
 
 class TeacherAnswers:
     "The SFT teacher's answer to each env's current day, as token ids, fed to `generate_batch` as `force`."
 
-    def __init__(self, tok, seed=0):
+    def __init__(self, tok, endless=0.0, limits=None, seed=0):
         from tradellm.agents import RSIAgent
         self.tok, self.teacher, self.seed, self.script = tok, RSIAgent(), seed, {}
+        self.endless, self.limits = endless, limits  # this share of answers never ends: it runs to the task's token limit
 
     def prepare(self, envs, observations):
         import zlib
@@ -61,7 +68,11 @@ class TeacherAnswers:
             action, decisions = self.teacher.decide(env.view, env.task.max_position, env.task.max_trades)
             rng = np.random.default_rng([self.seed, zlib.crc32(obs.encode())])  # the same words for the same day on every road
             think = explain(env.view, action, decisions, rng, _rule_params(self.teacher), concise=True)
-            self.script[obs] = self.tok(f"<think>\n{think}\n</think>\n{action}", add_special_tokens=False)['input_ids']
+            ids = self.tok(f"<think>\n{think}\n</think>\n{action}", add_special_tokens=False)['input_ids']
+            if rng.random() < self.endless:  # a think block that never closes, as in an 'endless' format error
+                limit = self.limits.get(env.task.name, max(self.limits.values())) if isinstance(self.limits, dict) else self.limits
+                ids = (ids[:-len(self.tok(action, add_special_tokens=False)['input_ids']) - 4] * limit)[:limit]
+            self.script[obs] = ids
 
     def install(self, llm):
         real = llm.generate_batch
@@ -97,6 +108,7 @@ def main(argv=None):
     ap.add_argument('--roads', default='fast,generate,plain', help='roads to run (default fast,generate,plain)')
     ap.add_argument('--curve', default=None, help='batch sizes to measure the fast road at, e.g. 8,16,32,64 (first task)')
     ap.add_argument('--max-new-tokens', type=int, default=None, help='token limit per answer (default: the adapter limits, 192 easy / 640 medium)')
+    ap.add_argument('--endless', type=float, default=0.0, help="teacher-forced answers: the share that never ends (an SFT adapter's 'endless' format errors; default 0)")
     ap.add_argument('--threads', type=int, default=None, help='torch threads (default: torch decides)')
     ap.add_argument('--data', default=None, help='a folder of prices (default: a synthetic panel, so runs compare)')
     ap.add_argument('--device', default=None, help="'cpu' or 'cuda' (default: cuda when present)")
@@ -107,6 +119,7 @@ def main(argv=None):
     from tradellm import llm
     from tradellm.data import load_panel, synthetic_panel
     from tradellm.env import TradingEnv
+    default_threads = torch.get_num_threads()
     if a.threads: torch.set_num_threads(a.threads)
     panel = load_panel(a.data) if a.data else synthetic_panel(n_days=1100, symbols=30, start='2021-01-04', seed=7)
     t0 = time.perf_counter()
@@ -119,11 +132,13 @@ def main(argv=None):
     else:
         style, limits = 'compact', dict(llm.ADAPTER_MAX_NEW_TOKENS)
         answers = 'teacher-forced SFT answers (RSI teacher, concise reasons; the base model runs every step)'
-        teacher = TeacherAnswers(tok)
-        teacher.install(llm)
     if a.max_new_tokens: limits = a.max_new_tokens
+    if not a.adapter:
+        if a.endless: answers += f'; {a.endless:.0%} of them never end (run to the token limit)'
+        teacher = TeacherAnswers(tok, a.endless, limits)
+        teacher.install(llm)
     res = {'model': a.model, 'adapter': a.adapter, 'answers': answers, 'prompt_style': style, 'max_new_tokens': limits,
-           'parameters': n_params, 'device': model.tradellm_source['device'], 'torch_threads': torch.get_num_threads(),
+           'parameters': n_params, 'device': model.tradellm_source['device'], 'torch_threads': torch.get_num_threads(), 'default_threads': default_threads,
            'torch': torch.__version__, 'episodes': a.episodes, 'plain_episodes': a.plain_episodes, 'days_run': a.days,
            'rounds': a.rounds, 'data': panel.source, 'load_seconds': round(load_s, 1), 'command': ' '.join(sys.argv), 'tasks': {}}
     roads = {'fast': dict(fast=True), 'generate': dict(fast=False), 'plain': dict(fast=False, batch_size=1)}
@@ -134,9 +149,9 @@ def main(argv=None):
         kw = dict(roads[road])
         if batch_size: kw['batch_size'] = batch_size
         agent = llm.LLMAgent(model, tok, max_new_tokens=limits, prompt_style=style, **kw)
-        r0 = matmul_rate(torch)
+        r0 = matmul_rate(torch, (default_threads,))
         actions, secs = run_road(agent, envs, days, teacher, range(episodes))
-        r1 = matmul_rate(torch)
+        r1 = matmul_rate(torch, (default_threads,))
         st = agent.stats
         computed = st['prompt_tokens'] - st['cached_prompt_tokens'] + st['generated_tokens']
         rate = (r0 + r1) / 2

@@ -454,13 +454,13 @@ def test_default_model_trades_two_easy_episodes(smol, synth_panel):
 @needs_wheel
 @pytest.mark.slow
 def test_default_model_batched_equals_one_at_a_time(smol, synth_panel):
-    "SmolLM2, greedy: a padded batch of 3 and three single calls give the same completions, 2 days."
+    "SmolLM2, greedy: a padded batch of 3 by the fast path and three single `generate` calls give the same completions, 2 days."
     model, tok = smol
     runs = []
-    for bs in (None, 1):
+    for bs, fast in ((None, True), (1, False)):
         envs = [TradingEnv('easy', 'test', data=synth_panel) for _ in range(3)]
         obs = [e.reset(seed=i)[0] for i, e in enumerate(envs)]
-        agent = LLMAgent(model, tok, max_new_tokens=8, batch_size=bs)
+        agent = LLMAgent(model, tok, max_new_tokens=8, batch_size=bs, fast=fast)
         runs.append((_run_days(agent, envs, obs, 2), agent))
     (batched, ab), (alone, aa) = runs
     assert [ep['completions'] for ep in ab.episode_logs()] == [ep['completions'] for ep in aa.episode_logs()]
