@@ -520,3 +520,14 @@ def test_forced_answers_on_both_roads(tiny, easy_envs):
         generate_batch(model, tok, chats, force=force[:2])
     with pytest.raises(ValueError, match='with temperature 0'):
         generate_batch(model, tok, chats, temperature=1.0, force=force)
+
+
+def test_fitted_batch_size(tiny, easy_envs):
+    "batch_size=None: all chats in one call, or equal chunks of about `batch_tokens` prompt tokens."
+    model, tok = tiny
+    _, obs = easy_envs(7)
+    chats = [build_messages('easy', o) for o in obs]
+    n = len(tok(tok.apply_chat_template(chats[0], add_generation_prompt=True, tokenize=False), add_special_tokens=False)['input_ids'])
+    assert LLMAgent(model, tok).fitted_batch_size(chats) == 7
+    assert LLMAgent(model, tok, batch_tokens=3 * n).fitted_batch_size(chats) == 3  # 7 chats, 3 a call at most: 3 calls of 3, 3, 1
+    assert LLMAgent(model, tok, batch_tokens=1).fitted_batch_size(chats) == 1

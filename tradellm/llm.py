@@ -508,6 +508,7 @@ class LLMAgent(Agent):
                  reuse_prefix:bool=True, # reuse the system prompt's key/value cache (same answers, less work)
                  prompt_style:str='full', # the system prompt's style: 'full' (zero-shot) or 'compact' (what SFT adapters learn)
                  fast:bool=True, # greedy answers by the fast path (the same answers; see "Fast path")
+                 batch_tokens:int=16384, # with batch_size=None: chats per call kept to about this many prompt tokens
                 ):
         if batch_size is not None and batch_size < 1: raise ValueError(f"batch_size must be None or at least 1, got {batch_size}")
         limits = list(max_new_tokens.values()) if isinstance(max_new_tokens, dict) else [max_new_tokens]
@@ -519,7 +520,7 @@ class LLMAgent(Agent):
         if self.source.get('kind') == 'folder': m = Path(m).name  # a short row label; config() keeps the path
         self.name = name or f"llm:{m}" + (f"+{Path(self.source['adapter']).name}" if self.source.get('adapter') else '')
         self.max_new_tokens, self.temperature, self.seed, self.batch_size, self.system = max_new_tokens, temperature, seed, batch_size, system
-        self.reuse_prefix, self.prompt_style, self.fast = reuse_prefix, _check_style(prompt_style), fast
+        self.reuse_prefix, self.prompt_style, self.fast, self.batch_tokens = reuse_prefix, _check_style(prompt_style), fast, batch_tokens
         self.completions, self._active, self._episodes, self._day = [], [], [], 0
         self.stats = dict(generate_calls=0, prompt_tokens=0, cached_prompt_tokens=0, generated_tokens=0, seconds=0.0)
 
@@ -534,6 +535,13 @@ class LLMAgent(Agent):
         "The token limit of a completion on `task` (a per-task dict without the task: its largest limit)."
         m = self.max_new_tokens
         return int(m.get(task, max(m.values()))) if isinstance(m, dict) else int(m)
+
+    def fitted_batch_size(self, chats) -> int:
+        "Chats per call when `batch_size` is None: all of them, or equal chunks of about `batch_tokens` prompt tokens."
+        if not chats: return 1
+        n = len(self.tok(self.tok.apply_chat_template(chats[0], add_generation_prompt=True, tokenize=False), add_special_tokens=False)['input_ids'])
+        calls = math.ceil(len(chats) / max(1, self.batch_tokens // max(1, n)))
+        return math.ceil(len(chats) / calls)
 
     def reset(self, envs):
         "New episodes start (one per env): open a log for each."
@@ -552,7 +560,7 @@ class LLMAgent(Agent):
         if len(envs) != len(observations): raise ValueError(f"{len(envs)} envs but {len(observations)} observations")
         if len(self._active) != len(envs): self.reset(envs)
         chats = [build_messages(e.task, o, self.system, self.prompt_style) for e, o in zip(envs, observations)]
-        size = self.batch_size or max(1, len(chats))
+        size = self.batch_size or self.fitted_batch_size(chats)
         # sampling: one stream per chat from (agent seed, episode seed, day), so an episode's answers do not depend on
         # the batch it is in (batch_size, --episodes); an env reset without a seed uses its position instead
         seeds = None if self.temperature <= 0 else [
