@@ -155,7 +155,7 @@ def main(argv=None):
         st = agent.stats
         computed = st['prompt_tokens'] - st['cached_prompt_tokens'] + st['generated_tokens']
         rate = (r0 + r1) / 2
-        out = {'seconds': round(secs, 2), 'episodes': episodes, 'batch_size': 1 if road == 'plain' else batch_size or episodes,
+        out = {'seconds': round(secs, 2), 'episodes': episodes, 'generate_calls_per_day': st['generate_calls'] // days,
                'prompt_tokens': st['prompt_tokens'], 'cached_prompt_tokens': st['cached_prompt_tokens'],
                'generated_tokens': st['generated_tokens'], 'tokens_per_second': round(computed / secs, 1),
                'matmul_gflops': [round(r0 / 1e9, 1), round(r1 / 1e9, 1)],
@@ -201,7 +201,7 @@ def main(argv=None):
                 if f'fast_vs_{peer}' in t: print(f"{task:8s} fast / {peer}: {t[f'fast_vs_{peer}']['median']:.2f}x median round")
             print(f"{task:8s} same actions on every road: {t['same_actions']}")
             for c in t.get('curve', []):
-                print(f"{task:8s} fast, batch {c['batch_size']:3d}: MFU {c['mfu']:.1%}  {c['episodes_per_minute']:.2f} episodes/min")
+                print(f"{task:8s} fast, {c['generate_calls_per_day']:3d} calls a day: MFU {c['mfu']:.1%}  {c['episodes_per_minute']:.2f} episodes/min")
     return 0
 
 
