@@ -454,14 +454,80 @@ def test_default_model_trades_two_easy_episodes(smol, synth_panel):
 @needs_wheel
 @pytest.mark.slow
 def test_default_model_batched_equals_one_at_a_time(smol, synth_panel):
-    "SmolLM2, greedy: a padded batch of 3 and three single calls give the same completions, 2 days."
+    "SmolLM2, greedy: a padded batch of 3 by the fast path and three single `generate` calls give the same completions, 2 days."
     model, tok = smol
     runs = []
-    for bs in (None, 1):
+    for bs, fast in ((None, True), (1, False)):
         envs = [TradingEnv('easy', 'test', data=synth_panel) for _ in range(3)]
         obs = [e.reset(seed=i)[0] for i, e in enumerate(envs)]
-        agent = LLMAgent(model, tok, max_new_tokens=8, batch_size=bs)
+        agent = LLMAgent(model, tok, max_new_tokens=8, batch_size=bs, fast=fast)
         runs.append((_run_days(agent, envs, obs, 2), agent))
     (batched, ab), (alone, aa) = runs
     assert [ep['completions'] for ep in ab.episode_logs()] == [ep['completions'] for ep in aa.episode_logs()]
     assert batched == alone
+
+
+# ---------------------------------------------------------------- the fast path (07_llm "Fast path")
+
+def _stops_often(tiny_dir):
+    "A fresh tiny model whose answers end at different steps: a few common characters also end a turn."
+    model, tok = load_model(tiny_dir, device='cpu')
+    ends = [model.config.eos_token_id] + [tok.convert_tokens_to_ids(c) for c in 'eaoi']
+    model.generation_config.eos_token_id = ends
+    return model, tok
+
+
+@pytest.mark.parametrize('reuse_prefix', [True, False])
+def test_fast_path_gives_the_plain_answers(tiny_dir, easy_envs, reuse_prefix):
+    "Greedy: rows leaving the batch as they end give the texts, token counts and stops of `model.generate`."
+    model, tok = _stops_often(tiny_dir)
+    _, obs = easy_envs(6)
+    chats = [build_messages('easy', o) for o in obs] + [build_messages('medium', 'Day 1 of 30. ' + o) for o in obs[:2]]
+    plain = generate_batch(model, tok, chats, max_new_tokens=30, reuse_prefix=reuse_prefix)
+    fast = generate_batch(model, tok, chats, max_new_tokens=30, reuse_prefix=reuse_prefix, fast=True)
+    assert len(set(plain.new_tokens)) > 2 and any(plain.stopped)  # rows end at different steps: some leave early
+    assert (fast.texts, fast.new_tokens, fast.stopped, fast.prompt_tokens, fast.cached_tokens) == \
+           (plain.texts, plain.new_tokens, plain.stopped, plain.prompt_tokens, plain.cached_tokens)
+    one = generate_batch(model, tok, chats[:1], max_new_tokens=30, reuse_prefix=reuse_prefix, fast=True)
+    assert one.texts == plain.texts[:1]
+
+
+def test_fast_agent_equals_plain_agent(tiny_dir, synth_panel):
+    model, tok = _stops_often(tiny_dir)
+    runs = []
+    for fast, bs in ((True, None), (False, None), (False, 1)):
+        envs = [TradingEnv('easy', 'test', data=synth_panel) for _ in range(4)]
+        obs = [e.reset(seed=i)[0] for i, e in enumerate(envs)]
+        agent = LLMAgent(model, tok, max_new_tokens=16, batch_size=bs, fast=fast)
+        runs.append((_run_days(agent, envs, obs, 3), [ep['completions'] for ep in agent.episode_logs()], agent.stats['generated_tokens']))
+    assert runs[0] == runs[1] == runs[2]
+    assert LLMAgent(model, tok).fast  # the agent's default
+
+
+def test_forced_answers_on_both_roads(tiny, easy_envs):
+    "Teacher forcing (the benchmark's stand-in for an adapter): the given answers, each ended by the end-of-turn token."
+    model, tok = tiny
+    _, obs = easy_envs(3)
+    chats = [build_messages('easy', o) for o in obs]
+    want = ['HOLD', '<think>\nRSI 28 is oversold.\n</think>\nBUY 0.5', 'SELL 1']
+    force = [tok(w, add_special_tokens=False)['input_ids'] for w in want]
+    for fast in (True, False):
+        g = generate_batch(model, tok, chats, max_new_tokens=64, force=force, fast=fast)
+        assert g.texts == [tok.decode(f) for f in force] and g.new_tokens == [len(f) + 1 for f in force] and all(g.stopped)
+    cut = generate_batch(model, tok, chats, max_new_tokens=5, force=force, fast=True)
+    assert cut.new_tokens == [5, 5, 5] and cut.stopped == [True, False, False]
+    with pytest.raises(ValueError, match='one list of token ids per chat'):
+        generate_batch(model, tok, chats, force=force[:2])
+    with pytest.raises(ValueError, match='with temperature 0'):
+        generate_batch(model, tok, chats, temperature=1.0, force=force)
+
+
+def test_fitted_batch_size(tiny, easy_envs):
+    "batch_size=None: all chats in one call, or equal chunks of about `batch_tokens` prompt tokens."
+    model, tok = tiny
+    _, obs = easy_envs(7)
+    chats = [build_messages('easy', o) for o in obs]
+    n = len(tok(tok.apply_chat_template(chats[0], add_generation_prompt=True, tokenize=False), add_special_tokens=False)['input_ids'])
+    assert LLMAgent(model, tok).fitted_batch_size(chats) == 7
+    assert LLMAgent(model, tok, batch_tokens=3 * n).fitted_batch_size(chats) == 3  # 7 chats, 3 a call at most: 3 calls of 3, 3, 1
+    assert LLMAgent(model, tok, batch_tokens=1).fitted_batch_size(chats) == 1

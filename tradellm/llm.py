@@ -353,6 +353,8 @@ def generate_batch(model, tok, # from `load_model`
                    temperature:float=0.0, # 0: greedy; above 0: sampling at this temperature
                    seed:int|list|None=None, # seeds the sampling: one seed for the call (torch.manual_seed), or one per chat
                    reuse_prefix:bool=True, # compute the shared system prompt's cache once and reuse it
+                   fast:bool=False, # greedy decoding by `_greedy_decode` (see "Fast path"): a finished answer leaves the batch
+                   force:list|None=None, # per chat, token ids to emit instead of the greedy choice (teacher forcing, for benchmarks)
                   ) -> Generation:
     "One batched, left-padded `generate` over `batch_of_messages`, with token counts."
     import copy
@@ -363,6 +365,8 @@ def generate_batch(model, tok, # from `load_model`
     per_chat = isinstance(seed, (list, tuple))
     if per_chat and len(seed) != len(batch_of_messages):
         raise ValueError(f"seed: {len(seed)} seeds for {len(batch_of_messages)} chats (give one per chat, or one int)")
+    if force is not None and (temperature > 0 or len(force) != len(batch_of_messages)):
+        raise ValueError(f"force: give one list of token ids per chat ({len(force)} for {len(batch_of_messages)} chats), with temperature 0")
     t0 = time.time()
     prompts = [tok.apply_chat_template(m, add_generation_prompt=True, tokenize=False) for m in batch_of_messages]
     rows = [tok(p, add_special_tokens=False)['input_ids'] for p in prompts]
@@ -388,11 +392,15 @@ def generate_batch(model, tok, # from `load_model`
     if temperature > 0 and per_chat:  # each chat its own stream: the sampler picks, greedy decoding takes its pick
         kw = dict(do_sample=False, logits_processor=[_row_sampler(seed, float(temperature), model.device)])
     elif seed is not None and not per_chat: torch.manual_seed(seed)
-    with torch.inference_mode():
-        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, pad_token_id=pad,
-                             eos_token_id=eos, **extra, **kw)
+    if force is not None: kw['logits_processor'] = [_forced_tokens(force, ids.shape[1], eos[0], model.device)]
+    if fast and temperature == 0: new = _greedy_decode(model, ids, mask, extra, P, max_new_tokens, eos, force)
+    else:
+        with torch.inference_mode():
+            out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, pad_token_id=pad,
+                                 eos_token_id=eos, **extra, **kw)
+        new = out[:, ids.shape[1]:].tolist()
     texts, n_new, stopped = [], [], []
-    for row in out[:, ids.shape[1]:].tolist():
+    for row in new:
         end = next((i for i, t in enumerate(row) if t in eos), None)
         stopped.append(end is not None)
         row = row if end is None else row[:end]
@@ -406,9 +414,63 @@ def generate(model, tok, # from `load_model`
              temperature:float=0.0, # 0: greedy; above 0: sampling at this temperature
              seed:int|list|None=None, # seeds the sampling: one seed for the call, or one per chat
              reuse_prefix:bool=True, # compute the shared system prompt's cache once and reuse it
+             fast:bool=False, # greedy decoding by the fast path (same answers)
             ) -> list[str]:
     "One completion per chat, from one batched, left-padded `generate` call."
-    return generate_batch(model, tok, batch_of_messages, max_new_tokens, temperature, seed, reuse_prefix).texts
+    return generate_batch(model, tok, batch_of_messages, max_new_tokens, temperature, seed, reuse_prefix, fast).texts
+
+# %% ../nbs/07_llm.ipynb #f002
+def _forced_tokens(force, start, fill, device):
+    "A logits processor for `generate`: row i's greedy pick at step t is `force[i][t]`, then `fill` (the end-of-turn token)."
+    import torch
+    from transformers import LogitsProcessor
+    table = _force_table(force, fill).to(device)
+
+    class Forced(LogitsProcessor):
+        def __call__(self, input_ids, scores):
+            t = min(input_ids.shape[1] - start, table.shape[1] - 1)
+            return torch.full_like(scores, float('-inf')).scatter_(1, table[:, t:t + 1], 0.0)
+    return Forced()
+
+def _force_table(force, fill):
+    import torch
+    T = max(map(len, force), default=0) + 1
+    return torch.tensor([list(f) + [fill] * (T - len(f)) for f in force], dtype=torch.long)
+
+def _greedy_decode(model, ids, mask, extra, P, # the batch as `generate_batch` builds it; P tokens come from the prefix cache
+                   max_new_tokens, eos, # the limit and the end-of-turn ids
+                   force=None, # per row, token ids to emit instead of the greedy pick
+                  ) -> list:
+    "Greedy decoding in which each row leaves the batch the step its answer ends: the new token ids of each row."
+    import torch
+    from transformers import DynamicCache
+    arg = _cache_arg(model)
+    cache = extra.get(arg)
+    if cache is None:
+        try: cache = DynamicCache(config=model.config)
+        except TypeError: cache = DynamicCache()
+    table = None if force is None else _force_table(force, eos[0])
+    ends = torch.tensor(eos)
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)  # what `generate` derives from the mask
+    rows = torch.arange(ids.shape[0])  # the chat of each row still in the batch
+    new = [[] for _ in range(ids.shape[0])]
+    step_ids, step_pos = ids[:, P:], pos[:, P:]
+    with torch.inference_mode():
+        for t in range(max_new_tokens):
+            logits = model(input_ids=step_ids, attention_mask=mask, position_ids=step_pos, use_cache=True,
+                           logits_to_keep=1, **{arg: cache}).logits[:, -1]
+            pick = logits.float().argmax(-1) if table is None else table[rows, min(t, table.shape[1] - 1)]
+            for r, k in zip(rows.tolist(), pick.tolist()): new[r].append(k)
+            done = torch.isin(pick, ends)
+            if t == max_new_tokens - 1 or bool(done.all()): break
+            if bool(done.any()):  # finished rows leave: their cache, mask and positions with them
+                keep = (~done).nonzero().squeeze(1)
+                cache.batch_select_indices(keep)
+                rows, pick, mask, step_pos = rows[keep], pick[keep], mask[keep], step_pos[keep]
+            step_ids, step_pos = pick[:, None], step_pos[:, -1:] + 1
+            mask = torch.cat([mask, mask.new_ones(len(rows), 1)], 1)
+    return new
+
 
 # %% ../nbs/07_llm.ipynb #c034
 def _non_latin_share(text) -> float:
@@ -445,6 +507,8 @@ class LLMAgent(Agent):
                  system:str|None=None, # a system prompt to use instead of `system_prompt(task, prompt_style)`
                  reuse_prefix:bool=True, # reuse the system prompt's key/value cache (same answers, less work)
                  prompt_style:str='full', # the system prompt's style: 'full' (zero-shot) or 'compact' (what SFT adapters learn)
+                 fast:bool=True, # greedy answers by the fast path (the same answers; see "Fast path")
+                 batch_tokens:int=16384, # with batch_size=None: chats per call kept to about this many prompt tokens
                 ):
         if batch_size is not None and batch_size < 1: raise ValueError(f"batch_size must be None or at least 1, got {batch_size}")
         limits = list(max_new_tokens.values()) if isinstance(max_new_tokens, dict) else [max_new_tokens]
@@ -456,7 +520,7 @@ class LLMAgent(Agent):
         if self.source.get('kind') == 'folder': m = Path(m).name  # a short row label; config() keeps the path
         self.name = name or f"llm:{m}" + (f"+{Path(self.source['adapter']).name}" if self.source.get('adapter') else '')
         self.max_new_tokens, self.temperature, self.seed, self.batch_size, self.system = max_new_tokens, temperature, seed, batch_size, system
-        self.reuse_prefix, self.prompt_style = reuse_prefix, _check_style(prompt_style)
+        self.reuse_prefix, self.prompt_style, self.fast, self.batch_tokens = reuse_prefix, _check_style(prompt_style), fast, batch_tokens
         self.completions, self._active, self._episodes, self._day = [], [], [], 0
         self.stats = dict(generate_calls=0, prompt_tokens=0, cached_prompt_tokens=0, generated_tokens=0, seconds=0.0)
 
@@ -472,6 +536,13 @@ class LLMAgent(Agent):
         m = self.max_new_tokens
         return int(m.get(task, max(m.values()))) if isinstance(m, dict) else int(m)
 
+    def fitted_batch_size(self, chats) -> int:
+        "Chats per call when `batch_size` is None: all of them, or equal chunks of about `batch_tokens` prompt tokens."
+        if not chats: return 1
+        n = len(self.tok(self.tok.apply_chat_template(chats[0], add_generation_prompt=True, tokenize=False), add_special_tokens=False)['input_ids'])
+        calls = math.ceil(len(chats) / max(1, self.batch_tokens // max(1, n)))
+        return math.ceil(len(chats) / calls)
+
     def reset(self, envs):
         "New episodes start (one per env): open a log for each."
         self._active = [dict(completions=[], format_errors=0, steps=0, issues=[], prompt_tokens=0, generated_tokens=0)
@@ -486,14 +557,14 @@ class LLMAgent(Agent):
 
     def _generate(self, chats:list, max_new_tokens:int, seeds:list|None) -> Generation:
         "One batched generation of `chats` (transformers here; `tradellm.scale.VLLMAgent` generates with vLLM)."
-        return generate_batch(self.model, self.tok, chats, max_new_tokens, self.temperature, seeds, self.reuse_prefix)
+        return generate_batch(self.model, self.tok, chats, max_new_tokens, self.temperature, seeds, self.reuse_prefix, self.fast)
 
     def act(self, envs, observations) -> list[str]:
         "One action per env: all envs' chats go through batched `generate` calls."
         if len(envs) != len(observations): raise ValueError(f"{len(envs)} envs but {len(observations)} observations")
         if len(self._active) != len(envs): self.reset(envs)
         chats = [build_messages(e.task, o, self.system, self.prompt_style) for e, o in zip(envs, observations)]
-        size = self.batch_size or max(1, len(chats))
+        size = self.batch_size or self.fitted_batch_size(chats)
         # sampling: one stream per chat from (agent seed, episode seed, day), so an episode's answers do not depend on
         # the batch it is in (batch_size, --episodes); an env reset without a seed uses its position instead
         seeds = None if self.temperature <= 0 else [
