@@ -364,6 +364,8 @@ class VLLMAgent(LLMAgent):
 
     def config(self) -> dict: return {**super().config(), 'engine': 'vllm'}
 
+    def fitted_batch_size(self, chats:list) -> int: return len(chats)  # vLLM schedules its own batches
+
     def _generate(self, chats:list, max_new_tokens:int, seeds:list|None) -> Generation:
         "One `LLM.generate` over `chats`: one `SamplingParams` per chat."
         t0 = time.time()
