@@ -62,11 +62,6 @@ def has_image(nb) -> bool: return any('image/png' in o.get('data', {}) for o in 
 
 
 NOTEBOOKS = {p.stem: p for p in notebook_paths()}
-EXECUTED = sorted(n for n, p in NOTEBOOKS.items() if outputs(_nb(p)))
-# Until the first `make docs-nbs` is committed no notebook has outputs, and these tests would only say so.
-# Remove this mark once the outputs are in (issue #22): from then on a notebook without outputs fails.
-needs_outputs = pytest.mark.skipif(not EXECUTED, reason='no notebook in nbs/ has outputs yet: run `make docs-nbs` and commit the '
-                                                     'notebooks (issue #22), then delete this skip')
 FIGURES = sorted(n for n, p in NOTEBOOKS.items() if draws_figure(_nb(p)))
 SHOWING = sorted(n for n, p in NOTEBOOKS.items() if shows_something(_nb(p)))
 
@@ -85,20 +80,17 @@ def test_figure_and_output_detection():
     assert not shows_something({'cells': [cell("#| export\ndef f(): print(1)")]})
 
 
-@needs_outputs
 @pytest.mark.parametrize('name', SHOWING)
 def test_notebook_that_shows_something_has_outputs(name):
     assert outputs(_nb(NOTEBOOKS[name])), f"{name}.ipynb has no outputs: run `make docs-nbs NBS={name}` and commit it"
 
 
-@needs_outputs
 @pytest.mark.parametrize('name', FIGURES)
 def test_figure_is_stored(name):
     assert has_image(_nb(NOTEBOOKS[name])), (f"{name}.ipynb draws a figure but stores no image: "
                                              f"run `make docs-nbs NBS={name}` and commit it")
 
 
-@needs_outputs
 @pytest.mark.parametrize('name', sorted(NOTEBOOKS))
 def test_no_error_in_outputs(name):
     for c in _nb(NOTEBOOKS[name])['cells']:
@@ -114,7 +106,6 @@ HTML_CHECKED = sorted({'06_evaluate'} & set(FIGURES)) + sorted((n for n in FIGUR
                                                                 key=lambda n: NOTEBOOKS[n].stat().st_size)[:1]
 
 
-@needs_outputs
 @pytest.mark.parametrize('name', HTML_CHECKED)
 def test_figures_render_in_html(name):
     "nbconvert's page of a notebook that draws shows every figure it stores."
