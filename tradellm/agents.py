@@ -11,9 +11,9 @@ import numpy as np
 
 # %% auto #0
 __all__ = ['RSI_RULES', 'TEACHER_RULES', 'AGENT_KINDS', 'BASELINES', 'TEACHER_FAMILIES', 'DEFAULT_TEACHERS', 'Agent',
-           'DoNothingAgent', 'BuyAndHoldAgent', 'RSIAgent', 'TeacherAgent', 'EMATrendAgent', 'MACDAgent',
-           'MomentumAgent', 'RandomAgent', 'AgentKind', 'register_agent', 'entry_point', 'leaderboard_spec',
-           'make_agent', 'teacher_spec', 'make_teacher', 'TaskTeachers']
+           'DoNothingAgent', 'BuyAndHoldAgent', 'RSIAgent', 'TeacherAgent', 'ThresholdTeacher', 'EMATrendAgent',
+           'MACDAgent', 'MomentumAgent', 'RandomAgent', 'AgentKind', 'register_agent', 'entry_point',
+           'leaderboard_spec', 'make_agent', 'teacher_spec', 'make_teacher', 'TaskTeachers']
 
 # %% ../nbs/05_agents.ipynb #c006
 class Agent:
@@ -232,24 +232,30 @@ class TeacherAgent(Agent):
     act = RSIAgent.act
 
 # %% ../nbs/05_agents.ipynb #t003
-class EMATrendAgent(TeacherAgent):
+class ThresholdTeacher(TeacherAgent):
+    "A family that reads one indicator (`feature`): buy a stock not held when it is at or above `enter`, sell a held one when it falls below `exit`."
+    params, feature = ('enter', 'exit', 'stop_loss', 'max_buys'), ''
+
+    def __init__(self, enter:float, exit:float=0.0, stop_loss:float=0.0, max_buys:int=3):
+        if exit > enter: raise ValueError(f"exit ({exit}) must not be above enter ({enter}): the rule would buy and sell on one {self.feature}")
+        self.enter, self.exit_line, self.stop_loss, self.max_buys = float(enter), float(exit), float(stop_loss), int(max_buys)
+        self.last_decisions = []
+
+    def config(self): return dict(name=self.name, family=self.family, enter=self.enter, exit=self.exit_line, stop_loss=self.stop_loss, max_buys=self.max_buys)
+    def entry(self, d): return d[self.feature] >= self.enter
+    def exit(self, d): return d[self.feature] < self.exit_line
+    def strength(self, d): return d[self.feature]
+
+class EMATrendAgent(ThresholdTeacher):
     "Trend following: buy when EMA10 is at least `enter`% above EMA30, sell when it falls below `exit`%."
-    family, params, inputs = 'ema', ('enter', 'exit', 'stop_loss', 'max_buys'), ('trend',)
+    family, inputs, feature = 'ema', ('trend',), 'trend'
 
     def __init__(self,
                  enter:float=0.5, # buy a stock not held when its trend (%) is at or above this
                  exit:float=0.0, # sell a held one when its trend falls below this
                  stop_loss:float=0.0, # also sell at this loss on the position, percent (0: no stop)
                  max_buys:int=3, # new positions a day at most, strongest signal first (0: no limit)
-                ):
-        if exit > enter: raise ValueError(f"exit ({exit}) must not be above enter ({enter}): the rule would buy and sell on one trend")
-        self.enter, self.exit_line, self.stop_loss, self.max_buys = float(enter), float(exit), float(stop_loss), int(max_buys)
-        self.last_decisions = []
-
-    def config(self): return dict(name=self.name, family=self.family, enter=self.enter, exit=self.exit_line, stop_loss=self.stop_loss, max_buys=self.max_buys)
-    def entry(self, d): return d['trend'] >= self.enter
-    def exit(self, d): return d['trend'] < self.exit_line
-    def strength(self, d): return d['trend']
+                ): super().__init__(enter, exit, stop_loss, max_buys)
 
 class MACDAgent(TeacherAgent):
     "MACD cross: hold a stock while its MACD line is above the signal line (buy on the cross up, sell on the cross down)."
@@ -263,29 +269,20 @@ class MACDAgent(TeacherAgent):
         self.zero_line, self.stop_loss, self.max_buys = bool(zero_line), float(stop_loss), int(max_buys)
         self.last_decisions = []
 
-    def config(self): return dict(name=self.name, family=self.family, zero_line=self.zero_line, stop_loss=self.stop_loss, max_buys=self.max_buys)
     def entry(self, d): return d['macd_hist'] > 0 and (not self.zero_line or d['macd'] > 0)
     def exit(self, d): return d['macd_hist'] < 0
     def strength(self, d): return d['macd_hist'] / max(abs(d['macd_signal']), 1e-9)
 
-class MomentumAgent(TeacherAgent):
+class MomentumAgent(ThresholdTeacher):
     "Momentum: buy when the 10-day return is at least `enter`%, sell when it falls below `exit`%."
-    family, params, inputs = 'momentum', ('enter', 'exit', 'stop_loss', 'max_buys'), ('momentum',)
+    family, inputs, feature = 'momentum', ('momentum',), 'momentum'
 
     def __init__(self,
                  enter:float=2.0, # buy a stock not held when its 10-day momentum (%) is at or above this
                  exit:float=0.0, # sell a held one when it falls below this
                  stop_loss:float=0.0, # also sell at this loss on the position, percent (0: no stop)
                  max_buys:int=3, # new positions a day at most, strongest signal first (0: no limit)
-                ):
-        if exit > enter: raise ValueError(f"exit ({exit}) must not be above enter ({enter})")
-        self.enter, self.exit_line, self.stop_loss, self.max_buys = float(enter), float(exit), float(stop_loss), int(max_buys)
-        self.last_decisions = []
-
-    def config(self): return dict(name=self.name, family=self.family, enter=self.enter, exit=self.exit_line, stop_loss=self.stop_loss, max_buys=self.max_buys)
-    def entry(self, d): return d['momentum'] >= self.enter
-    def exit(self, d): return d['momentum'] < self.exit_line
-    def strength(self, d): return d['momentum']
+                ): super().__init__(enter, exit, stop_loss, max_buys)
 
 # %% ../nbs/05_agents.ipynb #c034
 class RandomAgent(Agent):
