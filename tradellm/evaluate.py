@@ -27,7 +27,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from .data import SPLITS, load_panel, split_slice, cache_dir
-from .tasks import TASKS, ENV_VERSION, get_task
+from .tasks import TASKS, ENV_VERSION, get_task, buy_and_hold_curve as tasks_buy_and_hold_curve
 from .env import TradingEnv
 from .agents import Agent, BASELINES, make_agent, entry_point, leaderboard_spec
 
@@ -289,10 +289,8 @@ class Terminated(KeyboardInterrupt):
 
 # %% ../nbs/06_evaluate.ipynb #c024
 def buy_and_hold_curve(record:dict) -> np.ndarray:
-    "Equity of the frictionless equal-weight buy-and-hold of the episode's stocks (bought at day 1's open)."
-    o, c = np.asarray(record['open'], float), np.asarray(record['close'], float)
-    cap = record['equity'][0]
-    return np.r_[cap, cap * (c[1:] / o[1]).mean(1)]
+    "Equity of the frictionless equal-weight buy-and-hold of a recorded episode's stocks (bought at day 1's open): the curve its score compared with."
+    return tasks_buy_and_hold_curve(record['open'], record['close'], record['equity'][0])
 
 def drawdown_curve(equity) -> np.ndarray:
     "Fall from the running peak at each day, as a fraction of that peak."
