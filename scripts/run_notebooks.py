@@ -38,7 +38,7 @@ def notebooks(only:str|None=None) -> list[Path]:
     "The notebooks `nbdev_test` would test (nbdev's own glob of `nbs_path`), or those named in `only`."
     from nbdev.config import get_config
     from nbdev.doclinks import nbglob
-    files = sorted(p for p in nbglob(get_config().nbs_path, as_path=True) if not (p.parent / '.notest').exists())
+    files = sorted(p for p in nbglob(get_config(path=ROOT).nbs_path, as_path=True) if not (p.parent / '.notest').exists())
     if not only: return files
     names = [n.strip().removesuffix('.ipynb') for n in only.split(',') if n.strip()]
     by_stem = {p.stem: p for p in files}
