@@ -12,6 +12,7 @@ from tradellm.agents import RandomAgent
 from tradellm.env import TradingEnv
 from tradellm.evaluate import run_episodes
 from tradellm.tasks import TASKS
+from tests.test_env import do_nothing_score
 
 EPISODES = 100
 MARGIN = 0.02
@@ -73,9 +74,6 @@ def last_day_all_in(env, day):
 
 
 FARMERS = [dust_hold, dust_round_trips, last_day_dust, dust_sell_when_ahead, churn_everything, last_day_all_in]
-
-
-def do_nothing_score(R_B): return 0.50 + 0.15 * min(1.0, max(0.0, 0.5 - R_B / 0.1))
 
 
 def play(policy, env, seed):
