@@ -399,7 +399,6 @@ def teacher_spec(agent) -> str:
     "The one spelling of a teacher's spec: 'teacher:FAMILY:k=v,...' with every parameter, in the constructor's order."
     family = 'rsi' if isinstance(agent, RSIAgent) else agent.family
     cfg = agent.config()
-    cfg['exit'] = cfg.get('exit')  # (the trend families keep their exit line as `exit_line`)
     return f"teacher:{family}:" + ','.join(f"{k}={_teacher_value(cfg[k])}" for k in _family_params(family))
 
 def make_teacher(arg:str, # 'FAMILY[:k=v,...]' (the family's defaults for what is left out)
