@@ -30,10 +30,10 @@ __all__ = ['PROFILES', 'STAGE_FILE', 'AGENTS', 'CHAIN', 'TeacherSettings', 'SFTD
 # %% ../nbs/13_experiment.ipynb #e006
 @dataclass(frozen=True)
 class TeacherSettings:
-    "Who the SFT examples imitate (today the RSI rules with trading flags; `teacher-select` will choose per task)."
-    family: str = 'rsi' # the rule family
-    buy_below: float = 40.0 # RSI entry line (the design's 35 almost never fires on these stocks)
-    trend_veto: float = -1.0 # no buy while the trend (%) is below this
+    "Who the SFT examples imitate: the teachers chosen per task on train (`select_teacher`), or the recorded choice."
+    select: bool = True # run `select_teacher` on train (a few minutes); False: `DEFAULT_TEACHERS`, its recorded result
+    episodes: int = 100 # train episodes per teacher and task
+    val_episodes: int = 200 # val episodes of the chosen teachers against the two baselines
 
 @dataclass(frozen=True)
 class SFTDataSettings:
@@ -70,6 +70,8 @@ class GRPOSettings:
     horizon: int = 5 # days a completion is held and scored over
     lr: float = 2e-5 # learning rate
     beta: float = 0.04 # KL coefficient against the SFT adapter
+    reward: str = 'score' # 'score': the leaderboard's episode score minus the hold continuation's; 'pnl5': five-day P&L
+    multiturn: bool = False # whole episodes through TRL's environment_factory instead of one day per prompt
     save_steps: int = 25 # checkpoint every this many steps
     seed: int = 0
 
@@ -104,6 +106,7 @@ class Profile:
 
 PROFILES = {
     'smoke': Profile('smoke', 'smollm2',
+                     teacher=TeacherSettings(episodes=10, val_episodes=10),
                      sft_data=SFTDataSettings(easy_steps=8, medium_steps=0, val_fraction=0.25),
                      sft=SFTSettings(max_steps=2, lora_rank=16, batch_size=1, grad_accum=2, eval_examples=2),
                      grpo=GRPOSettings(steps=2, group_size=2, prompts=4, max_completion_length=64, save_steps=100),
@@ -112,17 +115,17 @@ PROFILES = {
                      note='a pipeline check in minutes (CI slow tests): 8 SFT examples, 2 SFT steps, 2 GRPO steps, '
                           '4 easy test episodes, answers cut at 64 tokens. Its numbers answer nothing'),
     'cpu': Profile('cpu', 'smollm2',
-                   sft_data=SFTDataSettings(easy_steps=300, medium_steps=0),
+                   sft_data=SFTDataSettings(easy_steps=400, medium_steps=150),
                    sft=SFTSettings(epochs=1.0, lora_rank=64, batch_size=1, grad_accum=4, eval_examples=16),
-                   grpo=GRPOSettings(steps=10, group_size=4, prompts=64),
+                   grpo=GRPOSettings(steps=20, group_size=4, prompts=80),
                    ppo=PPOSettings(timesteps=5120),
-                   evaluation=EvalSettings(tasks=('easy',), episodes=50, max_new_tokens=96),
-                   note='SmolLM2-135M on a 2-core CPU: 300 easy examples (one epoch, 75 SFT steps), 10 GRPO steps, '
-                        '50 easy test episodes per agent, answers up to 96 tokens'),
+                   evaluation=EvalSettings(tasks=('easy',), episodes=50),
+                   note='SmolLM2-135M on a 2-core CPU: 550 examples of the chosen teachers (400 easy, 150 medium; one epoch), '
+                        '20 GRPO steps on easy with the score reward, 50 easy test episodes per agent'),
     't4': Profile('t4', 'Qwen/Qwen2.5-0.5B-Instruct',
                   sft_data=SFTDataSettings(easy_steps=4000, medium_steps=3000),
                   sft=SFTSettings(epochs=1.0, lora_rank=64, lr=2e-4, batch_size=4, grad_accum=4, max_length=2048, qlora=True),
-                  grpo=GRPOSettings(task='easy', steps=200, group_size=8, max_completion_length=128, horizon=5, lr=2e-5,
+                  grpo=GRPOSettings(task='easy', steps=200, group_size=8, max_completion_length=None, horizon=5, lr=2e-5,
                                     beta=0.04, save_steps=25),
                   ppo=PPOSettings(timesteps=20_000),
                   evaluation=EvalSettings(tasks=('easy', 'medium'), episodes=50, max_new_tokens=160),
@@ -270,22 +273,23 @@ def run_stages(stages:list, # `Stage`s in order (each after the stages it reads)
 
 # %% ../nbs/13_experiment.ipynb #e017
 def teacher_agent(teacher:dict, # the teacher stage's outputs
-                  task:str|None=None, # the task it trades (today one teacher trades every task)
                  ):
-    "The teacher as an agent (spec 'teacher')."
-    from tradellm.agents import RSIAgent
-    t = teacher['by_task'].get(task) if task else None
-    t = t or next(iter(teacher['by_task'].values()))
-    if t['family'] != 'rsi': raise ValueError(f"teacher family {t['family']!r}: only 'rsi' exists on this branch")
-    agent = RSIAgent(buy_below=t['buy_below'], trend_veto=t['trend_veto'])
-    agent.spec = 'teacher'
-    return agent
+    "The teachers of every task as one agent (spec 'teacher'): each episode is traded by its task's teacher."
+    from tradellm.agents import TaskTeachers
+    return TaskTeachers(teacher['by_task'])
 
-def select_teacher_stage(folder:Path, upstream:dict, settings:TeacherSettings, tasks:tuple) -> dict:
-    "Stage `teacher`: today the fixed RSI rules of `settings` for every task (`teacher-select` will choose per task on train)."
-    by_task = {t: dict(family=settings.family, buy_below=settings.buy_below, trend_veto=settings.trend_veto) for t in tasks}
-    out = dict(by_task=by_task, rule=f"fixed: RSI rules, buy below {settings.buy_below:g}, trend veto {settings.trend_veto:g}% "
-               "(no selection on this branch)")
+def select_teacher_stage(folder:Path, upstream:dict, settings:TeacherSettings, panel, progress:bool=True) -> dict:
+    "Stage `teacher`: one teacher per task, chosen on train by `select_teacher` (val reported, test untouched), or `DEFAULT_TEACHERS`."
+    from tradellm.agents import DEFAULT_TEACHERS
+    if not settings.select:
+        out = dict(by_task=dict(DEFAULT_TEACHERS), rule='recorded: tradellm.agents.DEFAULT_TEACHERS (chosen on train by `tradellm teacher-select`)')
+    else:
+        from tradellm.sft import select_teacher, selection_markdown
+        res = select_teacher(panel, ('easy', 'medium'), settings.episodes, settings.val_episodes, progress=progress)
+        _write_json(folder / 'teacher_selection.json', res)
+        (folder / 'teacher_selection.md').write_text(selection_markdown(res))
+        out = dict(by_task=res['chosen'], rule=res['rule'] + f" ({settings.episodes} train episodes each)",
+                   val={t: {k: v[k] for k in ('score', 'vs_do_nothing', 'vs_buy_and_hold', 'trades')} for t, v in res['val'].items()})
     _write_json(folder / 'teacher.json', out)
     return out
 
@@ -313,7 +317,7 @@ def grpo_stage(folder:Path, upstream:dict, model:str, settings:GRPOSettings, pan
     s = settings
     res = train_grpo(model, upstream['sft']['adapter'], s.task, folder, s.steps, s.group_size, s.horizon, s.max_completion_length,
                      s.prompts, learning_rate=s.lr, beta=s.beta, seed=s.seed, save_steps=s.save_steps, track=track, data=panel,
-                     progress=progress)
+                     progress=progress, reward=s.reward, multiturn=s.multiturn)
     return {k: res.get(k) for k in ('adapter_out', 'task', 'steps_done', 'seconds', 'seconds_per_step', 'zero_spread_share',
                                     'format_error_rate', 'truncated_share', 'reward_mean', 'max_completion_length', 'mlflow_run_id')}
 
@@ -357,14 +361,14 @@ def make_eval_agent(label:str, # a key of `AGENTS`
                     upstream:dict, # the outputs of the stages it reads
                     model:str, # the base model
                     settings:EvalSettings,
-                    task:str|None=None, # the task (PPO and the teacher are per task)
+                    task:str|None=None, # the task (PPO is per task)
                    ):
     "The agent behind one row of the results."
     from tradellm.agents import make_agent
     if label == 'zero-shot': return _llm(model, None, label, settings.max_new_tokens)
     if label == 'sft': return _llm(model, upstream['sft']['adapter'], label, settings.max_new_tokens)
     if label == 'grpo': return _llm(model, upstream['grpo']['adapter_out'], label, settings.max_new_tokens)
-    if label == 'teacher': return teacher_agent(upstream['teacher'], task)
+    if label == 'teacher': return teacher_agent(upstream['teacher'])
     if label == 'ppo':
         agent = make_agent(f"ppo:{upstream['ppo']['models'][task]['model']}")
         agent.spec = 'ppo'
@@ -372,7 +376,7 @@ def make_eval_agent(label:str, # a key of `AGENTS`
     if label in ('buy_and_hold', 'do_nothing'): return make_agent(label)
     raise ValueError(f"unknown agent {label!r}; choose from {', '.join(AGENTS)}")
 
-_PER_TASK = ('teacher', 'ppo')  # agents built per task
+_PER_TASK = ('ppo',)  # agents built per task
 
 def evaluate_stage(folder:Path, upstream:dict, label:str, model:str, settings:EvalSettings, panel,
                    tracking_uri:str|None=None, progress:bool=True) -> dict:
@@ -386,7 +390,12 @@ def evaluate_stage(folder:Path, upstream:dict, label:str, model:str, settings:Ev
         plan = {t: [agent] for t in s.tasks}
     res = evaluate(plan, s.tasks, 'test', s.episodes, s.seed, panel, track=tracking_uri is not None, tracking_uri=tracking_uri,
                    progress=progress, title=f"experiment: {label}")
-    recs = [_slim(r) for (key, _), rs in res['records'].items() if key == label for r in rs]
+    full = [r for (key, _), rs in res['records'].items() if key == label for r in rs]
+    recs = [_slim(r) for r in full]
+    if label in CHAIN:  # the share of its days on which it made the teacher's decision on the same state
+        from tradellm.sft import teacher_agreement
+        teacher = teacher_agent(upstream['teacher'])
+        for r, f in zip(recs, full): r['teacher_agreement'] = teacher_agreement([f], teacher, panel)['decision']
     with open(folder / 'episodes.jsonl', 'w') as f:
         for r in recs: f.write(json.dumps(r) + '\n')
     rows = [r for r in res['rows'] if r['spec'] == label]
@@ -416,6 +425,8 @@ def task_rows(episodes:dict, # label -> that agent's episodes of one task (same 
                    trades=mean([r['trades'] for r in recs]),
                    format_errors=sum(r['format_errors'] for r in recs) / max(1, sum(r['days'] for r in recs)),
                    task_version=recs[0]['task_version'], env_version=recs[0]['env_version'])
+        if all('teacher_agreement' in r for r in recs):  # day-weighted over the episodes
+            row['teacher_agreement'] = sum(r['teacher_agreement'] * r['days'] for r in recs) / max(1, sum(r['days'] for r in recs))
         for ref, name in (('sft', 'vs_sft'), ('buy_and_hold', 'vs_bh')):
             if ref in score and ref != label:
                 d = paired_diff(sc, score[ref], n_resamples=n_resamples)
@@ -442,15 +453,17 @@ def results_markdown(result:dict, # what `experiment_report` builds
              + ', '.join(f"{t} {v}" for t, v in m['task_versions'].items()) + f", env {m['versions']['env']}. "
              "Intervals: 95% BCa bootstrap over episodes (paired for the differences). *vs SFT* and *vs B&H* are the mean score "
              "differences to the SFT model and to buy-and-hold on the same episodes; return, exposure and trades are means per "
-             "episode; format errors is the share of days whose answer the parser could not fully read.", '']
+             "episode; format errors is the share of days whose answer the parser could not fully read; *as teacher* is the share "
+             "of a language model's days on which it made the teacher's decision (HOLD, BUY or SELL) on the same state.", '']
     if m['episodes'] < 30:
         lines += [f"**{m['episodes']} episodes per agent: too few to cite (a pipeline check).**", '']
     for task, rows in result['tasks'].items():
-        lines += [f"## {task}", '', '| agent | score [95% CI] | vs SFT [95% CI] | vs B&H [95% CI] | return | exposure | trades/ep | format errors |',
-                  '|---|---|---|---|---|---|---|---|']
+        lines += [f"## {task}", '', '| agent | score [95% CI] | vs SFT [95% CI] | vs B&H [95% CI] | return | exposure | trades/ep | format errors | as teacher |',
+                  '|---|---|---|---|---|---|---|---|---|']
         for r in rows:
             lines.append(f"| {r['agent']} | {_ci(r['score'], r['score_lo'], r['score_hi'])} | {_pair(r, 'vs_sft')} | {_pair(r, 'vs_bh')} | "
-                         f"{100 * r['return_mean']:+.2f}% | {100 * r['exposure']:.0f}% | {r['trades']:.1f} | {100 * r['format_errors']:.1f}% |")
+                         f"{100 * r['return_mean']:+.2f}% | {100 * r['exposure']:.0f}% | {r['trades']:.1f} | {100 * r['format_errors']:.1f}% | "
+                         + (f"{100 * r['teacher_agreement']:.0f}% |" if 'teacher_agreement' in r else '- |'))
         lines.append('')
     if m.get('skipped'): lines += ['Not run in this profile: ' + '; '.join(f"{k} ({v})" for k, v in m['skipped'].items()) + '.', '']
     lines += ([f'![the chain]({figure})', ''] if figure else []) + ['## How it was made', '',
@@ -529,8 +542,8 @@ def experiment_stages(profile:Profile, # the settings
     ev = p.evaluation
     data = {'data_fingerprint': fp}
     stages = [
-        Stage('teacher', lambda f, up: select_teacher_stage(f, up, p.teacher, ev.tasks), data | {'settings': asdict(p.teacher), 'tasks': ev.tasks},
-              code=('tradellm.agents',), description='the RSI rules with trading flags (teacher-select not merged)'),
+        Stage('teacher', lambda f, up: select_teacher_stage(f, up, p.teacher, panel, progress), data | {'settings': asdict(p.teacher)},
+              code=('tradellm.agents', 'tradellm.sft'), description='sft.select_teacher on train' if p.teacher.select else 'agents.DEFAULT_TEACHERS'),
         Stage('sft_data', lambda f, up: sft_data_stage(f, up, p.sft_data, panel, progress), data | {'settings': asdict(p.sft_data)},
               after=('teacher',), code=('tradellm.sft', 'tradellm.llm', 'tradellm.agents'), description='sft.build_sft_dataset'),
         Stage('sft', lambda f, up: sft_stage(f, up, p.model, p.sft, track, progress), {'model': p.model, 'settings': asdict(p.sft)},
@@ -542,7 +555,7 @@ def experiment_stages(profile:Profile, # the settings
     if p.ppo is not None:
         stages.append(Stage('ppo', lambda f, up: ppo_stage(f, up, p.ppo, ev.tasks, panel, track, progress),
                             data | {'settings': asdict(p.ppo), 'tasks': ev.tasks}, code=('tradellm.ppo',), description='ppo.train_ppo per task'))
-    reads = {'zero-shot': (), 'sft': ('sft',), 'grpo': ('grpo',), 'teacher': ('teacher',), 'ppo': ('ppo',), 'buy_and_hold': (), 'do_nothing': ()}
+    reads = {'zero-shot': ('teacher',), 'sft': ('sft', 'teacher'), 'grpo': ('grpo', 'teacher'), 'teacher': ('teacher',), 'ppo': ('ppo',), 'buy_and_hold': (), 'do_nothing': ()}
     for label in AGENTS:
         if label == 'ppo' and p.ppo is None: continue
         llm = label in CHAIN
@@ -589,7 +602,8 @@ def run_experiment(profile:str|Profile='smoke', # a profile name or a `Profile`
     with tracked_run(uri, exp, run_name=f"experiment {p.name}", tags=tags, params=_flat(asdict(p))) as run:
         res = run_stages(stages, out, (uri, exp), log, panel.fingerprint())
         evals = {k: v['outputs'] for k, v in res.items() if k.startswith('eval_')}
-        teacher = res.get('teacher', {}).get('outputs', {}).get('rule', '-')
+        t = res.get('teacher', {}).get('outputs', {})
+        teacher = '; '.join(f"{k} `{v}`" for k, v in t.get('by_task', {}).items()) + (f" ({t['rule']})" if 'rule' in t else '') or '-'
         meta = dict(profile=p.name, profile_note=p.note, profile_settings=asdict(p), model=p.model, command=command,
                     date=dt.datetime.now(dt.timezone.utc).strftime('%Y-%m-%d %H:%M UTC'), split='test', tasks=list(p.evaluation.tasks),
                     episodes=p.evaluation.episodes, seeds=f"{p.evaluation.seed}..{p.evaluation.seed + p.evaluation.episodes - 1}",
