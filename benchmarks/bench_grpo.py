@@ -121,7 +121,7 @@ def main(argv=None):
     spent = _timers(GRPOTrainer)
     base = dict(model='smollm2', adapter=a.adapter, task='easy', steps=1, group_size=4, prompts=64, save_steps=10_000, track=False,
                 data=panel, progress=False, device='cpu', max_completion_length=a.max_completion_length or (None if a.adapter else 80),
-                lora_r=64, prompt_style=None if a.adapter else 'compact')
+                lora_rank=64, prompt_style=None if a.adapter else 'compact')
     tmp = Path(tempfile.mkdtemp(prefix='bench_grpo_'))
     load0, t_start = os.getloadavg()[0], time.time()
     per, parts, zero = {}, {}, {}

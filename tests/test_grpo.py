@@ -417,7 +417,7 @@ def _tiny_train(tiny_model, panel, out, **kw):
     import torch
     torch.set_num_threads(1)
     from tradellm.grpo import train_grpo
-    args = dict(task='easy', out=out, steps=2, group_size=2, max_completion_length=8, prompts=4, lora_r=4, save_steps=1,
+    args = dict(task='easy', out=out, steps=2, group_size=2, max_completion_length=8, prompts=4, lora_rank=4, save_steps=1,
                 track=False, data=panel, progress=False, device='cpu')
     return train_grpo(str(tiny_model), **(args | kw))
 
@@ -460,7 +460,7 @@ def test_train_grpo_end_to_end_with_a_tiny_model(tiny_model, panel, tmp_path, mo
         s3 = _tiny_train(tiny_model, panel, tmp_path / 'b', steps=1, adapter=s['adapter_out'], beta=0.04)
     meta = adapter_meta(tmp_path / 'b' / 'adapter')  # the GRPO adapter keeps the SFT answer lengths and records its own limit
     assert meta['answer_tokens'] == answers and meta['max_completion_length'] == 8 and meta['stage'] == 'grpo'
-    assert s3['adapter'] == s['adapter_out'] and s3['lora_r'] is None and s3['steps_done'] == 1
+    assert s3['adapter'] == s['adapter_out'] and s3['lora_rank'] is None and s3['steps_done'] == 1
     assert s3['prompt_style'] == 'compact' and adapter_prompt_style(tmp_path / 'b' / 'adapter') == 'compact'
     assert (tmp_path / 'b' / 'adapter' / 'adapter_config.json').is_file() and not (tmp_path / 'b' / 'adapter' / 'ref').exists()
 

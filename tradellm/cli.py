@@ -4,11 +4,14 @@
 
 # %% ../nbs/12_cli.ipynb #c003
 from __future__ import annotations
+import argparse
+import functools
 import importlib
+import inspect
 import sys
 
 # %% auto #0
-__all__ = ['COMMANDS', 'main']
+__all__ = ['COMMANDS', 'main', 'param_arg']
 
 # %% ../nbs/12_cli.ipynb #c005
 COMMANDS = {
@@ -55,6 +58,35 @@ def main(argv:list|None=None, # arguments after `tradellm` (default: sys.argv[1:
         return 2
     rc = getattr(mod, func)(rest)
     return int(rc or 0)
+
+# %% ../nbs/12_cli.ipynb #9b44c2e8
+@functools.lru_cache(maxsize=None)
+def _docs(fn) -> dict:
+    from fastcore.docments import docments
+    return docments(fn)
+
+def _arg_type(par):
+    "The type a flag's text is converted to: the default's, else the first of int/float/str its annotation names."
+    if par.default is not None: return type(par.default)
+    ann = str(par.annotation)
+    return next((t for t in (int, float, str) if t.__name__ in ann), str)
+
+def param_arg(p:argparse.ArgumentParser, # the parser to add to
+              fn, # the function whose parameter the flag sets
+              name:str, # the parameter
+              flag:str|None=None, # the flag (default: --name, with '-' for '_')
+              **kw, # more for `add_argument` (choices, help, ...)
+             ):
+    "Add the flag of one parameter of `fn`: default from its signature, help from its comment; a bool is a switch away from its default."
+    par = inspect.signature(fn).parameters[name]
+    flag = flag or '--' + name.replace('_', '-')
+    if isinstance(par.default, bool): kw.setdefault('action', 'store_false' if par.default else 'store_true')
+    elif 'action' not in kw: kw.setdefault('type', _arg_type(par))
+    doc = (_docs(fn).get(name) or name.replace('_', ' ')).replace('%', '%%')
+    said = isinstance(par.default, bool) or (par.default is None and 'default' in doc)  # the comment already says it
+    kw.setdefault('help', doc if said else f"{doc} (default: %(default)s)")
+    kw.setdefault('default', par.default)
+    p.add_argument(flag, dest=name, **kw)
 
 # %% ../nbs/12_cli.ipynb #c009
 #| eval: false

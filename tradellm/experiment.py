@@ -316,7 +316,7 @@ def grpo_stage(folder:Path, upstream:dict, model:str, settings:GRPOSettings, pan
     from tradellm.grpo import train_grpo
     s = settings
     res = train_grpo(model, upstream['sft']['adapter'], s.task, folder, s.steps, s.group_size, s.horizon, s.max_completion_length,
-                     s.prompts, learning_rate=s.lr, beta=s.beta, seed=s.seed, save_steps=s.save_steps, track=track, data=panel,
+                     s.prompts, lr=s.lr, beta=s.beta, seed=s.seed, save_steps=s.save_steps, track=track, data=panel,
                      progress=progress, reward=s.reward, multiturn=s.multiturn)
     return {k: res.get(k) for k in ('adapter_out', 'task', 'steps_done', 'seconds', 'seconds_per_step', 'zero_spread_share',
                                     'format_error_rate', 'truncated_share', 'reward_mean', 'max_completion_length', 'mlflow_run_id')}

@@ -6,6 +6,7 @@
 from __future__ import annotations
 import argparse
 import hashlib
+import inspect
 import json
 import math
 import sys
@@ -543,7 +544,7 @@ def multiturn_budget(task:str, # the task
     "Default `max_completion_length` of the multi-turn mode: every day's call and observation, sized for a GPU (easy: 20 x 256 = 5,120)."
     return get_task(task).days * max(TOOL_TURN_TOKENS, min(answer_tokens, 512))
 
-def _load_policy(model, adapter, device, dtype, lora_r, lora_alpha):
+def _load_policy(model, adapter, device, dtype, lora_rank, lora_alpha):
     "The model to train (a PeftModel when continuing an adapter), its tokenizer, and the LoRA config for a fresh adapter."
     import torch
     from tradellm.llm import load_model
@@ -557,7 +558,7 @@ def _load_policy(model, adapter, device, dtype, lora_r, lora_alpha):
             raise ValueError(f"{p}: not a PEFT adapter folder (no adapter_config.json); pass the folder `tradellm sft` wrote")
         return PeftModel.from_pretrained(lm, str(p), is_trainable=True), tok, None
     from peft import LoraConfig
-    return lm, tok, LoraConfig(r=lora_r, lora_alpha=lora_alpha or 2 * lora_r, lora_dropout=0.0,
+    return lm, tok, LoraConfig(r=lora_rank, lora_alpha=lora_alpha or 2 * lora_rank, lora_dropout=0.0,
                                target_modules='all-linear', task_type='CAUSAL_LM')
 
 # %% ../nbs/10_grpo.ipynb #c038
@@ -641,10 +642,10 @@ def train_grpo(model:str='smollm2', # 'smollm2', a folder written by save_pretra
                max_completion_length:int|None=None, # tokens per completion (None: `completion_budget` of the adapter)
                prompts:int=256, # train-split states in the dataset (cycled)
                prompts_per_step:int=1, # prompts (groups) per optimizer step
-               learning_rate:float=2e-5, # AdamW learning rate of the LoRA weights
+               lr:float=2e-5, # AdamW learning rate of the LoRA weights
                beta:float=0.04, # KL coefficient against the starting policy (0: no reference model)
                temperature:float=1.0, # sampling temperature of the group
-               lora_r:int=16, # LoRA rank (fresh adapter only)
+               lora_rank:int=16, # LoRA rank (fresh adapter only)
                lora_alpha:int|None=None, # LoRA alpha (default 2 * rank)
                env_config:GRPOEnvConfig|None=None, # reward settings (its horizon wins over `horizon`)
                policy:str='mixed', # behaviour policy that trades up to the prompts' days
@@ -707,7 +708,7 @@ def train_grpo(model:str='smollm2', # 'smollm2', a folder written by save_pretra
                            system=system_prompt(t, prompt_style) + '\n\n' + TOOL_INSTRUCTIONS, style=prompt_style)
     else:  # any decision day, for both rewards (the same states; pnl5 scores fewer days near the end)
         rows = prompt_rows(t.name, prompts, 'train', seed, 1, policy, panel, style=prompt_style)
-    lm, tok, peft_config = _load_policy(model, adapter, device, dtype, lora_r, lora_alpha)
+    lm, tok, peft_config = _load_policy(model, adapter, device, dtype, lora_rank, lora_alpha)
     states = StateCache(panel)
     rw = (EpisodeReward if multiturn else TradingReward)(cfg, states=states, eos_token_ids=end_token_ids(lm, tok))
     extra = {}
@@ -717,7 +718,7 @@ def train_grpo(model:str='smollm2', # 'smollm2', a folder written by save_pretra
     if steps_per_generation: extra['steps_per_generation'] = int(steps_per_generation)
     args = GRPOConfig(output_dir=str(ck_dir), max_steps=int(steps), per_device_train_batch_size=group_size * prompts_per_step,
                       gradient_accumulation_steps=1, num_generations=group_size, max_completion_length=max_completion_length,
-                      learning_rate=learning_rate, beta=beta, temperature=temperature, reward_weights=rw.weights,
+                      learning_rate=lr, beta=beta, temperature=temperature, reward_weights=rw.weights,
                       loss_type=loss_type, scale_rewards=scale_rewards, mask_truncated_completions=mask_truncated_completions,
                       log_completions=log_completions, num_completions_to_print=0,
                       logging_steps=1, save_steps=save_steps, save_strategy='steps', report_to='none', seed=seed,
@@ -726,8 +727,8 @@ def train_grpo(model:str='smollm2', # 'smollm2', a folder written by save_pretra
                       **(dict(use_vllm=True, vllm_mode='colocate') if use_vllm else {}))
     params = dict(model=str(model), adapter=None if adapter is None else str(adapter), task=t.name, steps=steps,
                   group_size=group_size, horizon=cfg.horizon, max_completion_length=max_completion_length, prompts=prompts,
-                  prompts_per_step=prompts_per_step, learning_rate=learning_rate, beta=beta, temperature=temperature,
-                  lora_r=None if adapter else lora_r, policy=policy, seed=seed, use_vllm=use_vllm, prompt_style=prompt_style, resumed_from=None if last is None else str(last),
+                  prompts_per_step=prompts_per_step, lr=lr, beta=beta, temperature=temperature,
+                  lora_rank=None if adapter else lora_rank, policy=policy, seed=seed, use_vllm=use_vllm, prompt_style=prompt_style, resumed_from=None if last is None else str(last),
                   multiturn=multiturn, loss_type=loss_type, scale_rewards=scale_rewards,
                   mask_truncated_completions=mask_truncated_completions, steps_per_generation=steps_per_generation,
                   share_prefill=share_prefill,
@@ -788,57 +789,35 @@ def train_grpo(model:str='smollm2', # 'smollm2', a folder written by save_pretra
 DEFAULT_SFT_ADAPTER = 'sft_adapter'  # `tradellm sft`'s default output folder
 
 def _parser():
+    from tradellm.cli import param_arg
     p = argparse.ArgumentParser(prog='tradellm grpo', description='GRPO fine-tuning with the environment as the reward: each '
                                 "completion is executed in its own copy of the environment, the episode finished and scored with "
                                 "the leaderboard's score.")
-    p.add_argument('--model', default='smollm2', help="'smollm2' (default), a model folder, or a hub id")
-    p.add_argument('--adapter', default=DEFAULT_SFT_ADAPTER,
-                   help=f'SFT adapter folder to continue (default {DEFAULT_SFT_ADAPTER}, where `tradellm sft` writes)')
+    arg = lambda name, *flag, **kw: param_arg(p, train_grpo, name, *flag, **kw)  # default and help from train_grpo's signature
+    env = lambda name, **kw: param_arg(p, GRPOEnvConfig, name, **kw)  # ... from GRPOEnvConfig's
+    arg('model')
+    arg('adapter', default=DEFAULT_SFT_ADAPTER, help=f'SFT adapter folder to continue (default {DEFAULT_SFT_ADAPTER}, where `tradellm sft` writes)')
     p.add_argument('--fresh-lora', action='store_true',
                    help='start a new LoRA on the base model instead of an SFT adapter (zero-shot answers rarely parse)')
-    p.add_argument('--prompt-style', default=None, choices=['full', 'compact'],
-                   help="system prompt style (default: the adapter's own; 'full' with --fresh-lora)")
-    p.add_argument('--task', default='easy', choices=['easy', 'medium', 'hard'])
-    p.add_argument('--steps', type=int, default=50, help='optimizer steps (default 50)')
-    p.add_argument('--group-size', type=int, default=4, help='completions per prompt (default 4)')
-    p.add_argument('--reward', default='score', choices=list(REWARDS),
-                   help="'score' (default): the leaderboard's episode score of the completion's episode minus the reference's "
-                   "(HOLD that day), the rest of the episode played by --continuation; 'pnl5': risk-scaled P&L over --horizon days")
-    p.add_argument('--continuation', default='hold', help="who trades the days after the completion's (score reward): 'hold' "
-                   "(default: keep the positions), or a rule agent ('rsi')")
-    p.add_argument('--multiturn', action='store_true', help="whole episodes through TRL's environment_factory: one tool call a day, "
-                   'the episode score as the reward')
-    p.add_argument('--loss-type', default='dapo', help="TRL's loss: 'dapo' (default), 'dr_grpo', 'grpo', 'bnpo', ...")
-    p.add_argument('--scale-rewards', default='group', choices=['group', 'batch', 'none'],
-                   help="TRL's advantage scaling (default group; 'none' with --loss-type dr_grpo is Dr. GRPO)")
-    p.add_argument('--no-mask-truncated', action='store_true', help='let completions cut at the token limit take part in the loss')
-    p.add_argument('--steps-per-generation', type=int, default=None, help='optimizer steps served by one generation batch (TRL)')
-    p.add_argument('--horizon', type=int, default=5, help='pnl5 reward: days a completion is held and scored over (default 5)')
-    p.add_argument('--max-completion-length', type=int, default=None,
-                   help="tokens per completion (default: the adapter's longest SFT answer on the task plus 5%%, rounded up to 8; "
-                   f"{DEFAULT_COMPLETION_LENGTH} when the adapter records none)")
-    p.add_argument('--prompts', type=int, default=256, help='train-split states to sample prompts from (default 256)')
-    p.add_argument('--prompts-per-step', type=int, default=1, help='groups per optimizer step (default 1)')
-    p.add_argument('--lr', type=float, default=2e-5, help='learning rate (default 2e-5)')
-    p.add_argument('--beta', type=float, default=0.04,
-                   help='KL coefficient against the starting policy: the SFT adapter, or the base model with --fresh-lora '
-                   '(default 0.04; 0: no reference model)')
-    p.add_argument('--temperature', type=float, default=1.0, help='sampling temperature of the groups (default 1)')
-    p.add_argument('--lora-r', type=int, default=16, help='LoRA rank of a fresh adapter (default 16)')
-    p.add_argument('--trade-weight', type=float, default=None,
-                   help=f'weight of the trade reward (default {SCORE_WEIGHT:g} for the score reward, 1 for pnl5)')
-    p.add_argument('--format-weight', type=float, default=0.5, help='weight of the format reward (default 0.5)')
-    p.add_argument('--scale', default='volatility', choices=list(SCALES), help='risk scale of the trade reward')
-    p.add_argument('--save-steps', type=int, default=25, help='checkpoint every N steps (default 25)')
-    p.add_argument('--seed', type=int, default=0)
-    p.add_argument('--out', default=None, help='output folder (default data/models/grpo-TASK)')
-    p.add_argument('--resume', action='store_true', help='continue from the last checkpoint in OUT/checkpoints')
-    p.add_argument('--data', default=None, help='folder of prices (default: $TRADELLM_DATA, then the cache)')
-    p.add_argument('--device', default=None, help="'cpu' or 'cuda' (default: CUDA when present)")
+    arg('prompt_style', choices=['full', 'compact'])
+    arg('task', choices=['easy', 'medium', 'hard'])
+    for name in ('steps', 'group_size'): arg(name)
+    env('reward', choices=list(REWARDS))
+    env('continuation')
+    arg('multiturn')
+    arg('loss_type')
+    arg('scale_rewards', choices=['group', 'batch', 'none'])
+    arg('mask_truncated_completions', '--no-mask-truncated')
+    arg('steps_per_generation')
+    env('horizon')
+    for name in ('max_completion_length', 'prompts', 'prompts_per_step', 'lr', 'beta', 'temperature'): arg(name)
+    arg('lora_rank', '--lora-r')
+    for name in ('trade_weight', 'format_weight'): env(name)
+    env('scale', choices=list(SCALES))
+    for name in ('save_steps', 'seed', 'out', 'resume', 'data', 'device'): arg(name)
     p.add_argument('--threads', type=int, default=None, help='torch CPU threads')
-    p.add_argument('--use-vllm', action='store_true',
-                   help="generate the groups with vLLM on the training GPUs (TRL's use_vllm; CUDA and pip install 'tradellm[gpu]')")
-    p.add_argument('--no-mlflow', action='store_true', help='do not log to MLflow')
+    arg('use_vllm')
+    arg('track', '--no-mlflow')
     p.add_argument('--json', action='store_true', help='print the run summary as JSON')
     return p
 
@@ -852,17 +831,12 @@ def cli_grpo(argv:list) -> int:
             raise FileNotFoundError(f"no SFT adapter at {adapter}: GRPO starts from one, since zero-shot answers rarely parse and "
                                     "every group would earn the same reward. Run `tradellm sft --data DIR` first (it writes "
                                     f"{DEFAULT_SFT_ADAPTER}), pass --adapter DIR, or --fresh-lora to start from the base model anyway")
-        cfg = GRPOEnvConfig(horizon=a.horizon, trade_weight=a.trade_weight, format_weight=a.format_weight, scale=a.scale,
-                            reward=a.reward, continuation=a.continuation)
+        cfg = GRPOEnvConfig(**{k: getattr(a, k) for k in ('horizon', 'trade_weight', 'format_weight', 'scale', 'reward', 'continuation')})
         if a.threads:
             import torch
             torch.set_num_threads(a.threads)
-        s = train_grpo(a.model, adapter, a.task, a.out, a.steps, a.group_size, a.horizon, a.max_completion_length, a.prompts,
-                       a.prompts_per_step, a.lr, a.beta, a.temperature, lora_r=a.lora_r, env_config=cfg, seed=a.seed, save_steps=a.save_steps,
-                       resume=a.resume, track=not a.no_mlflow, data=a.data, device=a.device, progress=not a.json,
-                       prompt_style=a.prompt_style, use_vllm=a.use_vllm, reward=a.reward, multiturn=a.multiturn, loss_type=a.loss_type,
-                       scale_rewards=a.scale_rewards, mask_truncated_completions=not a.no_mask_truncated,
-                       steps_per_generation=a.steps_per_generation)
+        args = {k: v for k, v in vars(a).items() if k in inspect.signature(train_grpo).parameters}
+        s = train_grpo(**args | dict(adapter=adapter, env_config=cfg, progress=not a.json))
     except (ValueError, FileNotFoundError, DataError, ModelError) as e:
         print(f"tradellm grpo: {e}", file=sys.stderr)
         return 2

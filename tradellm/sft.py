@@ -1104,42 +1104,25 @@ def cli_sft_data(argv:list|None=None, # arguments after `tradellm sft-data`
 def cli_sft(argv:list|None=None, # arguments after `tradellm sft`
            ) -> int:
     "`tradellm sft`: fine-tune a LoRA adapter on an SFT dataset."
+    from tradellm.cli import param_arg
     p = argparse.ArgumentParser(prog='tradellm sft', description='Supervised fine-tuning with LoRA (TRL SFTTrainer + PEFT) '
                                 'on a dataset from `tradellm sft-data`. The adapter plugs in as llm:MODEL+OUT.')
-    p.add_argument('--model', default='smollm2', help="'smollm2' (default), a model folder or a hub id")
-    p.add_argument('--data', required=True, help='SFT dataset folder (from tradellm sft-data)')
-    p.add_argument('--out', default='sft_adapter', help='adapter folder to write (default sft_adapter, where `tradellm grpo` looks)')
-    p.add_argument('--epochs', type=float, default=1.0, help='passes over the data (default 1)')
-    p.add_argument('--max-steps', type=int, default=None, help='stop after this many optimizer steps')
-    p.add_argument('--lora-rank', type=int, default=64, help='LoRA rank (default 64)')
-    p.add_argument('--lora-alpha', type=int, default=None, help='LoRA alpha (default: the rank)')
-    p.add_argument('--lr', type=float, default=2e-4, help='learning rate (default 2e-4)')
-    p.add_argument('--batch-size', type=int, default=None, help='examples per device step (default 4 on CUDA, 1 on CPU)')
-    p.add_argument('--grad-accum', type=int, default=None, help='gradient accumulation steps (default 1 on CUDA, 4 on CPU)')
-    p.add_argument('--max-length', type=int, default=2048,
-                   help='max tokens per example (default 2048); a longer example is an error unless --drop-long')
-    p.add_argument('--drop-long', action='store_true', help='leave out examples longer than --max-length instead of stopping')
-    p.add_argument('--limit', type=int, default=None, help='train on a seeded random subset of N examples')
-    p.add_argument('--eval-examples', type=int, default=64,
-                   help='validation examples for the final eval loss, a seeded equal share per task (default 64)')
-    p.add_argument('--gradient-checkpointing', action=argparse.BooleanOptionalAction, default=None,
-                   help='recompute activations: less memory, ~30%% slower (default: on with CUDA, off on CPU)')
-    p.add_argument('--qlora', action='store_true', help='4-bit base model (CUDA + bitsandbytes)')
-    p.add_argument('--backend', default='auto', choices=['auto', 'trl', 'unsloth'], help='auto: Unsloth where installed and a GPU is present')
-    p.add_argument('--resume', action='store_true', help='continue from the last checkpoint in OUT/checkpoints')
-    p.add_argument('--save-steps', type=int, default=100, help='checkpoint every N steps (default 100)')
-    p.add_argument('--seed', type=int, default=0)
-    p.add_argument('--no-mlflow', action='store_true', help='do not log the run to MLflow')
+    arg = lambda name, *flag, **kw: param_arg(p, train_sft, name, *flag, **kw)  # default and help from train_sft's signature
+    arg('model')
+    arg('data', required=True)
+    for name in ('out', 'epochs', 'max_steps', 'lora_rank', 'lora_alpha', 'lr', 'batch_size', 'grad_accum', 'max_length', 'drop_long',
+                 'limit', 'eval_examples'): arg(name)
+    arg('gradient_checkpointing', action=argparse.BooleanOptionalAction)
+    arg('qlora')
+    arg('backend', choices=['auto', 'trl', 'unsloth'])
+    for name in ('resume', 'save_steps', 'seed'): arg(name)
+    arg('track', '--no-mlflow')
     p.add_argument('--json', action='store_true', help='print the training summary as JSON')
     a = p.parse_args(argv)
     from tradellm.llm import ModelError
     from tradellm.evaluate import TrackingError
     try:
-        res = train_sft(a.model, a.data, a.out, a.epochs, a.max_steps, a.lora_rank, a.lora_alpha, lr=a.lr, batch_size=a.batch_size,
-                        grad_accum=a.grad_accum, max_length=a.max_length, drop_long=a.drop_long, limit=a.limit, eval_examples=a.eval_examples,
-                        gradient_checkpointing=a.gradient_checkpointing,
-                        qlora=a.qlora, backend=a.backend, resume=a.resume, save_steps=a.save_steps, seed=a.seed,
-                        track=not a.no_mlflow, progress=not a.json)
+        res = train_sft(**{k: v for k, v in vars(a).items() if k != 'json'}, progress=not a.json)
     except (SFTError, DataError, ModelError, TrackingError) as e: return _fail('sft', e)
     if a.json: print(json.dumps(res, indent=1))
     else:
