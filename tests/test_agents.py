@@ -176,7 +176,7 @@ def test_random_agent_reads_only_what_a_remote_env_offers(synth_panel):
     "No `pf`: holdings come from the public `view`, the seed from the last reset's; the trades are those of the env itself."
     class ViewOnly:  # the parts of an env that `RemoteTradingEnv` has too
         def __init__(self, env): self.env, self.task = env, env.task
-        def reset(self, seed): self._seed = seed; return self.env.reset(seed=seed)
+        def reset(self, seed): self.episode_seed = seed; return self.env.reset(seed=seed)
         def step(self, a): return self.env.step(a)
         symbols = property(lambda self: self.env.symbols)
         view = property(lambda self: self.env.view)

@@ -191,7 +191,7 @@ def test_run_episodes_pairs_seeds_and_keeps_everything(synth_panel):
     for i, r in enumerate(recs):
         env = TradingEnv('easy', 'val', data=synth_panel)
         env.reset(seed=10 + i)
-        assert (r['seed'], r['episode'], r['start'], r['symbols']) == (10 + i, i, env._dates[0], list(env.symbols))
+        assert (r['seed'], r['episode'], r['start'], r['symbols']) == (10 + i, i, env.dates[0], list(env.symbols))
         assert len(r['equity']) == 21 and len(r['actions']) == 20 and len(r['completions']) == 20
         assert r['fills'][0]['day'] == 1 and r['fills'][0]['side'] == 'BUY'
         assert r['format_errors'] == 0 and r['env_version'] == ENV_VERSION and r['split'] == 'val'

@@ -287,7 +287,7 @@ def test_rows_rebuild_their_states(panel, medium_rows):
     for r in medium_rows:
         assert set(STATE_COLUMNS) <= set(r) and r['prompt'][0]['role'] == 'system'
         assert rebuild_state(env, r) == r['prompt'][1]['content']
-        assert env._k == r['day'] and 0 <= r['day'] <= 30 - 5
+        assert env.day == r['day'] and 0 <= r['day'] <= 30 - 5
         assert sl.start <= env._start and env._start + 30 < sl.stop  # the window lies inside the train split
         assert env.actions == json.loads(r['actions'])
 
@@ -568,7 +568,7 @@ def test_tool_env_scores_the_whole_episode(held_state):
     tenv.buy('AAA', 1.0)
     single = TradingReward(GRPOEnvConfig(), panel).trade_reward(['BUY AAA 1.0'], **columns([row]))[0]
     assert tenv.get_reward() == single == leaderboard_score(panel, row, 'BUY AAA 1.0')['score'] - leaderboard_score(panel, row, 'HOLD')['score']
-    assert tenv.env._done and tenv.format_score() == 1.0 and tenv.calls == 1
+    assert tenv.env.done and tenv.format_score() == 1.0 and tenv.calls == 1
     tenv.reset(**row)
     for _ in range(19): last = tenv.hold()
     assert last.endswith('That was the last day of this episode.') and tenv.get_reward() == 0.0

@@ -43,7 +43,7 @@ def test_every_example_is_the_rule_agents_action_on_that_observation(sft_dir, sy
             if key not in envs: envs[key] = TradingEnv(r['task'], r['split'], 'text', synth_panel)
             env = envs[key]
             if r['day'] == 0: obs, _ = env.reset(seed=r['seed'])
-            assert (env._seed, env._k) == (r['seed'], r['day'])
+            assert (env.episode_seed, env.day) == (r['seed'], r['day'])
             assert r['messages'][1]['content'] == obs
             action, _ = agent.decide(env.view, env.task.max_position, env.task.max_trades)
             assert r['action'] == action
@@ -450,9 +450,9 @@ def test_cpu_loss_on_labelled_positions_only_is_the_same_loss(tmp_path, synth_pa
     fast = sft.train_sft(tiny_model, data, tmp_path / 'fast', **kw)
     import trl.trainer.utils as tu
     switch = tu._use_triton
-    with sft._labelled_positions_only(True): assert tu._use_triton is not switch  # the switch is TRL's, and it is put back
+    with sft.labelled_positions_only(True): assert tu._use_triton is not switch  # the switch is TRL's, and it is put back
     assert tu._use_triton is switch
-    monkeypatch.setattr(sft, '_labelled_positions_only', lambda cpu: contextlib.nullcontext())
+    monkeypatch.setattr(sft, 'labelled_positions_only', lambda cpu: contextlib.nullcontext())
     full = sft.train_sft(tiny_model, data, tmp_path / 'full', **kw)
     assert fast['train_loss'] == pytest.approx(full['train_loss'], rel=1e-5)  # two steps: the second saw the first's update
 

@@ -303,7 +303,7 @@ class RandomAgent(Agent):
     def reset(self, envs):
         self._rngs = []
         for k, env in enumerate(envs):  # an env reset without a seed falls back on its position in the batch
-            s = getattr(env, '_seed', None)  # the seed of the env's last reset (`TradingEnv` and `RemoteTradingEnv` keep it)
+            s = getattr(env, 'episode_seed', None)  # the seed of the env's last reset (`TradingEnv` and `RemoteTradingEnv` keep it)
             self._rngs.append(np.random.default_rng([self.seed % 2**32, 0, k] if s is None else [self.seed % 2**32, 1, int(s) % 2**32]))
 
     def act(self, envs, observations):

@@ -52,7 +52,7 @@ class RemoteTradingEnv:
             client, self._owns = httpx.Client(base_url=base_url.rstrip('/'), timeout=timeout), True
         else: self._owns = False
         self._http = client
-        self.session_id, self.symbols, self.actions, self._view, self._seed = None, (), [], None, None
+        self.session_id, self.symbols, self.actions, self._view, self.episode_seed = None, (), [], None, None
         self.env_version = self.task_version = None
         self.with_view = view
 
@@ -89,7 +89,7 @@ class RemoteTradingEnv:
             if e.status != 404 or 'session_id' not in body: raise
             body.pop('session_id')
             d = self._post('/reset', body)
-        self.session_id, self.actions, self._seed = d['session_id'], [], seed  # (`TradingEnv` keeps the seed too: seeded agents read it)
+        self.session_id, self.actions, self.episode_seed = d['session_id'], [], seed  # (as `TradingEnv.episode_seed`: seeded agents read it)
         return self._unpack(d), d['info']
 
     def step(self, action): # the orders (text), or a list of `tradellm.market.Order`

@@ -424,6 +424,9 @@ class TradingEnv(TradingEnv):
     @property
     def benchmark(self) -> list: "B_0..B_N: the episode's buy-and-hold curve (`buy_and_hold_curve`) at each close."; return list(self._benchmark)
     def observation(self): "Today's observation, as `reset` and `step` return it."; return self._observation()
+    def market_features(self, day:int|None=None) -> np.ndarray:
+        "(n, len(MARKET_FEATURES)) market features the observation of `day` shows (default: today's), a copy."
+        return self._market[self._k if day is None else day].copy()
 
 # %% ../nbs/04_env.ipynb #c023
 def demo_panel(window_opens, # (days + 1, n) opens of the test window

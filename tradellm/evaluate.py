@@ -50,10 +50,10 @@ def _record(agent, env, i, seed, format_errors, completions=None) -> dict:
     "One finished episode as a plain dict."
     m, pf = env.metrics(), env.pf
     rec = dict(agent=agent.name, spec=agent.spec or agent.name, task=env.task.name, split=env.split, episode=i, seed=seed,
-               start=env._dates[0], end=env._dates[-1], symbols=list(env.symbols), score=m['score'], metrics=m,
+               start=env.dates[0], end=env.dates[-1], symbols=list(env.symbols), score=m['score'], metrics=m,
                equity=[float(x) for x in pf.equity_history], fills=[dict(day=d, **f.as_dict()) for d, f in pf.fills],
                actions=list(env.actions), format_errors=format_errors, env_version=env.env_version,
-               task_version=env.task_version, dates=list(env._dates), open=env._open, close=env._close)
+               task_version=env.task_version, dates=list(env.dates), open=env.opens, close=env.closes)
     if completions is not None: rec['completions'] = list(completions)
     return rec
 

@@ -49,13 +49,13 @@ def state_row(env:TradingEnv, # an env reset with a seed (and maybe stepped): th
              ) -> dict:
     "The prompt row of `env`'s current state: the chat, and what rebuilds the state (`rebuild_state`)."
     if env.pf is None: raise ValueError("the env has not been reset: call env.reset(seed=...) first")
-    if env._done: raise ValueError("the episode is over: a prompt needs a day still to trade")
-    obs = env._observation() if env.obs_mode == 'text' else _text_observation(env)
+    if env.done: raise ValueError("the episode is over: a prompt needs a day still to trade")
+    obs = env.observation() if env.obs_mode == 'text' else _text_observation(env)
     actions = [str(a) for a in env.actions]
-    start, symbols = env._dates[0], list(env.symbols)
-    return dict(prompt=_messages(env.task, obs, system, style), task=env.task.name, split=env.split, seed=env._seed,
-                start=start, symbols=symbols, day=env._k, actions=json.dumps(actions),
-                state_id=_state_id(env.task.name, env.split, env._seed, start, symbols, actions))
+    start, symbols = env.dates[0], list(env.symbols)
+    return dict(prompt=_messages(env.task, obs, system, style), task=env.task.name, split=env.split, seed=env.episode_seed,
+                start=start, symbols=symbols, day=env.day, actions=json.dumps(actions),
+                state_id=_state_id(env.task.name, env.split, env.episode_seed, start, symbols, actions))
 
 def _text_observation(env):
     from tradellm.env import render_text
@@ -70,8 +70,8 @@ def rebuild_state(env:TradingEnv, # an env of the row's task and split, over the
     obs, _ = env.reset(seed=row['seed'], options={'start': row['start'], 'symbols': list(row['symbols'])})
     actions = row['actions']
     for a in (json.loads(actions) if isinstance(actions, str) else actions): obs, *_ = env.step(a)
-    if env._k != int(row['day']):
-        raise ValueError(f"row {row.get('state_id')}: replaying {env._k} actions does not reach day {row['day']}")
+    if env.day != int(row['day']):
+        raise ValueError(f"row {row.get('state_id')}: replaying {env.day} actions does not reach day {row['day']}")
     return obs
 
 # %% ../nbs/10_grpo.ipynb #c007
@@ -210,7 +210,7 @@ def risk_scale(env:TradingEnv, # an env in the episode of the state
               ) -> float:
     "What an excess P&L (fraction of capital) is divided by: the stocks' volatility over the horizon, read on `day`; or 1%."
     if config.scale == 'capital': return 0.01
-    vol = env._market[day][:, MARKET_FEATURES.index('volatility')]
+    vol = env.market_features(day)[:, MARKET_FEATURES.index('volatility')]
     v = float(np.nanmean(vol)) if np.isfinite(vol).any() else config.min_volatility
     return max(v, config.min_volatility) / 100 * math.sqrt(horizon / 252)
 
@@ -401,7 +401,7 @@ class TradingToolEnv:
 
     def _trade(self, action):
         if self.env is None: return "The environment has not been reset."
-        if self.days >= self.limit or self.env._done: return "The episode is over: no more orders are taken."
+        if self.days >= self.limit or self.env.done: return "The episode is over: no more orders are taken."
         obs, _, done, _, info = self.env.step(action)
         self.days += 1
         self.calls += 1
@@ -455,9 +455,9 @@ class TradingToolEnv:
         c, env0 = self.config, self.states.env(self._row['task'], self._row['split'])
         if c.reward == 'score':
             agent = _continuation(c.continuation)
-            if agent is not None and not self.env._done: agent.reset([self.env])
-            obs = self.env._observation()
-            while not self.env._done:
+            if agent is not None and not self.env.done: agent.reset([self.env])
+            obs = self.env.observation()
+            while not self.env.done:
                 obs, _, _, _, info = self.env.step('HOLD' if agent is None else agent.act([self.env], [obs])[0])
                 self.final = info.get('metrics', self.final)
             self._reward = float(self.final['score'] - finish_episode(env0, self._snap, 'HOLD', c.continuation)['score'])
@@ -747,8 +747,8 @@ def train_grpo(model:str='smollm2', # 'smollm2', a folder written by save_pretra
         from transformers.trainer_callback import PrinterCallback
         trainer.remove_callback(PrinterCallback)  # the metrics go to MLflow and the bar, not to stdout
         if last is not None: bar.update(int(last.name.split('-')[-1]))
-        from tradellm.sft import _labelled_positions_only  # on a CPU, score the completion tokens only (same loss)
-        with _labelled_positions_only(next(lm.parameters()).device.type == 'cpu'):
+        from tradellm.sft import labelled_positions_only  # on a CPU, score the completion tokens only (same loss)
+        with labelled_positions_only(next(lm.parameters()).device.type == 'cpu'):
             trainer.train(resume_from_checkpoint=str(last) if last is not None else None)
         bar.close()
         if main: trainer.model.save_pretrained(out / 'adapter', selected_adapters=['default'])  # not TRL's frozen 'ref' copy

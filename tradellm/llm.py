@@ -568,7 +568,7 @@ class LLMAgent(Agent):
         # sampling: one stream per chat from (agent seed, episode seed, day), so an episode's answers do not depend on
         # the batch it is in (batch_size, --episodes); an env reset without a seed uses its position instead
         seeds = None if self.temperature <= 0 else [
-            chat_seed(self.seed, getattr(e, '_seed', None), None if getattr(e, '_seed', None) is not None else i,
+            chat_seed(self.seed, getattr(e, 'episode_seed', None), None if getattr(e, 'episode_seed', None) is not None else i,
                       getattr(e, '_k', self._day)) for i, e in enumerate(envs)]
         gens = []
         for k in range(0, len(chats), size):

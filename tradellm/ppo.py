@@ -243,7 +243,7 @@ class PPOAgent(Agent):
         sel = self.selection()
         if sel is None: return
         lo, hi = sel['seed'], sel['seed'] + sel['episodes'] - 1
-        played = [getattr(e, '_seed', None) for e in envs if getattr(e, 'split', None) == sel['split']]
+        played = [getattr(e, 'episode_seed', None) for e in envs if getattr(e, 'split', None) == sel['split']]
         seeds = sorted({s for s in played if s is not None and lo <= s <= hi})
         if not seeds: return
         other = f"--seed {hi + 1}" if lo == 0 else f"--seed 0 with at most {lo} episodes"

@@ -25,8 +25,9 @@ from .tasks import ENV_VERSION
 # %% auto #0
 __all__ = ['TEACHER_GRID', 'MIN_TRADES', 'SFT_DATA_VERSION', 'teacher_grid', 'select_teacher', 'selection_markdown', 'explain',
            'rule_examples', 'data_card', 'build_sft_dataset', 'dataset_fingerprint', 'load_sft_dataset', 'SFTError',
-           'resolve_backend', 'to_prompt_completion', 'token_lengths', 'eval_subset', 'train_sft', 'tiny_chat_model',
-           'teacher_agreement', 'sft_eval', 'sft_eval_markdown', 'cli_sft_data', 'cli_sft', 'cli_teacher_select']
+           'resolve_backend', 'to_prompt_completion', 'token_lengths', 'eval_subset', 'labelled_positions_only',
+           'train_sft', 'tiny_chat_model', 'teacher_agreement', 'sft_eval', 'sft_eval_markdown', 'cli_sft_data',
+           'cli_sft', 'cli_teacher_select']
 
 # %% ../nbs/09_sft.ipynb #s011
 TEACHER_GRID = {  # a few values per parameter: 24 + 4 + 8 + 9 = 45 teachers
@@ -780,7 +781,7 @@ def _mlflow_callback(run):
 
 # %% ../nbs/09_sft.ipynb #c041
 @contextlib.contextmanager
-def _labelled_positions_only(cpu:bool):
+def labelled_positions_only(cpu:bool):
     "While inside, TRL's fused LM head scores only labelled positions on the CPU too (its GPU behaviour; same loss)."
     try: import trl.trainer.utils as tu
     except ImportError: tu = None
@@ -927,7 +928,7 @@ def train_sft(model:str='smollm2', # 'smollm2', a model folder or a hub id (an i
             warnings.warn(f"TRL kept {len(trainer.train_dataset)} of the {train.num_rows} training examples", stacklevel=2)
             config['train_examples'] = len(trainer.train_dataset)
         t0 = time.time()
-        with _labelled_positions_only(not cuda):
+        with labelled_positions_only(not cuda):
             result = trainer.train(resume_from_checkpoint=str(last) if last else None)
         seconds = time.time() - t0
         metrics = {'train_loss': float(result.training_loss), 'steps': int(result.global_step), 'train_seconds': round(seconds, 1),
