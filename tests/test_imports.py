@@ -65,6 +65,13 @@ def test_layers_point_down(lower, upper):
     assert upper not in import_graph()[lower], f"{lower} imports {upper}, a module above it"
 
 
+def test_tracking_sits_below_evaluation_and_training():
+    "MLflow tracking is its own module: it reads only the data folder's location, and the trainers reach it without evaluate."
+    graph = import_graph()
+    assert graph['tracking'] <= {'data'}, graph['tracking']
+    for m in ('evaluate', 'ppo', 'sft', 'grpo', 'experiment'): assert 'tracking' in graph[m], m
+
+
 def test_light_imports():
     "`import tradellm.evaluate` (what the leaderboard needs) loads no model library and none of the modules above it."
     code = ("import sys, tradellm, tradellm.evaluate; heavy = {'torch', 'transformers', 'trl', 'ray', 'stable_baselines3', "

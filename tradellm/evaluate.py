@@ -6,34 +6,28 @@
 from __future__ import annotations
 import argparse
 import contextlib
-import contextvars
 import datetime as dt
 import json
-import logging
 import math
 import os
 import shutil
-import signal
-import socket
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
-from urllib.parse import urlparse
 
 import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from .data import SPLITS, load_panel, split_slice, cache_dir
+from .data import SPLITS, load_panel, split_slice
 from .tasks import TASKS, ENV_VERSION, get_task, buy_and_hold_curve as tasks_buy_and_hold_curve
 from .env import TradingEnv
 from .agents import Agent, BASELINES, make_agent, entry_point, leaderboard_spec
+from .tracking import EXPERIMENT, Terminated, TrackingError, check_tracking, sigterm_raises, tracked_run
 
 # %% auto #0
-__all__ = ['BEAT_MARGIN', 'EXPERIMENT', 'FEW_EPISODES', 'METRICS', 'run_episodes', 'mean', 'bootstrap_ci', 'paired_diff',
-           'summarize', 'TrackingError', 'default_tracking_uri', 'check_tracking', 'tracked_run', 'Terminated',
+__all__ = ['BEAT_MARGIN', 'FEW_EPISODES', 'METRICS', 'run_episodes', 'mean', 'bootstrap_ci', 'paired_diff', 'summarize',
            'buy_and_hold_curve', 'drawdown_curve', 'showcase_episode', 'plot_scores', 'plot_episode', 'OutputError',
            'check_out', 'episodes_frame', 'leaderboard_markdown', 'write_results', 'evaluate', 'leaderboard_agents',
            'leaderboard', 'recorded_runs', 'rescore', 'cli_evaluate', 'cli_leaderboard', 'cli_rescore']
@@ -175,117 +169,6 @@ def summarize(records:list, # one agent's episodes of one task
         d = paired_diff(score, [r['score'] for r in other], n_resamples=n_resamples, seed=seed)
         row.update(zip(keys, (d['mean'], d['lo'], d['hi'])))
     return row
-
-# %% ../nbs/06_evaluate.ipynb #c019
-EXPERIMENT = 'tradellm'
-
-class TrackingError(RuntimeError):
-    "The MLflow tracking store cannot be used (the message says what to do)."
-
-def default_tracking_uri() -> str:
-    "`MLFLOW_TRACKING_URI`, else sqlite in the project's data folder."
-    return os.environ.get('MLFLOW_TRACKING_URI') or f"sqlite:///{cache_dir().parent / 'mlflow.db'}"
-
-def _quiet_mlflow():
-    for name in ('alembic', 'mlflow', 'sqlalchemy'): logging.getLogger(name).setLevel(logging.WARNING)
-
-_FIX = "set MLFLOW_TRACKING_URI to a store you can reach (e.g. sqlite:////tmp/mlflow.db) or pass --no-mlflow"
-
-def check_tracking(uri:str|None=None, # tracking URI (default: `default_tracking_uri()`)
-                   timeout:float=3.0, # seconds to wait for a server
-                  ) -> tuple:
-    "Make sure the store works and the experiment exists; returns `(uri, experiment_id)` or raises `TrackingError`."
-    uri = uri or default_tracking_uri()
-    u = urlparse(uri)
-    if u.scheme == 'sqlite':
-        path = Path(uri[len('sqlite:///'):]) if uri.startswith('sqlite:///') else None
-        if path is not None and str(path) != ':memory:':
-            try: path.parent.mkdir(parents=True, exist_ok=True)
-            except OSError as e: raise TrackingError(f"cannot create the folder of the MLflow store {path} ({e.strerror}): {_FIX}") from None
-            if not os.access(path.parent, os.W_OK): raise TrackingError(f"cannot write the MLflow store {path}: {_FIX}")
-    elif u.scheme in ('http', 'https'):
-        try: socket.create_connection((u.hostname, u.port or (443 if u.scheme == 'https' else 80)), timeout=timeout).close()
-        except OSError as e:
-            raise TrackingError(f"cannot reach the MLflow server at {uri} ({e.strerror or e}): start it (`mlflow server`), "
-                                f"or {_FIX}") from None
-    try:
-        from mlflow import MlflowClient
-        _quiet_mlflow()  # after the import: importing mlflow sets its own log level
-        client = MlflowClient(uri)
-        exp = client.get_experiment_by_name(EXPERIMENT)
-        if exp is not None: return uri, exp.experiment_id
-        art = (path.parent / 'mlartifacts').resolve().as_uri() if u.scheme == 'sqlite' and path is not None else None
-        return uri, client.create_experiment(EXPERIMENT, artifact_location=art)
-    except Exception as e:
-        msg = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
-        raise TrackingError(f"the MLflow store {uri} does not work ({type(e).__name__}: {msg}): {_FIX}") from None
-
-# %% ../nbs/06_evaluate.ipynb #c020
-class _Run:
-    "The open MLflow run `tracked_run` yields (or a do-nothing stand-in when tracking is off)."
-    def __init__(self, client=None, run_id=None): self.client, self.run_id = client, run_id
-
-    def log_metrics(self, metrics:dict, step:int=0):
-        if self.client is None: return
-        from mlflow.entities import Metric
-        now = int(time.time() * 1000)
-        ms = [Metric(k, float(v), now, step) for k, v in metrics.items() if v is not None and math.isfinite(float(v))]
-        for i in range(0, len(ms), 1000): self.client.log_batch(self.run_id, metrics=ms[i:i + 1000])
-
-    def log_series(self, key:str, values):
-        "One metric per episode (step = episode index)."
-        if self.client is None: return
-        from mlflow.entities import Metric
-        now = int(time.time() * 1000)
-        ms = [Metric(key, float(v), now, i) for i, v in enumerate(values)]
-        for i in range(0, len(ms), 1000): self.client.log_batch(self.run_id, metrics=ms[i:i + 1000])
-
-    def log_artifact(self, path):
-        if self.client is not None: self.client.log_artifact(self.run_id, str(path))
-
-@contextlib.contextmanager
-def tracked_run(uri:str|None, # tracking URI; None: no tracking (a stand-in that logs nothing)
-                experiment_id:str|None=None, # from `check_tracking`
-                run_name:str='', # shown in the MLflow UI
-                tags:dict|None=None, # run tags
-                params:dict|None=None, # run params
-               ):
-    "An MLflow run that ends FINISHED when the block completes and FAILED when anything (Ctrl-C, SIGTERM too) escapes it; opened inside another one of the same store, it is that run's child."
-    if uri is None:
-        yield _Run()
-        return
-    from mlflow import MlflowClient
-    from mlflow.entities import Param, RunTag
-    client = MlflowClient(uri)
-    outer = _OPEN_RUN.get()  # (uri, experiment, run id) of the run this block sits in, if any
-    tags = dict(tags or {}) | ({'mlflow.parentRunId': outer[2]} if outer and outer[:2] == (uri, experiment_id) else {})
-    run = client.create_run(experiment_id, run_name=run_name, tags={k: str(v) for k, v in tags.items()})
-    rid = run.info.run_id
-    token = _OPEN_RUN.set((uri, experiment_id, rid))
-    try:
-        if params: client.log_batch(rid, params=[Param(k, str(v)[:6000]) for k, v in params.items()], tags=[RunTag('mlflow.runName', run_name)])
-        with _sigterm_raises(): yield _Run(client, rid)  # a killed training run ends FAILED, not RUNNING forever
-    except BaseException:
-        with contextlib.suppress(Exception): client.set_terminated(rid, 'FAILED')
-        raise
-    finally: _OPEN_RUN.reset(token)
-    client.set_terminated(rid, 'FINISHED')
-
-_OPEN_RUN = contextvars.ContextVar('tradellm_open_run', default=None)  # nests runs: an experiment's stage runs, the stages' own runs
-
-@contextlib.contextmanager
-def _sigterm_raises():
-    "While inside, SIGTERM raises `Terminated` (so runs end FAILED and temporary files are removed)."
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    def handler(signum, frame): raise Terminated(f"stopped by signal {signum}")
-    old = signal.signal(signal.SIGTERM, handler)
-    try: yield
-    finally: signal.signal(signal.SIGTERM, old)
-
-class Terminated(KeyboardInterrupt):
-    "The process was asked to stop (SIGTERM)."
 
 # %% ../nbs/06_evaluate.ipynb #c024
 def buy_and_hold_curve(record:dict) -> np.ndarray:
@@ -612,7 +495,7 @@ def evaluate(agents=BASELINES, # specs or `Agent`s for every task, or a dict tas
     play = run_episodes if shards is None else shards.submit(chosen, split, episodes, seed, panel).episodes  # Ray: all chunks queued now
     rows, records = [], {}
     total = sum((len(chosen[t]) + ('do_nothing' not in chosen[t] or 'buy_and_hold' in chosen[t])) * episodes * TASKS[t].days for t in tasks)
-    with _sigterm_raises(), tqdm(total=total, unit='day', desc='evaluate', disable=not progress) as bar, shards or contextlib.nullcontext():
+    with sigterm_raises(), tqdm(total=total, unit='day', desc='evaluate', disable=not progress) as bar, shards or contextlib.nullcontext():
         for task in tasks:
             # the baselines of the paired differences first: buy-and-hold (a listed do-nothing needs it too), then do-nothing
             keys = sorted(chosen[task], key=lambda k: (k != 'buy_and_hold', k != 'do_nothing'))
@@ -654,7 +537,7 @@ def evaluate(agents=BASELINES, # specs or `Agent`s for every task, or a dict tas
                 beat_margin=BEAT_MARGIN, seconds=time.time() - t0)
     result = dict(meta=meta, rows=rows, records=records, out=None)
     if out is not None:
-        with _sigterm_raises(): result['out'] = str(write_results(result, out))
+        with sigterm_raises(): result['out'] = str(write_results(result, out))
     return result
 
 # %% ../nbs/06_evaluate.ipynb #c039

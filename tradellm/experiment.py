@@ -224,7 +224,7 @@ def run_stages(stages:list, # `Stage`s in order (each after the stages it reads)
               ) -> dict:
     "Run or reuse each stage; returns {name: {key, status ('reused' or 'ran'), outputs, seconds, cpu_seconds}}."
     from tqdm.auto import tqdm
-    from tradellm.evaluate import tracked_run
+    from tradellm.tracking import tracked_run
     out = Path(out).resolve()  # outputs name absolute paths: the same command from another folder reuses them
     out.mkdir(parents=True, exist_ok=True)
     names = [s.name for s in stages]
@@ -588,7 +588,7 @@ def run_experiment(profile:str|Profile='smoke', # a profile name or a `Profile`
                   ) -> dict:
     "Run (or resume) the experiment; returns the report (`results.json`'s content)."
     from tradellm.data import load_panel
-    from tradellm.evaluate import check_tracking, tracked_run
+    from tradellm.tracking import check_tracking, tracked_run
     p = get_profile(profile) if isinstance(profile, str) else profile
     out = Path(out)
     panel = load_panel(data)
@@ -641,7 +641,7 @@ def cli_experiment(argv:list|None=None, # arguments after `tradellm experiment`
     p.add_argument('--quiet', action='store_true', help='no progress bars')
     p.add_argument('--json', action='store_true', help='print results.json instead of results.md')
     a = p.parse_args(argv)
-    from tradellm.evaluate import Terminated, TrackingError
+    from tradellm.tracking import Terminated, TrackingError
     from tradellm.data import DataError
     try: res = run_experiment(a.profile, a.out, a.data, track=not a.no_mlflow, progress=not a.quiet)
     except (TrackingError, DataError, ValueError, FileNotFoundError) as e:

@@ -652,7 +652,7 @@ def train_grpo(model:str='smollm2', # 'smollm2', a folder written by save_pretra
                seed:int=0, # seeds the prompts and the trainer
                save_steps:int=25, # checkpoint every this many steps
                resume:bool=False, # continue from the last checkpoint in OUT/checkpoints
-               track:bool=True, # log to MLflow (`tradellm.evaluate.default_tracking_uri()`)
+               track:bool=True, # log to MLflow (`tradellm.tracking.default_tracking_uri()`)
                data=None, # a loaded `Panel` or a folder of prices
                device:str|None=None, # None: CUDA when present, else CPU
                dtype=None, # model dtype (None: `load_model`'s default)
@@ -699,7 +699,7 @@ def train_grpo(model:str='smollm2', # 'smollm2', a folder written by save_pretra
     from datasets import Dataset
     from trl import GRPOConfig
     from tqdm.auto import tqdm
-    from tradellm.evaluate import check_tracking, tracked_run
+    from tradellm.tracking import check_tracking, tracked_run
     from tradellm.llm import PROMPT_VERSION, adapter_meta, adapter_prompt_style, write_adapter_meta
     if prompt_style is None: prompt_style = adapter_prompt_style(adapter) if adapter is not None else 'full'
     from tradellm.llm import system_prompt

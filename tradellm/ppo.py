@@ -340,7 +340,7 @@ def train_ppo(task='easy', # task name
     if checkpoints < 1 or n_envs < 1: raise ValueError("checkpoints and n_envs must be at least 1")
     t0 = time.perf_counter()
     if track:
-        from tradellm.evaluate import check_tracking
+        from tradellm.tracking import check_tracking
         tracking = check_tracking()  # fails now, with what to do, rather than after training
     torch.set_num_threads(threads)
     panel = data if isinstance(data, Panel) else load_panel(data)
@@ -409,7 +409,7 @@ def _seed_range(sel) -> str: return f"{sel['split']} {sel['seed']}..{sel['seed']
 def _log_mlflow(config, out, uri, experiment_id) -> str:
     "One MLflow run: params, the learning curve, val score per checkpoint, the model files."
     from mlflow.entities import Metric
-    from tradellm.evaluate import tracked_run
+    from tradellm.tracking import tracked_run
     keys = ('task', 'seed', 'timesteps', 'trained_timesteps', 'n_envs', 'checkpoints', 'val_episodes', 'norm_episodes',
             'shaping', 'env_version', 'task_version', 'data')
     params = {**{k: config[k] for k in keys}, 'selection_seeds': _seed_range(config['selection']),
@@ -499,7 +499,7 @@ def cli_train_ppo(argv:list|None=None, # arguments after `tradellm train-ppo`
     if args.timesteps < 1 or args.n_envs < 1 or args.checkpoints < 1 or args.val_episodes < 1:
         print("tradellm train-ppo: --timesteps, --n-envs, --checkpoints and --val-episodes must be positive", file=sys.stderr)
         return 2
-    from tradellm.evaluate import TrackingError
+    from tradellm.tracking import TrackingError
     try:
         panel = load_panel(args.data)
         r = train_ppo(args.task, args.timesteps, args.seed, panel, args.out, n_envs=args.n_envs, checkpoints=args.checkpoints,

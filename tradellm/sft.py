@@ -914,7 +914,7 @@ def train_sft(model:str='smollm2', # 'smollm2', a model folder or a hub id (an i
                   eval_examples_by_task=None if val is None else {t: d.num_rows for t, d in _by_task(val).items()},
                   seed=seed, device='cuda' if cuda else 'cpu', dataset=str(Path(data).resolve()), dataset_fingerprint=fingerprint,
                   resumed_from=None if last is None else str(last))
-    from tradellm.evaluate import check_tracking, tracked_run
+    from tradellm.tracking import check_tracking, tracked_run
     uri, experiment = check_tracking() if track else (None, None)
     tags = {'stage': 'sft', 'env_version': ENV_VERSION, 'prompt_version': _prompt_version(), 'dataset_fingerprint': fingerprint}
     with tracked_run(uri, experiment, run_name=f"sft {Path(str(model)).name} r{lora_rank}", tags=tags, params=config) as run:
@@ -1121,7 +1121,7 @@ def cli_sft(argv:list|None=None, # arguments after `tradellm sft`
     p.add_argument('--json', action='store_true', help='print the training summary as JSON')
     a = p.parse_args(argv)
     from tradellm.llm import ModelError
-    from tradellm.evaluate import TrackingError
+    from tradellm.tracking import TrackingError
     try:
         res = train_sft(**{k: v for k, v in vars(a).items() if k != 'json'}, progress=not a.json)
     except (SFTError, DataError, ModelError, TrackingError) as e: return _fail('sft', e)
@@ -1152,7 +1152,7 @@ def cli_teacher_select(argv:list|None=None, # arguments after `tradellm teacher-
     p.add_argument('--json', action='store_true', help='print the result as JSON')
     p.add_argument('--no-progress', action='store_true', help='no progress bar')
     a = p.parse_args(argv)
-    from tradellm.evaluate import TrackingError, check_tracking, tracked_run
+    from tradellm.tracking import TrackingError, check_tracking, tracked_run
     tasks = [t.strip() for t in a.tasks.split(',') if t.strip()]
     try:
         uri, exp = check_tracking() if not a.no_mlflow else (None, None)
