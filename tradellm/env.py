@@ -175,7 +175,7 @@ class TradingEnv(gym.Env):
         if obs_mode not in ('text', 'numeric'): raise ValueError(f"obs_mode must be 'text' or 'numeric', got {obs_mode!r}")
         if render_mode not in (None, 'ansi'): raise ValueError(f"render_mode must be None or 'ansi', got {render_mode!r}")
         self.task, self.split, self.obs_mode, self.render_mode = get_task(task), split, obs_mode, render_mode
-        self.panel = data if isinstance(data, Panel) else load_panel(data)
+        self.panel = load_panel(data)
         self._feat, self._feat32, self._iso = _panel_features(self.panel)
         self._by_symbol = _panel_by_symbol(self.panel, self._feat, self._feat32)
         self._find_windows()

@@ -95,7 +95,7 @@ def prompt_rows(task:str='easy', # 'easy', 'medium' or 'hard'
     if n < 1: raise ValueError(f"n must be at least 1 prompt, got {n}")
     if not 1 <= horizon <= t.days: raise ValueError(f"horizon must be 1 to {t.days} days for task {t.name}, got {horizon}")
     if policy not in POLICIES: raise ValueError(f"unknown policy {policy!r}; choose one of {', '.join(POLICIES)}")
-    env = TradingEnv(t, split, 'text', data if isinstance(data, Panel) else load_panel(data))
+    env = TradingEnv(t, split, 'text', load_panel(data))
     rng = np.random.default_rng([int(seed) % 2**32, 7])
     rows = []
     for i in range(n):
@@ -120,7 +120,7 @@ class StateCache:
 
     @property
     def panel(self) -> Panel:
-        if self._panel is None: self._panel = self.data if isinstance(self.data, Panel) else load_panel(self.data)
+        if self._panel is None: self._panel = load_panel(self.data)
         return self._panel
 
     def env(self, task:str, split:str) -> TradingEnv:
@@ -694,7 +694,7 @@ def train_grpo(model:str='smollm2', # 'smollm2', a folder written by save_pretra
     ck_dir = out / 'checkpoints'
     last = _last_checkpoint(ck_dir) if resume else None
     if resume and last is None: raise FileNotFoundError(f"--resume: no checkpoint in {ck_dir}; run without --resume to start")
-    panel = data if isinstance(data, Panel) else load_panel(data)
+    panel = load_panel(data)
     import torch
     from datasets import Dataset
     from trl import GRPOConfig
@@ -861,7 +861,7 @@ def compare_agents(agents:list, # the reference first: specs like 'llm:smollm2',
     from tradellm.agents import make_agent
     from tradellm.evaluate import bootstrap_ci, paired_diff, run_episodes
     if not agents: raise ValueError("compare_agents needs at least one agent (the reference first)")
-    panel = data if isinstance(data, Panel) else load_panel(data)
+    panel = load_panel(data)
     built = [make_agent(a) for a in agents]
     names = [a if isinstance(a, str) else b.name for a, b in zip(agents, built)]
     out = []

@@ -22,7 +22,7 @@ import gymnasium as gym
 from gymnasium import spaces
 
 from .agents import Agent
-from .data import Panel, load_panel, cache_dir
+from .data import load_panel, cache_dir
 from .env import TradingEnv, MARKET_FEATURES, POSITION_FEATURES, GLOBAL_FEATURES
 from .market import Order, buy_room, shares_sold
 from .tasks import ENV_VERSION, get_task
@@ -276,7 +276,7 @@ def run_agent(agent, # anything with the agent protocol
               data=None, # folder or loaded `Panel`
              ) -> list:
     "Final scores of `episodes` seeded episodes (a light version of `tradellm.evaluate.run_episodes`)."
-    panel = data if isinstance(data, Panel) else load_panel(data)
+    panel = load_panel(data)
     envs = [TradingEnv(task, split, agent.obs_mode, data=panel) for _ in range(episodes)]
     obs = [e.reset(seed=seed + i)[0] for i, e in enumerate(envs)]
     agent.reset(envs)
@@ -343,7 +343,7 @@ def train_ppo(task='easy', # task name
         from tradellm.tracking import check_tracking
         tracking = check_tracking()  # fails now, with what to do, rather than after training
     torch.set_num_threads(threads)
-    panel = data if isinstance(data, Panel) else load_panel(data)
+    panel = load_panel(data)
     out = Path(out) if out is not None else default_model_dir(t)
     out.mkdir(parents=True, exist_ok=True)
     norm = fit_normalizer(t, panel, episodes=norm_episodes, seed=seed)

@@ -324,7 +324,7 @@ def make_app(data=None, # a loaded `Panel`, a folder of prices, or None (the loo
     "The FastAPI app serving `TradingEnv` sessions: OpenEnv's `create_app` plus session-aware HTTP routes."
     if max_sessions < 1: raise ValueError(f"max_sessions must be at least 1, got {max_sessions}")
     if session_ttl <= 0: raise ValueError(f"session_ttl must be positive (seconds), got {session_ttl}")
-    panel = data if isinstance(data, Panel) else load_panel(data)
+    panel = load_panel(data)
     compute_indicators(panel)  # once, before sessions share the panel from many threads
     factory = functools.partial(TradingEnvironment, panel)
     app = create_app(factory, TradeAction, TradeObservation, env_name='tradellm',

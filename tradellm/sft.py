@@ -17,7 +17,7 @@ from collections import Counter
 from pathlib import Path
 import numpy as np
 
-from .data import SPLITS, DataError, Panel, load_panel
+from .data import SPLITS, DataError, load_panel
 from .env import TradingEnv, _gate_reason
 from .market import parse_action
 from .tasks import ENV_VERSION
@@ -70,7 +70,7 @@ def select_teacher(data=None, # a folder of prices or a loaded `Panel`
     from tqdm.auto import tqdm
     from tradellm.agents import make_agent
     from tradellm.evaluate import run_episodes, mean, bootstrap_ci
-    panel = data if isinstance(data, Panel) else load_panel(data)
+    panel = load_panel(data)
     specs = teacher_grid(grid)
     run = lambda spec, task, split, n: run_episodes(make_agent(spec), task, split, n, seed, panel, progress=False)
     rows, chosen, val = [], {}, {}
@@ -601,7 +601,7 @@ def build_sft_dataset(out, # folder to write (created; files in it are replaced)
     if not 0 <= val_fraction <= 1: raise ValueError(f"val_fraction must be in [0, 1], got {val_fraction}")
     steps = {t: int(n) for t, n in (('easy', easy_steps), ('medium', medium_steps), ('hard', hard_steps)) if n}
     if any(n < 0 for n in steps.values()) or not steps: raise ValueError(f"give a positive number of steps for at least one task, got {steps}")
-    panel = data if isinstance(data, Panel) else load_panel(data)
+    panel = load_panel(data)
     val_split = 'val' if split != 'val' else 'test'
     rows = {'train': [], 'validation': []}
     if agent is None:
@@ -983,7 +983,7 @@ def teacher_agreement(records:list, # episode records of one agent (`run_episode
     "How often the agent did what the teacher would have done on the same states (its own episodes, replayed day by day)."
     from tradellm.agents import make_agent
     teacher = make_agent(teacher)
-    panel = data if isinstance(data, Panel) else load_panel(data)
+    panel = load_panel(data)
     same_decision = same_orders = days = 0
     for r in records:
         env = TradingEnv(r['task'], r['split'], 'numeric', panel)
@@ -1014,7 +1014,7 @@ def sft_eval(adapter, # the SFT adapter folder (`tradellm sft --out`)
             ) -> dict:
     "The adapter beside its teacher, buy-and-hold and doing nothing on the same episodes: score, paired differences, format errors, trades, agreement with the teacher."
     from tradellm.evaluate import evaluate, paired_diff
-    panel = data if isinstance(data, Panel) else load_panel(data)
+    panel = load_panel(data)
     llm = f"llm:{model}+{adapter}"
     out = {}
     for split in splits:
