@@ -130,11 +130,15 @@ class RSIAgent(RSIAgent):
             decisions.append(d)
         buys.sort(key=lambda d: d['rsi'])
         self._size_buys(view, buys, max_position)
+        return self._orders(sells, buys, max_trades), decisions
+
+    def _orders(self, sells, buys, max_trades) -> str:
+        "The day's action text: the sells first, then the sized buys, up to the daily limit (the rest HOLD, rule 'trade_limit')."
         orders = []
         for d in sells + [b for b in buys if b['decision'] == 'BUY']:
             if len(orders) >= max_trades: d.update(decision='HOLD', rule='trade_limit'); d.pop('fraction', None)
             else: orders.append((d['decision'], d['symbol'], _fraction(d['fraction'])))
-        return _orders_text(orders), decisions
+        return _orders_text(orders)
 
     def _size_buys(self, view, buys, max_position):
         "Give each buy its fraction of the cash left when it fills (see the size rule above)."
@@ -198,37 +202,39 @@ class TeacherAgent(Agent):
     def exit(self, d:dict) -> bool: raise NotImplementedError  # sell a held one?
     def strength(self, d:dict) -> float: raise NotImplementedError  # buys are sized strongest first
 
+    def stock_decision(self, view, # the day's `MarketView`
+                       i:int, # the stock's column
+                      ) -> dict:
+        "One stock's decision: the exits (stop-loss, take-profit, the family's exit) when it is held, the entry rule when not."
+        shares, pnl = int(view.shares[i]), view.feature('pnl_pct', i)
+        d = dict(symbol=view.symbols[i], decision='HOLD', **{k: view.feature(k, i) for k in self.inputs}, pnl_pct=pnl, shares=shares)
+        if shares > 0:
+            sl, tp = getattr(self, 'stop_loss', 0.0), getattr(self, 'take_profit', 0.0)
+            d['rule'] = ('stop_loss' if sl and pnl <= -sl else 'take_profit' if tp and pnl >= tp
+                         else f'{self.family}_exit' if self.exit(d) else f'{self.family}_keep')
+            if d['rule'] != f'{self.family}_keep': d.update(decision='SELL', fraction=1.0)
+        elif self.entry(d):  # (a NaN indicator compares False: no entry)
+            if view.buy_blocked: d['rule'] = 'regime_gate'
+            else: d.update(decision='BUY', rule=f'{self.family}_entry')
+        else: d['rule'] = f'{self.family}_no_entry'
+        return d
+
     def decide(self, view, # the day's `MarketView`
                max_position:float=1.0, # the task's per-stock cap, fraction of equity
                max_trades:int=64, # the task's daily order limit
               ) -> tuple:
         "The action text and one decision dict per stock: `{symbol, decision, rule, <inputs>, pnl_pct, shares, ...}`."
-        sells, buys, decisions = [], [], []
-        for i, sym in enumerate(view.symbols):
-            shares, pnl = int(view.shares[i]), view.feature('pnl_pct', i)
-            d = dict(symbol=sym, decision='HOLD', **{k: view.feature(k, i) for k in self.inputs}, pnl_pct=pnl, shares=shares)
-            if shares > 0:
-                sl, tp = getattr(self, 'stop_loss', 0.0), getattr(self, 'take_profit', 0.0)
-                rule = ('stop_loss' if sl and pnl <= -sl else 'take_profit' if tp and pnl >= tp
-                        else f'{self.family}_exit' if self.exit(d) else f'{self.family}_keep')
-                d['rule'] = rule
-                if rule != f'{self.family}_keep': d.update(decision='SELL', fraction=1.0); sells.append(d)
-            elif self.entry(d):  # (a NaN indicator compares False: no entry)
-                if view.buy_blocked: d['rule'] = 'regime_gate'
-                else: d.update(decision='BUY', rule=f'{self.family}_entry'); buys.append(d)
-            else: d['rule'] = f'{self.family}_no_entry'
-            decisions.append(d)
+        decisions = [self.stock_decision(view, i) for i in range(len(view.symbols))]
+        sells = [d for d in decisions if d['decision'] == 'SELL']
+        buys = [d for d in decisions if d['decision'] == 'BUY']
         buys.sort(key=self.strength, reverse=True)
         for d in buys[self.max_buys:] if self.max_buys else []: d.update(decision='HOLD', rule='buy_limit')
         buys = buys[:self.max_buys] if self.max_buys else buys
         self._size_buys(view, buys, max_position)
-        orders = []
-        for d in sells + [b for b in buys if b['decision'] == 'BUY']:
-            if len(orders) >= max_trades: d.update(decision='HOLD', rule='trade_limit'); d.pop('fraction', None)
-            else: orders.append((d['decision'], d['symbol'], _fraction(d['fraction'])))
-        return _orders_text(orders), decisions
+        return self._orders(sells, buys, max_trades), decisions
 
     _size_buys = RSIAgent._size_buys  # the RSI rules' sizes: an equal share of the cash per stock not held, within the cap
+    _orders = RSIAgent._orders  # and their order limit
     act = RSIAgent.act
 
 # %% ../nbs/05_agents.ipynb #t003

@@ -11,7 +11,7 @@ import inspect
 import sys
 
 # %% auto #0
-__all__ = ['COMMANDS', 'main', 'param_arg']
+__all__ = ['COMMANDS', 'DATA_HELP', 'main', 'param_arg', 'command_parser']
 
 # %% ../nbs/12_cli.ipynb #c005
 COMMANDS = {
@@ -67,9 +67,11 @@ def _docs(fn) -> dict:
 
 def _arg_type(par):
     "The type a flag's text is converted to: the default's, else the first of int/float/str its annotation names."
-    if par.default is not None: return type(par.default)
+    if par.default not in (None, par.empty): return type(par.default)
     ann = str(par.annotation)
     return next((t for t in (int, float, str) if t.__name__ in ann), str)
+
+DATA_HELP = 'folder of prices (default: $TRADELLM_DATA, then the cache)'  # every command's --data
 
 def param_arg(p:argparse.ArgumentParser, # the parser to add to
               fn, # the function whose parameter the flag sets
@@ -79,14 +81,23 @@ def param_arg(p:argparse.ArgumentParser, # the parser to add to
              ):
     "Add the flag of one parameter of `fn`: default from its signature, help from its comment; a bool is a switch away from its default."
     par = inspect.signature(fn).parameters[name]
+    if name == 'data': kw.setdefault('help', DATA_HELP)  # a library function takes a Panel too; a command line, a folder
     flag = flag or '--' + name.replace('_', '-')
     if isinstance(par.default, bool): kw.setdefault('action', 'store_false' if par.default else 'store_true')
     elif 'action' not in kw: kw.setdefault('type', _arg_type(par))
     doc = (_docs(fn).get(name) or name.replace('_', ' ')).replace('%', '%%')
     said = isinstance(par.default, bool) or (par.default is None and 'default' in doc)  # the comment already says it
     kw.setdefault('help', doc if said else f"{doc} (default: %(default)s)")
-    kw.setdefault('default', par.default)
+    if par.default is not par.empty: kw.setdefault('default', par.default)  # (a parameter without one: argparse's None)
     p.add_argument(flag, dest=name, **kw)
+
+def command_parser(command:str, # the command's name: `tradellm COMMAND`
+                   description:str, # what it does (its --help)
+                   fn=None, # the function whose parameters its flags set (see `param_arg`)
+                  ) -> tuple:
+    "The parser of `tradellm COMMAND`, and `arg(name, *flag, **kw)`, which adds the flag of `fn`'s parameter `name`."
+    p = argparse.ArgumentParser(prog=f'tradellm {command}', description=description)
+    return p, lambda name, *flag, **kw: param_arg(p, fn, name, *flag, **kw)
 
 # %% ../nbs/12_cli.ipynb #c009
 #| eval: false

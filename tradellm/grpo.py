@@ -4,7 +4,6 @@
 
 # %% ../nbs/10_grpo.ipynb #c003
 from __future__ import annotations
-import argparse
 import hashlib
 import inspect
 import json
@@ -789,12 +788,10 @@ def train_grpo(model:str='smollm2', # 'smollm2', a folder written by save_pretra
 DEFAULT_SFT_ADAPTER = 'sft_adapter'  # `tradellm sft`'s default output folder
 
 def _parser():
-    from tradellm.cli import param_arg
-    p = argparse.ArgumentParser(prog='tradellm grpo', description='GRPO fine-tuning with the environment as the reward: each '
-                                "completion is executed in its own copy of the environment, the episode finished and scored with "
-                                "the leaderboard's score.")
-    arg = lambda name, *flag, **kw: param_arg(p, train_grpo, name, *flag, **kw)  # default and help from train_grpo's signature
-    env = lambda name, **kw: param_arg(p, GRPOEnvConfig, name, **kw)  # ... from GRPOEnvConfig's
+    from tradellm.cli import command_parser, param_arg
+    p, arg = command_parser('grpo', "GRPO fine-tuning with the environment as the reward: each completion is executed in its own "
+                            "copy of the environment, the episode finished and scored with the leaderboard's score.", train_grpo)
+    env = lambda name, **kw: param_arg(p, GRPOEnvConfig, name, **kw)  # default and help from GRPOEnvConfig's fields
     arg('model')
     arg('adapter', default=DEFAULT_SFT_ADAPTER, help=f'SFT adapter folder to continue (default {DEFAULT_SFT_ADAPTER}, where `tradellm sft` writes)')
     p.add_argument('--fresh-lora', action='store_true',

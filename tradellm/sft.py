@@ -1065,21 +1065,15 @@ def _fail(cmd, e) -> int:
 def cli_sft_data(argv:list|None=None, # arguments after `tradellm sft-data`
                 ) -> int:
     "`tradellm sft-data`: write the SFT dataset from the rule agent's trajectories."
-    p = argparse.ArgumentParser(prog='tradellm sft-data', description="Write chat examples (system prompt, observation, "
-                                "<think> reasoning + action) from a teacher's seeded episodes (by default the teacher chosen "
-                                "per task on train by `tradellm teacher-select`).")
-    p.add_argument('--out', required=True, help='folder to write the dataset into')
-    p.add_argument('--easy-steps', type=int, default=4000, help='easy-task examples (default 4000)')
-    p.add_argument('--medium-steps', type=int, default=3000, help='medium-task examples (default 3000)')
-    p.add_argument('--hard-steps', type=int, default=0, help='hard-task examples (default 0)')
-    p.add_argument('--split', default='train', choices=list(SPLITS), help='split of the training examples (default train)')
-    p.add_argument('--val-fraction', type=float, default=0.1, help='validation examples per task, share of its steps (default 0.1)')
-    p.add_argument('--seed', type=int, default=0, help='first env seed (default 0)')
-    p.add_argument('--data', default=None, help='folder of prices (default: $TRADELLM_DATA, then the cache)')
-    p.add_argument('--style', default='compact', choices=['compact', 'full'],
-                   help="compact (default): short system prompt and reasons only, fast to train; full: the zero-shot prompt")
-    p.add_argument('--hold-share', type=float, default=0.5,
-                   help='keep HOLD days at most this share of the examples (default 0.5; -1: as the teacher decides)')
+    from tradellm.cli import command_parser
+    p, arg = command_parser('sft-data', "Write chat examples (system prompt, observation, <think> reasoning + action) from a teacher's "
+                            "seeded episodes (by default the teacher chosen per task on train by `tradellm teacher-select`).", build_sft_dataset)
+    arg('out', required=True)
+    for name in ('easy_steps', 'medium_steps', 'hard_steps'): arg(name)
+    arg('split', choices=list(SPLITS))
+    for name in ('val_fraction', 'seed', 'data'): arg(name)
+    arg('style', choices=['compact', 'full'])
+    arg('hold_share', help='keep HOLD days at most this share of each task\'s examples (default: %(default)s; -1: as the teacher decides)')
     p.add_argument('--teacher', default='teacher',
                    help="the teacher's agent spec (default 'teacher': the one chosen per task on train; e.g. teacher:ema:enter=0.5,exit=0 or rsi)")
     p.add_argument('--buy-below', type=float, default=None, help="RSI teacher: buy when RSI is below this (sets --teacher to the RSI rules)")
@@ -1105,10 +1099,9 @@ def cli_sft_data(argv:list|None=None, # arguments after `tradellm sft-data`
 def cli_sft(argv:list|None=None, # arguments after `tradellm sft`
            ) -> int:
     "`tradellm sft`: fine-tune a LoRA adapter on an SFT dataset."
-    from tradellm.cli import param_arg
-    p = argparse.ArgumentParser(prog='tradellm sft', description='Supervised fine-tuning with LoRA (TRL SFTTrainer + PEFT) '
-                                'on a dataset from `tradellm sft-data`. The adapter plugs in as llm:MODEL+OUT.')
-    arg = lambda name, *flag, **kw: param_arg(p, train_sft, name, *flag, **kw)  # default and help from train_sft's signature
+    from tradellm.cli import command_parser
+    p, arg = command_parser('sft', 'Supervised fine-tuning with LoRA (TRL SFTTrainer + PEFT) on a dataset from `tradellm sft-data`. '
+                            'The adapter plugs in as llm:MODEL+OUT.', train_sft)
     arg('model')
     arg('data', required=True)
     for name in ('out', 'epochs', 'max_steps', 'lora_rank', 'lora_alpha', 'lr', 'batch_size', 'grad_accum', 'max_length', 'drop_long',
@@ -1138,16 +1131,14 @@ def cli_teacher_select(argv:list|None=None, # arguments after `tradellm teacher-
                       ) -> int:
     "`tradellm teacher-select`: search the teacher families on train, report the chosen ones on val (JSON, markdown, MLflow)."
     import datetime as dt
-    p = argparse.ArgumentParser(prog='tradellm teacher-select', description="Search the teacher families' parameters on the train "
-                                "split by the task score, one teacher per task; report the chosen ones on val against doing nothing "
-                                "and buy-and-hold (paired). Test is not touched. Put the chosen specs in tradellm.agents.DEFAULT_TEACHERS.")
-    p.add_argument('--data', default=None, help='folder of prices (default: $TRADELLM_DATA, then the cache)')
-    p.add_argument('--out', default='teacher_selection.json', help='JSON file to write (default teacher_selection.json)')
-    p.add_argument('--tasks', default='easy,medium', help='tasks, comma-separated (default easy,medium)')
-    p.add_argument('--episodes', type=int, default=100, help='train episodes per teacher and task (default 100)')
-    p.add_argument('--val-episodes', type=int, default=200, help='val episodes of the chosen teachers and the baselines (default 200)')
-    p.add_argument('--seed', type=int, default=0, help='env seed of the first episode (default 0)')
-    p.add_argument('--min-trades', type=float, default=MIN_TRADES, help=f'least mean trades per train episode of a chosen teacher (default {MIN_TRADES:g})')
+    from tradellm.cli import command_parser
+    p, arg = command_parser('teacher-select', "Search the teacher families' parameters on the train split by the task score, one "
+                            "teacher per task; report the chosen ones on val against doing nothing and buy-and-hold (paired). Test "
+                            "is not touched. Put the chosen specs in tradellm.agents.DEFAULT_TEACHERS.", select_teacher)
+    arg('data')
+    p.add_argument('--out', default='teacher_selection.json', help='JSON file to write (default: %(default)s)')
+    arg('tasks', default='easy,medium', type=str, help='tasks, comma-separated, one teacher each (default: %(default)s)')
+    for name in ('episodes', 'val_episodes', 'seed', 'min_trades'): arg(name)
     p.add_argument('--no-mlflow', action='store_true', help='do not log the run to MLflow')
     p.add_argument('--json', action='store_true', help='print the result as JSON')
     p.add_argument('--no-progress', action='store_true', help='no progress bar')
