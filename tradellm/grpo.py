@@ -552,9 +552,8 @@ def _load_policy(model, adapter, device, dtype, lora_rank, lora_alpha):
     lm, tok = load_model(model, device=device, dtype=dtype)
     if adapter is not None:
         from peft import PeftModel
-        p = Path(adapter).expanduser()
-        if not (p / 'adapter_config.json').is_file():
-            raise ValueError(f"{p}: not a PEFT adapter folder (no adapter_config.json); pass the folder `tradellm sft` wrote")
+        from tradellm.llm import check_adapter
+        p = check_adapter(adapter)
         return PeftModel.from_pretrained(lm, str(p), is_trainable=True), tok, None
     from peft import LoraConfig
     return lm, tok, LoraConfig(r=lora_rank, lora_alpha=lora_alpha or 2 * lora_rank, lora_dropout=0.0,

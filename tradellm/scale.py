@@ -25,7 +25,7 @@ from .agents import Agent, make_agent
 from .data import Panel, load_panel
 from .evaluate import run_episodes
 from .tasks import ENV_VERSION, TASKS
-from .llm import (LLMAgent, ModelError, Generation, _eos_ids, _resolve_source, _check_adapter, adapter_prompt_style,
+from .llm import (LLMAgent, ModelError, Generation, _eos_ids, _resolve_source, check_adapter, adapter_prompt_style,
                   adapter_max_new_tokens)
 
 # %% auto #0
@@ -394,7 +394,7 @@ def make_vllm_agent(model:str|Path='smollm2', # 'smollm2', a folder or a hub id
     engine_kw = dict(model=src, seed=0, gpu_memory_utilization=gpu_memory_utilization)
     lora = None
     if adapter is not None:
-        p = _check_adapter(adapter)
+        p = check_adapter(adapter)
         from vllm.lora.request import LoRARequest
         rank = int(json.loads((p / 'adapter_config.json').read_text()).get('r', 16))
         engine_kw.update(enable_lora=True, max_lora_rank=max(8, rank))
