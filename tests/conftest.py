@@ -40,3 +40,16 @@ def late_panel():
     for sym, days in (('S04', [400, 401, 402]), ('S05', [850]), ('S06', [1000, 1040])):
         for a in fields.values(): a[days, p.symbols.index(sym)] = np.nan
     return Panel(p.dates, p.symbols, **fields, source='synthetic late listings and gaps')
+
+
+def play_episode(env, policy, seed=None, options=None):
+    "One episode of `policy(env, day) -> action`: (observations, infos, actions), the reset's observation and info first."
+    obs, info = env.reset(seed=seed, options=options)
+    observations, infos, actions = [obs], [info], []
+    done = False
+    while not done:
+        a = policy(env, len(actions))
+        obs, _, done, trunc, info = env.step(a)
+        assert not trunc
+        observations.append(obs); infos.append(info); actions.append(a)
+    return observations, infos, actions

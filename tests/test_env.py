@@ -22,6 +22,7 @@ from tradellm.data import SPLITS, DataError, Panel, split_slice, synthetic_panel
 from tradellm.env import GLOBAL_FEATURES, MARKET_FEATURES, POSITION_FEATURES, TradingEnv, demo_panel
 from tradellm.market import ParsedAction, parse_action
 from tradellm.tasks import ENV_VERSION, REGIME_FALL_SHARE, REGIME_MEAN_CHANGE, TASKS
+from tests.conftest import play_episode
 
 ROOT = Path(__file__).resolve().parents[1]
 FIELDS = ('open', 'high', 'low', 'close', 'volume')
@@ -39,17 +40,9 @@ def random_action(rng, symbols, p_hold=0.35):
 
 
 def play(env, seed=None, options=None, policy_seed=0, hold=False):
-    "Run one episode; returns (observations, infos, actions), day 0's observation and info first."
-    obs, info = env.reset(seed=seed, options=options)
+    "One episode of seeded random orders (or HOLD); returns (observations, infos, actions), day 0's observation and info first."
     rng = np.random.default_rng(policy_seed)
-    observations, infos, actions = [obs], [info], []
-    done = False
-    while not done:
-        a = 'HOLD' if hold else random_action(rng, env.symbols)
-        obs, _, done, trunc, info = env.step(a)
-        assert not trunc
-        observations.append(obs); infos.append(info); actions.append(a)
-    return observations, infos, actions
+    return play_episode(env, lambda env, day: 'HOLD' if hold else random_action(rng, env.symbols), seed, options)
 
 
 def same_obs(a, b) -> bool:

@@ -13,6 +13,7 @@ from tradellm.env import TradingEnv
 from tradellm.evaluate import run_episodes
 from tradellm.tasks import TASKS
 from tests.test_env import do_nothing_score
+from tests.conftest import play_episode
 
 EPISODES = 100
 MARGIN = 0.02
@@ -77,12 +78,8 @@ FARMERS = [dust_hold, dust_round_trips, last_day_dust, dust_sell_when_ahead, chu
 
 
 def play(policy, env, seed):
-    env.reset(seed=seed)
-    day, done = 0, False
-    while not done:
-        _, _, done, _, info = env.step(policy(env, day))
-        day += 1
-    return info
+    "The last day's info (score and metrics) of one episode of `policy`."
+    return play_episode(env, policy, seed)[1][-1]
 
 
 @pytest.fixture(scope='module')
