@@ -340,6 +340,14 @@ def test_wrapper_passes_gymnasium_checks(synth_panel):
 # --- training, loading, the harness -------------------------------------------------------------------------
 
 @pytest.mark.slow
+def test_training_gives_back_the_process_threads(synth_panel, tmp_path):
+    "PPO trains on its own thread count; what runs after it in the same process (the experiment's LLM evaluations) keeps its own."
+    import torch
+    torch.set_num_threads(2)
+    train_ppo('easy', seed=0, data=synth_panel, out=tmp_path / 'ppo', threads=1, **TINY)
+    assert torch.get_num_threads() == 2
+
+
 def test_training_is_reproducible_from_the_seed(synth_panel, tmp_path, trained):
     r0, out0 = trained
     r1 = train_ppo('easy', seed=0, data=synth_panel, out=tmp_path / 'again', **TINY)

@@ -5,6 +5,7 @@
 # %% ../nbs/08_ppo.ipynb #c003
 from __future__ import annotations
 import argparse
+import contextlib
 import hashlib
 import io
 import json
@@ -30,7 +31,8 @@ from .tasks import ENV_VERSION, get_task
 # %% auto #0
 __all__ = ['ACTIONS', 'HOLD', 'SELECTION_SEED', 'DEFAULT_PPO', 'action_orders', 'order_rng', 'env_orders', 'policy_feature_names',
            'policy_features', 'ObsNormalizer', 'fit_normalizer', 'PPOTradingEnv', 'PPOAgent', 'run_agent', 'models_dir',
-           'default_model_dir', 'train_ppo', 'load_ppo_agent', 'agent_from_spec', 'leaderboard_spec', 'cli_train_ppo']
+           'default_model_dir', 'torch_threads', 'train_ppo', 'load_ppo_agent', 'agent_from_spec', 'leaderboard_spec',
+           'cli_train_ppo']
 
 # %% ../nbs/08_ppo.ipynb #c006
 ACTIONS = (('SELL', 1.0), ('SELL', 0.5), ('HOLD', 0.0), ('BUY', 0.1), ('BUY', 0.25), ('BUY', 0.5), ('BUY', 1.0))
@@ -314,6 +316,16 @@ def _curve_callback(curve, bar):
     return Curve()
 
 # %% ../nbs/08_ppo.ipynb #c026
+@contextlib.contextmanager
+def torch_threads(n:int, # torch CPU threads inside the block
+                 ):
+    "Run the block on `n` torch threads, then give the process back its own count."
+    import torch
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try: yield
+    finally: torch.set_num_threads(before)
+
 def train_ppo(task='easy', # task name
               timesteps:int=20_000, # environment steps of training, all envs together (rounded up to whole rollouts)
               seed:int=0, # seeds the normaliser's episodes, the training episodes and the network
@@ -330,7 +342,6 @@ def train_ppo(task='easy', # task name
               ppo_kwargs:dict|None=None, # overrides of `DEFAULT_PPO`
              ) -> dict:
     "Train PPO on the train split, keep the best checkpoint on val; returns a summary (also in config.json)."
-    import torch
     from stable_baselines3 import PPO
     from stable_baselines3.common.logger import Logger
     from stable_baselines3.common.vec_env import DummyVecEnv
@@ -342,47 +353,47 @@ def train_ppo(task='easy', # task name
     if track:
         from tradellm.tracking import check_tracking
         tracking = check_tracking()  # fails now, with what to do, rather than after training
-    torch.set_num_threads(threads)
-    panel = load_panel(data)
-    out = Path(out) if out is not None else default_model_dir(t)
-    out.mkdir(parents=True, exist_ok=True)
-    norm = fit_normalizer(t, panel, episodes=norm_episodes, seed=seed)
-    venv = DummyVecEnv([lambda: PPOTradingEnv(t, 'train', panel, norm, shaping) for _ in range(n_envs)])
-    venv.seed(seed)
-    kw = {**DEFAULT_PPO, **(ppo_kwargs or {})}
-    kw['batch_size'] = min(kw['batch_size'], kw['n_steps'] * n_envs)
-    model = PPO('MlpPolicy', venv, seed=seed, device='cpu', verbose=0, **kw)
-    model.set_logger(Logger(None, []))  # SB3's default logger makes an empty folder in /tmp on every learn()
-    config = {'task': t.name, 'seed': seed, 'timesteps': timesteps, 'n_envs': n_envs, 'checkpoints': checkpoints,
-              'val_episodes': val_episodes, 'selection': {'split': 'val', 'seed': SELECTION_SEED, 'episodes': val_episodes},
-              'norm_episodes': norm_episodes, 'shaping': shaping, 'threads': threads,
-              'env_version': ENV_VERSION, 'task_version': t.version, 'data': panel.source, 'actions': [list(a) for a in ACTIONS],
-              'ppo': kw, 'normalizer': norm.as_dict(), 'complete': False}
-    curve, vals = [], []
-    def snapshot(**extra):  # the config as it stands: a checkpoint's or, once training is over, the final one
-        config.update(trained_timesteps=int(model.num_timesteps), val=list(vals), train_seconds=round(time.perf_counter() - t0, 2),
-                      learning_curve=[[s, round(v, 6)] for s, v in curve], **extra)
-        return config
-    bar = tqdm(total=math.ceil(timesteps / (kw['n_steps'] * n_envs)) * kw['n_steps'] * n_envs, desc=f"ppo {t.name}", unit='step', disable=not progress)
-    rollout = kw['n_steps'] * n_envs  # PPO trains on whole rollouts: checkpoints fall between them
-    n_roll = math.ceil(timesteps / rollout)
-    ends = sorted({max(1, round(n_roll * (c + 1) / checkpoints)) for c in range(checkpoints)})
-    best = -math.inf
-    for end in ends:
-        model.learn(end * rollout - model.num_timesteps, callback=_curve_callback(curve, bar), reset_num_timesteps=False)
-        agent = PPOAgent(model, norm, t.name)
-        scores = run_agent(agent, t, 'val', val_episodes, seed=SELECTION_SEED, data=panel)
-        vals.append({'timesteps': int(model.num_timesteps), 'val_score': float(np.mean(scores)),
-                     'val_score_std': float(np.std(scores))})
-        if vals[-1]['val_score'] > best:
-            best = vals[-1]['val_score']
-            _save_checkpoint(out, model, snapshot(best_timesteps=int(model.num_timesteps), best_val_score=float(best)))
-    bar.close()
-    _write_atomic(out / 'config.json', json.dumps(snapshot(complete=True), indent=1).encode())  # (model.zip is the best checkpoint's)
-    venv.close()
-    if track: config['mlflow_run_id'] = _log_mlflow(config, out, *tracking)
-    summary = {k: v for k, v in config.items() if k not in ('normalizer', 'learning_curve')}
-    return {**summary, 'path': str(out), 'episodes_trained': len(curve)}
+    with torch_threads(threads):  # (put back afterwards: what runs next in this process keeps its threads)
+        panel = load_panel(data)
+        out = Path(out) if out is not None else default_model_dir(t)
+        out.mkdir(parents=True, exist_ok=True)
+        norm = fit_normalizer(t, panel, episodes=norm_episodes, seed=seed)
+        venv = DummyVecEnv([lambda: PPOTradingEnv(t, 'train', panel, norm, shaping) for _ in range(n_envs)])
+        venv.seed(seed)
+        kw = {**DEFAULT_PPO, **(ppo_kwargs or {})}
+        kw['batch_size'] = min(kw['batch_size'], kw['n_steps'] * n_envs)
+        model = PPO('MlpPolicy', venv, seed=seed, device='cpu', verbose=0, **kw)
+        model.set_logger(Logger(None, []))  # SB3's default logger makes an empty folder in /tmp on every learn()
+        config = {'task': t.name, 'seed': seed, 'timesteps': timesteps, 'n_envs': n_envs, 'checkpoints': checkpoints,
+                  'val_episodes': val_episodes, 'selection': {'split': 'val', 'seed': SELECTION_SEED, 'episodes': val_episodes},
+                  'norm_episodes': norm_episodes, 'shaping': shaping, 'threads': threads,
+                  'env_version': ENV_VERSION, 'task_version': t.version, 'data': panel.source, 'actions': [list(a) for a in ACTIONS],
+                  'ppo': kw, 'normalizer': norm.as_dict(), 'complete': False}
+        curve, vals = [], []
+        def snapshot(**extra):  # the config as it stands: a checkpoint's or, once training is over, the final one
+            config.update(trained_timesteps=int(model.num_timesteps), val=list(vals), train_seconds=round(time.perf_counter() - t0, 2),
+                          learning_curve=[[s, round(v, 6)] for s, v in curve], **extra)
+            return config
+        bar = tqdm(total=math.ceil(timesteps / (kw['n_steps'] * n_envs)) * kw['n_steps'] * n_envs, desc=f"ppo {t.name}", unit='step', disable=not progress)
+        rollout = kw['n_steps'] * n_envs  # PPO trains on whole rollouts: checkpoints fall between them
+        n_roll = math.ceil(timesteps / rollout)
+        ends = sorted({max(1, round(n_roll * (c + 1) / checkpoints)) for c in range(checkpoints)})
+        best = -math.inf
+        for end in ends:
+            model.learn(end * rollout - model.num_timesteps, callback=_curve_callback(curve, bar), reset_num_timesteps=False)
+            agent = PPOAgent(model, norm, t.name)
+            scores = run_agent(agent, t, 'val', val_episodes, seed=SELECTION_SEED, data=panel)
+            vals.append({'timesteps': int(model.num_timesteps), 'val_score': float(np.mean(scores)),
+                         'val_score_std': float(np.std(scores))})
+            if vals[-1]['val_score'] > best:
+                best = vals[-1]['val_score']
+                _save_checkpoint(out, model, snapshot(best_timesteps=int(model.num_timesteps), best_val_score=float(best)))
+        bar.close()
+        _write_atomic(out / 'config.json', json.dumps(snapshot(complete=True), indent=1).encode())  # (model.zip is the best checkpoint's)
+        venv.close()
+        if track: config['mlflow_run_id'] = _log_mlflow(config, out, *tracking)
+        summary = {k: v for k, v in config.items() if k not in ('normalizer', 'learning_curve')}
+        return {**summary, 'path': str(out), 'episodes_trained': len(curve)}
 
 def _write_atomic(path:Path, data:bytes):
     "Write `path` through a temporary file beside it and `os.replace`: a reader finds the old file or the new one, never a part."
