@@ -53,3 +53,22 @@ def play_episode(env, policy, seed=None, options=None):
         assert not trunc
         observations.append(obs); infos.append(info); actions.append(a)
     return observations, infos, actions
+
+
+@pytest.fixture(scope='module')
+def mlflow_uri(tmp_path_factory):
+    "One sqlite MLflow store per test module (creating one takes seconds)."
+    from tradellm.tracking import check_tracking
+    uri = f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
+    check_tracking(uri)
+    return uri
+
+
+def runs_of(uri, **tags):
+    "The runs of the tradellm experiment in the store at `uri` whose tags have these values."
+    from mlflow import MlflowClient
+    from tradellm.tracking import EXPERIMENT
+    c = MlflowClient(uri)
+    exp = c.get_experiment_by_name(EXPERIMENT)
+    flt = ' and '.join(f"tags.{k} = '{v}'" for k, v in tags.items())
+    return c.search_runs([exp.experiment_id], flt)

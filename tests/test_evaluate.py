@@ -20,30 +20,15 @@ from tradellm.agents import Agent, RSIAgent, RandomAgent, make_agent
 from tradellm.data import save_panel, synthetic_panel
 from tradellm.env import TradingEnv
 from tradellm.tasks import ENV_VERSION, TASKS
+from tests.conftest import runs_of
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope='module')
-def mlflow_uri(tmp_path_factory):
-    "One sqlite store for the module (creating one takes seconds)."
-    uri = f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
-    ev.check_tracking(uri)
-    return uri
 
 
 @pytest.fixture(scope='module')
 def data_dir(synth_panel, tmp_path_factory):
     "The synthetic panel as a folder of CSVs, for the CLI."
     return save_panel(synth_panel, tmp_path_factory.mktemp('prices'))
-
-
-def runs_of(uri, **tags):
-    from mlflow import MlflowClient
-    c = MlflowClient(uri)
-    exp = c.get_experiment_by_name(ev.EXPERIMENT)
-    flt = ' and '.join(f"tags.{k} = '{v}'" for k, v in tags.items())
-    return c.search_runs([exp.experiment_id], flt)
 
 
 # ---------------------------------------------------------------- statistics

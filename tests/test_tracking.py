@@ -10,23 +10,9 @@ from pathlib import Path
 import pytest
 
 from tradellm import tracking as tr
+from tests.conftest import runs_of
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope='module')
-def mlflow_uri(tmp_path_factory):
-    uri = f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
-    tr.check_tracking(uri)
-    return uri
-
-
-def runs_of(uri, **tags):
-    from mlflow import MlflowClient
-    c = MlflowClient(uri)
-    exp = c.get_experiment_by_name(tr.EXPERIMENT)
-    flt = ' and '.join(f"tags.{k} = '{v}'" for k, v in tags.items())
-    return c.search_runs([exp.experiment_id], flt)
 
 
 def test_sigterm_inside_any_tracked_run_marks_it_failed(mlflow_uri):
