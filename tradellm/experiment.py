@@ -31,7 +31,7 @@ __all__ = ['PROFILES', 'STAGE_FILE', 'AGENTS', 'CHAIN', 'TeacherSettings', 'SFTD
 @dataclass(frozen=True)
 class TeacherSettings:
     "Who the SFT examples imitate: the teachers chosen per task on train (`select_teacher`), or the recorded choice."
-    select: bool = True # run `select_teacher` on train (a few minutes); False: `DEFAULT_TEACHERS`, its recorded result
+    select: bool = True # run `select_teacher` on train (under a minute); False: `DEFAULT_TEACHERS`, its recorded result
     episodes: int = 100 # train episodes per teacher and task
     val_episodes: int = 200 # val episodes of the chosen teachers against the two baselines
 
@@ -285,7 +285,7 @@ def select_teacher_stage(folder:Path, upstream:dict, settings:TeacherSettings, p
         out = dict(by_task=dict(DEFAULT_TEACHERS), rule='recorded: tradellm.agents.DEFAULT_TEACHERS (chosen on train by `tradellm teacher-select`)')
     else:
         from tradellm.sft import select_teacher, selection_markdown
-        res = select_teacher(panel, ('easy', 'medium'), settings.episodes, settings.val_episodes, progress=progress)
+        res = select_teacher(panel, episodes=settings.episodes, val_episodes=settings.val_episodes, progress=progress)  # easy and medium
         _write_json(folder / 'teacher_selection.json', res)
         (folder / 'teacher_selection.md').write_text(selection_markdown(res))
         out = dict(by_task=res['chosen'], rule=res['rule'] + f" ({settings.episodes} train episodes each)",
