@@ -1,11 +1,12 @@
 """The GRPO ablation of issue 20: reward designs trained from one SFT adapter, compared on val; the chosen one on test.
 
-    python scripts/grpo_ablation.py train --adapter SFT --steps 8             # the arms -> nbs/results/grpo_ablation_train.json
-    python scripts/grpo_ablation.py val --adapter SFT --episodes 8            # paired val table -> nbs/results/grpo_ablation.json
-    python scripts/grpo_ablation.py test --adapter SFT --arm score --episodes 16   # -> nbs/results/grpo_test.json
+    python scripts/grpo_ablation.py train --adapter SFT                   # the arms -> nbs/results/grpo_ablation_train.json
+    python scripts/grpo_ablation.py val --adapter SFT --episodes 50       # paired val table -> nbs/results/grpo_ablation.json
+    python scripts/grpo_ablation.py test --adapter SFT --arm score --episodes 50   # -> nbs/results/grpo_test.json
 
-Every arm starts from the same SFT adapter with the same seed, prompts, steps and settings (train_grpo's defaults);
-only the reward design differs. Stages are resumable: a trained arm (its adapter folder exists) is not retrained.
+Every arm starts from the same SFT adapter with the same seed, prompts, steps and settings (the GRPO stage of an
+experiment profile, `--profile cpu` by default: 20 steps, groups of 4, 80 prompts); only the reward design differs,
+so the `score` arm is the experiment's own GRPO stage. Stages are resumable: a trained arm (its adapter folder exists) is not retrained.
 The results files record where they came from (commit, adapter and its metadata, settings, machine, times).
 """
 import argparse
@@ -20,8 +21,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 ARMS = {'pnl5': dict(reward='pnl5'), 'score': dict(reward='score'), 'multiturn': dict(reward='score', multiturn=True)}
-# the teacher the new SFT data was made from (its data card): RSI mean reversion with a trend veto
-TEACHER = dict(buy_below=40, sell_above=65, take_profit=3, stop_loss=3, trend_veto=-3)
 
 
 def _provenance(a, adapter):
@@ -40,18 +39,24 @@ def _provenance(a, adapter):
 
 def _agent_scores(agent, split, episodes, seed, panel):
     from tradellm.evaluate import run_episodes
+    from tradellm.sft import teacher_agreement
     recs = run_episodes(agent, 'easy', split, episodes, seed, panel, progress=False)
     return dict(scores=[r['score'] for r in recs], trades=[r['metrics']['trades'] for r in recs],
-                exposure=[r['metrics']['exposure'] for r in recs], format_errors=[r['format_errors'] for r in recs])
+                exposure=[r['metrics']['exposure'] for r in recs], format_errors=[r['format_errors'] for r in recs],
+                returns=[r['metrics']['total_return'] for r in recs],
+                agreement=teacher_agreement(recs, 'teacher', panel) if getattr(agent, 'obs_mode', '') == 'text' else None)
 
 
 def _row(name, res, ref=None):
     import numpy as np
     from tradellm.evaluate import bootstrap_ci, paired_diff
+    from tradellm.tasks import get_task
     lo, hi = bootstrap_ci(res['scores'])
     out = dict(agent=name, score=float(np.mean(res['scores'])), lo=lo, hi=hi, episodes=len(res['scores']),
                trades=float(np.mean(res['trades'])), exposure=float(np.mean(res['exposure'])),
-               format_errors=float(np.mean(res['format_errors'])))
+               format_errors=float(np.mean(res['format_errors'])) / get_task('easy').days, return_mean=float(np.mean(res['returns'])),
+               as_teacher=res['agreement'] and res['agreement']['decision'],
+               on_teacher_trades=res['agreement'] and res['agreement']['on_teacher_trades'])
     if ref is not None:
         d = paired_diff(res['scores'], ref['scores'])
         out.update(diff=d['mean'], diff_lo=d['lo'], diff_hi=d['hi'], wins=d['wins'])
@@ -64,8 +69,9 @@ def main(argv=None):
     ap.add_argument('--adapter', required=True, help='the SFT adapter every arm starts from')
     ap.add_argument('--arms', default='pnl5,score,multiturn')
     ap.add_argument('--arm', default='score', help='test: the arm chosen on val')
-    ap.add_argument('--steps', type=int, default=8)
-    ap.add_argument('--episodes', type=int, default=8)
+    ap.add_argument('--profile', default='cpu', help="the experiment profile whose GRPO settings every arm uses")
+    ap.add_argument('--steps', type=int, default=None, help="optimizer steps per arm (default: the profile's)")
+    ap.add_argument('--episodes', type=int, default=50)
     ap.add_argument('--seed', type=int, default=0)
     ap.add_argument('--out', default='data/ablation', help='where the arms are trained (ignored by git)')
     ap.add_argument('--data', default=os.environ.get('TRADELLM_DATA', '/work/shared/data/nifty68'))
@@ -73,11 +79,17 @@ def main(argv=None):
     ap.add_argument('--zero-shot', action='store_true', help='test: also evaluate zero-shot SmolLM2 (slow: its answers run to the limit)')
     a = ap.parse_args(argv)
     import torch
-    from tradellm.agents import RSIAgent
+    from dataclasses import asdict
     from tradellm.data import load_panel
+    from tradellm.experiment import get_profile
     from tradellm.grpo import train_grpo
     torch.set_num_threads(a.threads)
     panel = load_panel(a.data)
+    g = get_profile(a.profile).grpo
+    if a.steps is not None: g = g.__class__(**(asdict(g) | dict(steps=a.steps)))
+    a.steps, a.seed = g.steps, g.seed
+    settings = dict(steps=g.steps, group_size=g.group_size, horizon=g.horizon, max_completion_length=g.max_completion_length,
+                    prompts=g.prompts, lr=g.lr, beta=g.beta, seed=g.seed, save_steps=g.save_steps)
     out, adapter = Path(a.out), Path(a.adapter)
     arms = [x for x in a.arms.split(',') if x]
     results = ROOT / 'nbs' / 'results'
@@ -88,7 +100,7 @@ def main(argv=None):
                 print(f"{arm}: trained already", file=sys.stderr)
                 continue
             t0 = time.time()
-            s = train_grpo('smollm2', str(adapter), 'easy', out / arm, steps=a.steps, seed=a.seed, save_steps=max(1, a.steps // 2),
+            s = train_grpo('smollm2', str(adapter), g.task, out / arm, **settings,
                            resume=(out / arm / 'checkpoints').is_dir() and any((out / arm / 'checkpoints').glob('checkpoint-*')),
                            data=panel, progress=False, **ARMS[arm])
             print(f"{arm}: {s['steps_done']} steps in {time.time() - t0:.0f} s, zero-spread {s['zero_spread_share']:.0%}", file=sys.stderr)
@@ -99,7 +111,7 @@ def main(argv=None):
             runs[arm]['history'] = summ['history']
             runs[arm]['last_samples'] = summ['last_samples']
         doc = dict(what='GRPO ablation arms trained from the same SFT adapter (same seed, prompts, steps; only the reward design '
-                   'differs): their training signals', steps=a.steps, seed=a.seed, arms=arms, runs=runs,
+                   'differs): their training signals', profile=a.profile, settings=settings, steps=a.steps, seed=a.seed, arms=arms, runs=runs,
                    provenance=_provenance(a, adapter))
         (results / 'grpo_ablation_train.json').write_text(json.dumps(doc, indent=1, default=str))
         return 0
@@ -115,14 +127,19 @@ def main(argv=None):
             res = _agent_scores(make_llm_agent('smollm2', out / arm / 'adapter'), 'val', a.episodes, a.seed, panel)
             rows.append(_row(f'GRPO {arm}', res, sft))
             print(rows[-1], file=sys.stderr)
+        best = max(rows[1:], key=lambda r: r['score'])['agent'].removeprefix('GRPO ')  # the rule fixed before test: best val mean
         doc = dict(what='GRPO ablation on val (issue 20): each arm from the same SFT adapter, same steps and seed; paired '
-                   'differences to SFT on the same seeded val episodes', split='val', steps=a.steps, seed=a.seed,
-                   episodes=a.episodes, arms=arms, rows=rows, runs=runs, provenance=_provenance(a, adapter))
+                   'differences to SFT on the same seeded val episodes', split='val', profile=a.profile, steps=a.steps, seed=a.seed,
+                   episodes=a.episodes, arms=arms, rows=rows, chosen=best, chosen_by='the highest mean val score',
+                   runs=runs, provenance=_provenance(a, adapter))
+        print(f"chosen on val: {best}", file=sys.stderr)
         (results / 'grpo_ablation.json').write_text(json.dumps(doc, indent=1))
         return 0
     from tradellm.llm import make_llm_agent
     grpo = _agent_scores(make_llm_agent('smollm2', out / a.arm / 'adapter'), 'test', a.episodes, a.seed, panel)
-    others = [('SFT', make_llm_agent('smollm2', adapter)), ('teacher (RSI 40/65, veto -3)', RSIAgent(**TEACHER)),
+    from tradellm.agents import make_agent
+    teacher = make_agent('teacher')  # the chosen teacher of each task (agents.DEFAULT_TEACHERS), the one the SFT data imitated
+    others = [('SFT', make_llm_agent('smollm2', adapter)), (f"teacher ({teacher.teacher_for('easy').name})", teacher),
               ('buy-and-hold', 'buy_and_hold'), ('doing nothing', 'do_nothing')]
     if a.zero_shot: others.insert(0, ('zero-shot', make_llm_agent('smollm2')))
     rows = [_row(f'GRPO {a.arm}', grpo)]
@@ -135,7 +152,7 @@ def main(argv=None):
         rows.append(r)
         print(r, file=sys.stderr)
     doc = dict(what=f'GRPO ({a.arm}, chosen on val) on test against the other agents, paired on the same seeded test episodes',
-               split='test', arm=a.arm, episodes=a.episodes, seed=a.seed, rows=rows, teacher=TEACHER,
+               split='test', arm=a.arm, episodes=a.episodes, seed=a.seed, rows=rows, teacher=teacher.teacher_for('easy').config(),
                provenance=_provenance(a, adapter))
     (results / 'grpo_test.json').write_text(json.dumps(doc, indent=1))
     return 0

@@ -41,6 +41,7 @@ def _fraction(x:float) -> str:
     f = math.floor(min(max(x, 0.0), 1.0) * 10_000 + 1e-9) / 10_000
     return f"{f:g}" if f > 0 else ''
 
+# %% ../nbs/05_agents.ipynb #c008-1
 def _orders_text(orders:list) -> str:
     "Orders `[(side, symbol, fraction), ...]` as one action text; 'HOLD' when there are none."
     return '; '.join(f"{side} {sym} {frac}" for side, sym, frac in orders) or 'HOLD'
@@ -252,6 +253,7 @@ class ThresholdTeacher(TeacherAgent):
     def exit(self, d): return d[self.feature] < self.exit_line
     def strength(self, d): return d[self.feature]
 
+# %% ../nbs/05_agents.ipynb #t003-1
 class EMATrendAgent(ThresholdTeacher):
     "Trend following: buy when EMA10 is at least `enter`% above EMA30, sell when it falls below `exit`%."
     family, inputs, feature = 'ema', ('trend',), 'trend'
@@ -263,6 +265,7 @@ class EMATrendAgent(ThresholdTeacher):
                  max_buys:int=3, # new positions a day at most, strongest signal first (0: no limit)
                 ): super().__init__(enter, exit, stop_loss, max_buys)
 
+# %% ../nbs/05_agents.ipynb #t003-2
 class MACDAgent(TeacherAgent):
     "MACD cross: hold a stock while its MACD line is above the signal line (buy on the cross up, sell on the cross down)."
     family, params, inputs = 'macd', ('zero_line', 'stop_loss', 'max_buys'), ('macd', 'macd_signal', 'macd_hist')
@@ -279,6 +282,7 @@ class MACDAgent(TeacherAgent):
     def exit(self, d): return d['macd_hist'] < 0
     def strength(self, d): return d['macd_hist'] / max(abs(d['macd_signal']), 1e-9)
 
+# %% ../nbs/05_agents.ipynb #t003-3
 class MomentumAgent(ThresholdTeacher):
     "Momentum: buy when the 10-day return is at least `enter`%, sell when it falls below `exit`%."
     family, inputs, feature = 'momentum', ('momentum',), 'momentum'
@@ -332,6 +336,7 @@ class AgentKind:
     leaderboard: str|None = None  # `fn(task) -> spec or None`: the spec this kind adds to a task's leaderboard
     usage: str = ''  # how the spec is written, for error messages
 
+# %% ../nbs/05_agents.ipynb #8a50e84b-1
 AGENT_KINDS = {}  # spec prefix ('llm', 'ppo', or 'KIND@BACKEND' for another engine) -> AgentKind
 
 def register_agent(kind:str, # the spec prefix, e.g. 'llm'; 'llm@vllm' serves specs 'llm:...@vllm'
@@ -342,11 +347,13 @@ def register_agent(kind:str, # the spec prefix, e.g. 'llm'; 'llm@vllm' serves sp
     "Let `make_agent` build 'KIND:ARG' specs through entry points, without importing their module here."
     AGENT_KINDS[kind] = AgentKind(make, leaderboard, usage or f'{kind}:ARG')
 
+# %% ../nbs/05_agents.ipynb #8a50e84b-2
 def entry_point(name:str):
     "The object an entry point 'module:function' names (its module imported now)."
     module, _, attr = name.partition(':')
     return getattr(importlib.import_module(module), attr)
 
+# %% ../nbs/05_agents.ipynb #8a50e84b-3
 def leaderboard_spec(kind:str, task:str) -> str|None:
     "The spec a registered kind adds to `task`'s leaderboard; None when it adds none or its module cannot be imported."
     k = AGENT_KINDS.get(kind)
@@ -399,14 +406,17 @@ def _family_params(family:str) -> tuple:
     import inspect
     return tuple(p for p in inspect.signature(TEACHER_FAMILIES[family].__init__).parameters if p != 'self')
 
+# %% ../nbs/05_agents.ipynb #t006-1
 def _teacher_value(x) -> str: return ('1' if x else '0') if isinstance(x, bool) else f"{float(x):g}"
 
+# %% ../nbs/05_agents.ipynb #t006-2
 def teacher_spec(agent) -> str:
     "The one spelling of a teacher's spec: 'teacher:FAMILY:k=v,...' with every parameter, in the constructor's order."
     family = 'rsi' if isinstance(agent, RSIAgent) else agent.family
     cfg = agent.config()
     return f"teacher:{family}:" + ','.join(f"{k}={_teacher_value(cfg[k])}" for k in _family_params(family))
 
+# %% ../nbs/05_agents.ipynb #t006-3
 def make_teacher(arg:str, # 'FAMILY[:k=v,...]' (the family's defaults for what is left out)
                 ) -> Agent:
     "A teacher agent from the part of its spec after 'teacher:'."

@@ -34,6 +34,7 @@ def _usage():
     lines += [f'  {name:<{width}}  {help_}' for name, (_, _, help_) in COMMANDS.items()]
     return '\n'.join(lines)
 
+# %% ../nbs/12_cli.ipynb #c005-1
 def main(argv:list|None=None, # arguments after `tradellm` (default: sys.argv[1:])
         ) -> int: # exit status
     "Run `tradellm <command> ...`."
@@ -65,12 +66,14 @@ def _docs(fn) -> dict:
     from fastcore.docments import docments
     return docments(fn)
 
+# %% ../nbs/12_cli.ipynb #9b44c2e8-1
 def _arg_type(par):
     "The type a flag's text is converted to: the default's, else the first of int/float/str its annotation names."
     if par.default not in (None, par.empty): return type(par.default)
     ann = str(par.annotation)
     return next((t for t in (int, float, str) if t.__name__ in ann), str)
 
+# %% ../nbs/12_cli.ipynb #9b44c2e8-2
 DATA_HELP = 'folder of prices (default: $TRADELLM_DATA, then the cache)'  # every command's --data
 
 def param_arg(p:argparse.ArgumentParser, # the parser to add to
@@ -91,6 +94,7 @@ def param_arg(p:argparse.ArgumentParser, # the parser to add to
     if par.default is not par.empty: kw.setdefault('default', par.default)  # (a parameter without one: argparse's None)
     p.add_argument(flag, dest=name, **kw)
 
+# %% ../nbs/12_cli.ipynb #9b44c2e8-3
 def command_parser(command:str, # the command's name: `tradellm COMMAND`
                    description:str, # what it does (its --help)
                    fn=None, # the function whose parameters its flags set (see `param_arg`)

@@ -21,6 +21,7 @@ class RemoteEnvError(RuntimeError):
         super().__init__(f"HTTP {status}{' ' + kind if kind else ''}: {message}")
         self.status, self.kind, self.detail = status, kind, message
 
+# %% ../nbs/11b_client.ipynb #c005-1
 def view_from_dict(d:dict) -> MarketView:
     "The `MarketView` that `tradellm.server.view_to_dict` sent."
     return MarketView(d['day'], d['days'], d['date'], tuple(d['symbols']), np.asarray(d['market'], dtype=np.float64),

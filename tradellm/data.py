@@ -37,9 +37,11 @@ class DataError(ValueError):
         super().__init__(message)
         self.problems = list(problems)
 
+# %% ../nbs/00_data.ipynb #c006-1
 class DataWarning(UserWarning):
     "Loaded data had problems that validation handled (bad bars dropped, suspicious moves reported)."
 
+# %% ../nbs/00_data.ipynb #c006-2
 @dataclass(frozen=True)
 class Problem:
     "One finding of validation: what, where, and what was done about it."
@@ -51,6 +53,7 @@ class Problem:
 
     def __str__(self): return self.message
 
+# %% ../nbs/00_data.ipynb #c006-3
 @dataclass(frozen=True)
 class Action:
     "One corporate action applied to a symbol's prices: every bar before `date` was multiplied by `ratio`."
@@ -59,6 +62,7 @@ class Action:
     ratio: float  # price factor of the earlier bars: 0.2 for a 1:5 split, 0.99 for a dividend of 1% of the price
     source: str  # where it came from: 'Adj Close' (the file's own factor) or the actions file's name
 
+# %% ../nbs/00_data.ipynb #c006-4
 @dataclass(eq=False)
 class Panel:
     "Date-aligned daily bars of many symbols: each field is a `(days, symbols)` float64 array."
@@ -134,6 +138,7 @@ def _names(symbols, n=8):
     symbols = list(symbols)
     return ', '.join(symbols[:n]) + (f", ... ({len(symbols)} in all)" if len(symbols) > n else '')
 
+# %% ../nbs/00_data.ipynb #c007-1
 def _iso(d): return pd.Timestamp(d).date().isoformat()
 
 # %% ../nbs/00_data.ipynb #c010
@@ -173,6 +178,7 @@ ACTIONS_FILE = 'actions.csv'  # a data folder's corporate actions (symbol,date,r
 
 def _plural(n, word): return f"{n} {word}" + ('' if n == 1 else 's')
 
+# %% ../nbs/00_data.ipynb #c014-1
 def validate_bars(bars:pd.DataFrame, # one symbol's bars: float64 `FIELDS` indexed by date (file order)
                   symbol:str, # its name, for the reports
                  ) -> tuple:
@@ -180,6 +186,7 @@ def validate_bars(bars:pd.DataFrame, # one symbol's bars: float64 `FIELDS` index
     bars, problems = _check_bars(bars, symbol)
     return bars, problems + _large_moves(bars, symbol)
 
+# %% ../nbs/00_data.ipynb #c014-2
 def _check_bars(bars:pd.DataFrame, symbol:str) -> tuple:
     "Every check of `validate_bars` but the large moves (which read prices after any corporate-action adjustment)."
     problems = []
@@ -238,6 +245,7 @@ def _check_bars(bars:pd.DataFrame, symbol:str) -> tuple:
         problems.append(Problem(symbol, None, 'no_valid_bars', f"{symbol}: no valid bar left after validation", 'error'))
     return bars, problems
 
+# %% ../nbs/00_data.ipynb #c014-3
 def _large_moves(bars:pd.DataFrame, symbol:str, raw:bool=False, known=()) -> list:
     "A `large_move` problem for each bar more than `LARGE_MOVE` from the previous close (`known`: the symbol's `Action`s, for raw prices)."
     problems, known = [], {a.date: a for a in known} if raw else {}
@@ -283,6 +291,7 @@ def read_actions(path, # an actions file: `symbol,date,ratio` (other columns are
                         f"with a ratio above 0 ({int(bad.sum())} such rows)")
     return [Action(s, _iso(d), float(r), path.name) for s, d, r in zip(sym, dates, ratio)]
 
+# %% ../nbs/00_data.ipynb #c017b-1
 def adjust_bars(bars:pd.DataFrame, # one symbol's bars, sorted by date (an `adj_close` column: Yahoo's factor)
                 symbol:str, # its name
                 actions=(), # its `Action`s, used when the bars have no `adj_close`
@@ -307,7 +316,6 @@ def adjust_bars(bars:pd.DataFrame, # one symbol's bars, sorted by date (an `adj_
     for p in PRICES: bars[p] = bars[p].to_numpy() * f
     return bars, applied
 
-
 # %% ../nbs/00_data.ipynb #c019
 _DATE_COLUMNS = ('timestamp', 'date', 'datetime')
 
@@ -322,6 +330,7 @@ def _mixed_error(symbol:str, where:str, what:str) -> DataError:
            f"Adj Close, Volume block each), named by the ticker each block holds")
     return DataError(msg, [Problem(symbol, None, 'mixed_tickers', msg, 'error')])
 
+# %% ../nbs/00_data.ipynb #c019-1
 def _standardise(df:pd.DataFrame, symbol:str, where:str='') -> pd.DataFrame:
     "Bars of one symbol as float64 `FIELDS` (and `adj_close` where the file has it) indexed by tz-naive calendar date, in file order."
     where = where or symbol
@@ -389,6 +398,7 @@ def panel_from_frames(frames:dict, # symbol -> DataFrame of daily bars (date ind
     if not frames: raise DataError("no symbols: pass a dict {symbol: DataFrame of daily bars}")
     return _build_panel({sym: _standardise(df, sym) for sym, df in frames.items()}, source, strict, validate, adjust, actions)
 
+# %% ../nbs/00_data.ipynb #c020-1
 def _build_panel(frames:dict, source:str, strict:bool, validate:bool=True, adjust:bool=True, actions=(),
                  problems=()) -> Panel:
     "Validate standardised bars (see `_standardise`), drop vendor gaps, adjust, and align."
@@ -417,6 +427,7 @@ def _build_panel(frames:dict, source:str, strict:bool, validate:bool=True, adjus
     if errors or (strict and problems): raise _problems_error(problems if strict else errors, strict)
     return panel
 
+# %% ../nbs/00_data.ipynb #c020-2
 def _align(frames:dict, problems:list, source:str, adjustment:str='adjusted', actions=()) -> Panel:
     "Place each symbol's bars on the union of all trading days."
     dates = pd.DatetimeIndex(np.unique(np.concatenate([df.index.to_numpy() for df in frames.values()])))
@@ -426,6 +437,7 @@ def _align(frames:dict, problems:list, source:str, adjustment:str='adjusted', ac
         for f in FIELDS: arrays[f][rows, j] = df[f].to_numpy()
     return Panel(dates, list(frames), **arrays, problems=list(problems), source=source, adjustment=adjustment, actions=list(actions))
 
+# %% ../nbs/00_data.ipynb #c020-3
 def _vendor_gaps(raw:dict, usable:dict) -> list:
     "A `vendor_gap` problem for each day on which most listed symbols have no usable bar (`usable`: symbol -> dates kept)."
     if len(raw) < GAP_MIN: return []
@@ -449,6 +461,7 @@ def _vendor_gaps(raw:dict, usable:dict) -> list:
             f"of every symbol" + (f", with the real bars of {_names(real, 5)}" if real else ''), 'dropped'))
     return gaps
 
+# %% ../nbs/00_data.ipynb #c020-4
 def _identical_series(panel:Panel) -> list:
     "An `identical_series` error for each pair of symbols with the same close on all of at least `SAME_DAYS` common days."
     c, ok, found = panel.close, panel.valid, []
@@ -466,6 +479,7 @@ def _identical_series(panel:Panel) -> list:
                 f"and replace the wrong one", 'error'))
     return found
 
+# %% ../nbs/00_data.ipynb #c020-5
 _STRICT_WORDS = {False: "load with strict=False to drop bad bars and keep a report in panel.problems",
                  True: "run without --strict (or with --no-strict) to drop bad bars and list them"}
 
@@ -475,7 +489,6 @@ def _problems_error(problems, strict, cli:bool=False) -> DataError:
     e = DataError(head + ":\n  " + "\n  ".join(p.message for p in problems), problems)
     e.strict = strict
     return e
-
 
 # %% ../nbs/00_data.ipynb #c024
 DATA_SUFFIXES = ('.csv', '.parquet', '.pq')
@@ -489,6 +502,7 @@ def symbol_from_filename(name:str) -> str:
         if stem.endswith(suf): stem = stem[:-len(suf)]
     return stem
 
+# %% ../nbs/00_data.ipynb #c024-1
 def data_files(folder) -> dict:
     "`{symbol: path}` of the data files in `folder` (or of one file), sorted by symbol."
     folder = Path(folder)
@@ -504,6 +518,7 @@ def data_files(folder) -> dict:
         files[sym] = p
     return dict(sorted(files.items()))
 
+# %% ../nbs/00_data.ipynb #c024-2
 def read_bars(path, # a CSV or parquet file of one symbol
               symbol:str|None=None, # its name (default: from the file name)
              ) -> pd.DataFrame:
@@ -544,14 +559,17 @@ def project_root() -> Path|None:
         if (d / 'settings.ini').exists() and (d / 'tradellm').is_dir(): return d
     return None
 
+# %% ../nbs/00_data.ipynb #c026-1
 def cache_dir() -> Path:
     "The price cache: `data/prices` of the project checkout, else of the working directory."
     root = project_root()
     return (root if root is not None else Path.cwd()) / 'data' / 'prices'
 
+# %% ../nbs/00_data.ipynb #c026-2
 def _holds_data(p:Path) -> bool:
     return p.is_dir() and any(f.name.lower().endswith(DATA_SUFFIXES) for f in p.iterdir())
 
+# %% ../nbs/00_data.ipynb #c026-3
 def resolve_data_dir(data=None, # a folder (or file) of prices; None: $TRADELLM_DATA, then the cache
                     ) -> Path:
     "Where to read prices from; `DataError` saying how to get data when nothing is found."
@@ -577,6 +595,7 @@ def clear_panel_cache():
     "Forget the panels `load_panel` has cached."
     _PANELS.clear()
 
+# %% ../nbs/00_data.ipynb #c028-1
 def load_panel(data=None, # folder/file of per-symbol CSV or parquet files, a `Panel`, or None (lookup)
                symbols=None, # names to load (default: all files), in this column order
                strict:bool=False, # raise `DataError` on any problem (a skipped file too) instead of dropping bad bars
@@ -662,6 +681,7 @@ def split_slice(panel:Panel, # the bars
     j = panel.dates.searchsorted(pd.Timestamp(end), 'right') if end is not None else len(panel.dates)
     return slice(int(i), int(max(i, j)))
 
+# %% ../nbs/00_data.ipynb #c035-1
 def _valid_cumsum(panel:Panel) -> np.ndarray:
     "`(days+1, symbols)` running count of real bars, cached on the panel."
     cs = panel.__dict__.get('_valid_cumsum')
@@ -671,6 +691,7 @@ def _valid_cumsum(panel:Panel) -> np.ndarray:
         panel.__dict__['_valid_cumsum'] = cs
     return cs
 
+# %% ../nbs/00_data.ipynb #c035-2
 def full_window_symbols(panel:Panel, # the bars
                         start:int, # first day index of the window
                         length:int, # days in the window
@@ -681,6 +702,7 @@ def full_window_symbols(panel:Panel, # the bars
     cs = _valid_cumsum(panel)
     return np.flatnonzero(cs[start + length] - cs[start] == length)
 
+# %% ../nbs/00_data.ipynb #c035-3
 def episode_starts(panel:Panel, # the bars
                    split, # split name (or (start, end) dates), see `split_slice`
                    length:int, # days an episode reads
@@ -709,6 +731,7 @@ def yahoo_ticker(symbol:str) -> str:
     "Yahoo Finance's ticker of an NSE symbol: `INFY` -> `INFY.NS` (names with a suffix or `^` stay)."
     return symbol if '.' in symbol or symbol.startswith('^') else f"{symbol}.NS"
 
+# %% ../nbs/00_data.ipynb #c041-1
 def yahoo_frame(raw:pd.DataFrame, # what `yfinance.download` returned (one or many tickers)
                 ticker:str, # the ticker to take out of it
                ) -> pd.DataFrame:
@@ -729,6 +752,7 @@ def yahoo_frame(raw:pd.DataFrame, # what `yfinance.download` returned (one or ma
     df.index = idx.normalize().rename('Date')
     return df.sort_index()
 
+# %% ../nbs/00_data.ipynb #c041-2
 def _read_cached(path:Path) -> pd.DataFrame|None:
     "A cached Yahoo CSV written by `fetch`, or None when it is missing or unreadable."
     try:
@@ -739,6 +763,7 @@ def _read_cached(path:Path) -> pd.DataFrame|None:
     except (OSError, ValueError, KeyError, pd.errors.ParserError, pd.errors.EmptyDataError):
         return None
 
+# %% ../nbs/00_data.ipynb #c041-3
 _NETWORK = re.compile(r"could not resolve host|name or service not known|temporary failure in name resolution|"
                       r"network is unreachable|no route to host|failed to connect|connection (?:refused|reset|aborted)|"
                       r"timed out|dnserror|connectionerror|curl: \((?:5|6|7|28|35|56)\)", re.I)
@@ -749,11 +774,13 @@ def network_cause(text:str) -> str|None:
     host = re.search(r"Could not resolve host:? [\w.-]*\w", text, re.I)
     return host.group(0) if host else text.strip().splitlines()[0][:160]
 
+# %% ../nbs/00_data.ipynb #c041-4
 class _Recorder(logging.Handler):
     "Keeps yfinance's log messages instead of printing them."
     def __init__(self): super().__init__(logging.WARNING); self.messages = []
     def emit(self, record): self.messages.append(record.getMessage())
 
+# %% ../nbs/00_data.ipynb #c041-5
 class _QuietYfinance:
     "Within it, yfinance's log lines (one per ticker, cookie warnings) are recorded, not printed."
     def __enter__(self):
@@ -763,6 +790,7 @@ class _QuietYfinance:
         return self.recorder
     def __exit__(self, *exc): self.log.handlers, self.log.propagate = self.saved
 
+# %% ../nbs/00_data.ipynb #c041-6
 def yahoo_actions(raw:pd.DataFrame, # what `yfinance.download(..., actions=True)` returned
                   ticker:str, # the ticker to take out of it
                   symbol:str, # its NSE symbol, for the rows
@@ -789,6 +817,7 @@ def yahoo_actions(raw:pd.DataFrame, # what `yfinance.download(..., actions=True)
                 if d > 0 and p > d: rows.append((symbol, _iso(day), 1 - d / p, 'dividend', d))
     return pd.DataFrame(rows, columns=['symbol', 'date', 'ratio', 'kind', 'value'])
 
+# %% ../nbs/00_data.ipynb #c041-7
 def _write_actions(out:Path, new:list):
     "Add actions to `out/actions.csv` (one row per symbol, date and kind; the newest wins)."
     new = [df for df in new if len(df)]
@@ -800,6 +829,7 @@ def _write_actions(out:Path, new:list):
     df.sort_values(['symbol', 'date', 'kind']).to_csv(tmp, index=False, float_format='%.10g')
     os.replace(tmp, path)
 
+# %% ../nbs/00_data.ipynb #c041-8
 def fetch(symbols=NIFTY68, # NSE symbols (without .NS)
           out=None, # folder of SYMBOL.csv files (default: the cache, `cache_dir()`)
           start='2020-10-01', # first day to download
@@ -887,6 +917,7 @@ def panel_summary(panel:Panel) -> dict:
             'last': _iso(panel.dates[-1]) if len(panel.dates) else None, 'bars': int(valid.sum()), 'ranges': ranges,
             'problems': [asdict(p) for p in panel.problems], 'errors': [asdict(p) for p in panel.problems if p.action == 'error']}
 
+# %% ../nbs/00_data.ipynb #c047-1
 def _print_summary(s:dict):
     print(f"{s['source']}: {s['n_symbols']} symbols, {s['days']} days ({s['first']}..{s['last']}), {s['bars']:,} bars")
     for r in s['ranges']:
@@ -904,6 +935,7 @@ def _print_summary(s:dict):
     print(f"  {len(s['problems'])} problems" + (':' if s['problems'] else ''))
     for p in s['problems']: print(f"    [{p['action']}] {p['message']}")
 
+# %% ../nbs/00_data.ipynb #c047-2
 def cli_data(argv:list|None=None, # arguments after `tradellm data`
             ) -> int: # exit status
     "`tradellm data fetch|check`: download prices into the cache, or validate and summarise a folder."

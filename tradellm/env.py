@@ -32,6 +32,8 @@ def position_values(shares:float, avg_cost:float, close:float, equity:float) -> 
     "One holding's `POSITION_FEATURES`: shares, average cost, unrealised P&L % and weight % of equity."
     pnl = (close / avg_cost - 1) * 100 if shares > 0 and avg_cost > 0 else 0.0
     return (shares, avg_cost, pnl, shares * close / equity * 100 if equity > 0 else 0.0)
+
+# %% ../nbs/04_env.ipynb #c006-1
 OBS_BOUND = 1e12  # numeric observations lie in [-OBS_BOUND, OBS_BOUND] (money is in rupees)
 CHARSET = ''.join(chr(c) for c in range(32, 127)) + '\n'  # what text observations (and actions) are made of
 
@@ -87,12 +89,14 @@ def _market_line(sym, m, lab):
     c, ch, rsi, macd, sig, hist, pctb, trend, vr, vol, mom = m
     return _LINE % (sym, c, ch, rsi, lab[0], macd, sig, hist, lab[1], pctb, lab[2], trend, lab[3], vr, lab[4], vol, lab[5], mom, lab[6])
 
+# %% ../nbs/04_env.ipynb #c011-1
 def _gate_reason(down, n, mean):
     "Which rule shut the regime gate, in words."
     why = [f"{down} of {n} stocks fell today, over {REGIME_FALL_SHARE:.0%}"] if down / n > REGIME_FALL_SHARE else []
     if mean < REGIME_MEAN_CHANGE: why.append(f"the mean change was {mean:+.2f}%, below {REGIME_MEAN_CHANGE:g}%")
     return '; '.join(why) or 'the market fell today'
 
+# %% ../nbs/04_env.ipynb #c011-2
 def render_text(view:MarketView, task_name:str='', market_lines:list|None=None) -> str:
     "The text observation of `view`."
     g = view._globals()
@@ -122,6 +126,7 @@ def _kept(panel, name, make):
         setattr(panel, name, v)
     return v
 
+# %% ../nbs/04_env.ipynb #c013-1
 def _panel_features(panel):
     "The panel's (days, symbols, MARKET_FEATURES) array, its float32 copy for numeric observations, and ISO dates; made once per panel."
     def make():
@@ -131,20 +136,22 @@ def _panel_features(panel):
         return feat, feat32, [d.date().isoformat() for d in panel.dates]
     return _kept(panel, '_env_features', make)
 
+# %% ../nbs/04_env.ipynb #c013-2
 def _panel_by_symbol(panel, feat, feat32):
     "The features stored symbol by symbol ((symbols, days, features), C order), made once per panel: one stock's window is then one contiguous run of memory."
     return _kept(panel, '_env_by_symbol', lambda: (np.ascontiguousarray(feat.transpose(1, 0, 2)),
                                                     np.ascontiguousarray(feat32.transpose(1, 0, 2))))
 
+# %% ../nbs/04_env.ipynb #c013-3
 def _panel_labels(panel, feat):
     "The text label of each labelled indicator on every day and symbol of a panel, made once and kept on it."
     return _kept(panel, '_env_labels', lambda: np.stack(
         [np.asarray(LABELS[f](feat[:, :, MARKET_FEATURES.index(f)]), dtype=object) for f in _LABELLED], -1))
 
+# %% ../nbs/04_env.ipynb #c013-4
 def _panel_lines(panel) -> dict:
     "Memo of market lines by (day, column): a line depends only on the panel, so episodes that share days share them."
     return _kept(panel, '_env_lines', dict)
-
 
 # %% ../nbs/04_env.ipynb #c013b
 class TradingEnv(gym.Env):
@@ -368,6 +375,7 @@ def orders_text(orders) -> str:
     "`Order`s made in code as an answer that reads back as the same orders: each fraction written in full (`repr`), where `str` rounds it to 6 digits."
     return ';'.join(f"{o.side} {o.symbol} {float(o.fraction)!r}" if _is_real(o.fraction) else str(o) for o in orders) or 'HOLD'
 
+# %% ../nbs/04_env.ipynb #c017-1
 class TradingEnv(TradingEnv):
     def step(self, action):
         "Fill `action` at the next day's open; returns `(observation, reward, terminated, truncated, info)`."

@@ -27,19 +27,24 @@ from .agents import Agent, BASELINES, make_agent, entry_point, leaderboard_spec
 from .tracking import EXPERIMENT, Terminated, TrackingError, check_tracking, sigterm_raises, tracked_run
 
 # %% auto #0
-__all__ = ['BEAT_MARGIN', 'FEW_EPISODES', 'METRICS', 'run_episodes', 'mean', 'bootstrap_ci', 'paired_diff', 'summarize',
-           'buy_and_hold_curve', 'drawdown_curve', 'showcase_episode', 'plot_scores', 'plot_episode', 'OutputError',
-           'check_out', 'episodes_frame', 'leaderboard_markdown', 'write_results', 'evaluate', 'leaderboard_agents',
-           'leaderboard', 'recorded_runs', 'rescore', 'cli_evaluate', 'cli_leaderboard', 'cli_rescore']
+__all__ = ['BEAT_MARGIN', 'FEW_EPISODES', 'METRICS', 'check_split', 'check_episodes', 'run_episodes', 'mean', 'bootstrap_ci',
+           'paired_diff', 'summarize', 'buy_and_hold_curve', 'drawdown_curve', 'showcase_episode', 'plot_scores',
+           'plot_episode', 'OutputError', 'check_out', 'episodes_frame', 'leaderboard_markdown', 'write_results',
+           'agent_key', 'evaluate', 'leaderboard_agents', 'leaderboard', 'recorded_runs', 'rescore', 'cli_evaluate',
+           'cli_leaderboard', 'cli_rescore']
 
 # %% ../nbs/06_evaluate.ipynb #c006
-def _check_split(split):
+def check_split(split):
+    "Raise a ValueError naming the splits when `split` is not one of them."
     if split not in SPLITS: raise ValueError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
 
-def _check_episodes(episodes):
+# %% ../nbs/06_evaluate.ipynb #c006-1
+def check_episodes(episodes):
+    "Raise a ValueError when `episodes` is not a whole number of at least 1."
     if not isinstance(episodes, (int, np.integer)) or episodes < 1:
         raise ValueError(f"episodes must be a whole number of at least 1, got {episodes!r}; e.g. --episodes 50")
 
+# %% ../nbs/06_evaluate.ipynb #c006-2
 def _record(agent, env, i, seed, format_errors, completions=None) -> dict:
     "One finished episode as a plain dict."
     m, pf = env.metrics(), env.pf
@@ -51,6 +56,7 @@ def _record(agent, env, i, seed, format_errors, completions=None) -> dict:
     if completions is not None: rec['completions'] = list(completions)
     return rec
 
+# %% ../nbs/06_evaluate.ipynb #c006-3
 def run_episodes(agent, # an `Agent` or a spec for `make_agent` ('rsi', 'random:3', 'llm:smollm2', ...)
                  task, # 'easy', 'medium' or 'hard'
                  split:str='test', # 'train', 'val' or 'test'
@@ -62,7 +68,7 @@ def run_episodes(agent, # an `Agent` or a spec for `make_agent` ('rsi', 'random:
                 ) -> list:
     "Play `episodes` seeded episodes of `task` with `agent` in lockstep; one record per episode."
     agent, t = make_agent(agent), get_task(task)
-    _check_split(split); _check_episodes(episodes)
+    check_split(split); check_episodes(episodes)
     panel = load_panel(data)
     batch = int(batch_size or getattr(agent, 'episode_batch', None) or episodes)
     own_bar = not hasattr(progress, 'update')
@@ -98,6 +104,7 @@ def mean(values) -> float:
     x = np.asarray(values, dtype=np.float64).ravel()
     return math.fsum(x) / len(x) if len(x) else float('nan')
 
+# %% ../nbs/06_evaluate.ipynb #c009-1
 def bootstrap_ci(values, # one value per episode
                  level:float=0.95, # coverage of the interval
                  n_resamples:int=10_000, # bootstrap resamples
@@ -175,22 +182,26 @@ def buy_and_hold_curve(record:dict) -> np.ndarray:
     "Equity of the frictionless equal-weight buy-and-hold of a recorded episode's stocks (bought at day 1's open): the curve its score compared with."
     return tasks_buy_and_hold_curve(record['open'], record['close'], record['equity'][0])
 
+# %% ../nbs/06_evaluate.ipynb #c024-1
 def drawdown_curve(equity) -> np.ndarray:
     "Fall from the running peak at each day, as a fraction of that peak."
     e = np.asarray(equity, float)
     peak = np.maximum.accumulate(e)
     return (peak - e) / peak
 
+# %% ../nbs/06_evaluate.ipynb #c024-2
 def _figure(w, h):
     from matplotlib.figure import Figure
     return Figure(figsize=(w, h), layout='constrained')
 
+# %% ../nbs/06_evaluate.ipynb #c024-3
 def showcase_episode(records_by_agent:dict) -> int:
     "Index of the episode to draw: the first one in which the most agents made a trade (the same for every agent)."
     n = min(len(v) for v in records_by_agent.values())
     traded = [sum(any(f['shares'] > 0 for f in v[i]['fills']) for v in records_by_agent.values()) for i in range(n)]
     return int(np.argmax(traded))
 
+# %% ../nbs/06_evaluate.ipynb #c024-4
 def plot_scores(records_by_agent:dict, # agent name -> its records on one task
                 path=None, # save as PNG here (else return the figure)
                 title:str='', # figure title
@@ -217,6 +228,7 @@ def plot_scores(records_by_agent:dict, # agent name -> its records on one task
     if path is None: return fig
     fig.savefig(path, dpi=110)
 
+# %% ../nbs/06_evaluate.ipynb #c024-5
 def plot_episode(episode_by_agent:dict, # agent name -> its record of the same episode
                  path=None, # save as PNG here (else return the figure)
                  title:str='', # figure title
@@ -259,6 +271,7 @@ def plot_episode(episode_by_agent:dict, # agent name -> its record of the same e
 class OutputError(ValueError):
     "The output folder cannot be used (the message says what to do)."
 
+# %% ../nbs/06_evaluate.ipynb #c028-1
 _OURS = ('leaderboard.md', 'summary.json', 'episodes.csv', 'episodes.jsonl')
 
 def check_out(out) -> Path:
@@ -274,6 +287,7 @@ def check_out(out) -> Path:
         raise OutputError(f"cannot write to --out {out} ({e.strerror or e}): choose a folder you can write") from None
     return out
 
+# %% ../nbs/06_evaluate.ipynb #c028-2
 _CSV_METRICS = ('total_return', 'buy_and_hold_return', 'excess_return', 'sharpe', 'risk_adjusted_return', 'max_drawdown', 'exposure',
                 'trades', 'costs', 'risk_score', 'pnl_score', 'drawdown_score', 'alpha_score', 'seed_score')
 
@@ -288,6 +302,7 @@ def episodes_frame(records:list) -> pd.DataFrame:
                          format_errors=r['format_errors'], env_version=r['env_version'], task_version=r['task_version']))
     return pd.DataFrame(rows)
 
+# %% ../nbs/06_evaluate.ipynb #c028-3
 def _jsonable(r):
     out = {k: v for k, v in r.items() if k not in ('open', 'close', 'dates')}
     return out
@@ -295,11 +310,13 @@ def _jsonable(r):
 # %% ../nbs/06_evaluate.ipynb #c029
 def _pct(x): return f"{100 * x:+.2f}%"
 
+# %% ../nbs/06_evaluate.ipynb #c029-1
 def _diff(r, key, lo, hi, one) -> str:
     "A paired difference with its interval ('-' when its baseline was not run; the mean alone for one episode)."
     if key not in r: return '-'
     return f"{r[key]:+.3f}" if one else f"{r[key]:+.3f} [{r[lo]:+.3f}, {r[hi]:+.3f}]"
 
+# %% ../nbs/06_evaluate.ipynb #c029-2
 def _task_table(rows) -> list:
     "Markdown table lines of one task's rows, best mean score first."
     llm = any(str(r['spec']).startswith('llm:') or r.get('format_error_rate', 0) > 0 for r in rows)  # then show format errors
@@ -316,6 +333,7 @@ def _task_table(rows) -> list:
                      + (f" {100 * r.get('format_error_rate', 0):.1f}% |" if llm else ''))
     return lines
 
+# %% ../nbs/06_evaluate.ipynb #c029-3
 FEW_EPISODES = 30  # below this many episodes the leaderboard warns that its intervals are too narrow to cite
 
 def leaderboard_markdown(result:dict) -> str:
@@ -366,6 +384,7 @@ def leaderboard_markdown(result:dict) -> str:
     if meta.get('mlflow_uri'): lines += [f"MLflow runs: `{meta['mlflow_uri']}` (experiment `{EXPERIMENT}`; `mlflow ui --backend-store-uri {meta['mlflow_uri']}`).", '']
     return '\n'.join(lines)
 
+# %% ../nbs/06_evaluate.ipynb #c029-4
 def write_results(result:dict, # what `evaluate` returns
                   out, # the folder to (re)write
                  ) -> Path:
@@ -410,22 +429,28 @@ def _version():
     from tradellm import __version__
     return __version__
 
+# %% ../nbs/06_evaluate.ipynb #c031-1
 def _split_range(panel, split):
     sl = split_slice(panel, split)
     if sl.stop <= sl.start: return 'no days'
     return f"{panel.dates[sl.start].date()} .. {panel.dates[sl.stop - 1].date()}"
 
-def _agent_key(agent): return agent.spec or agent.name
+# %% ../nbs/06_evaluate.ipynb #c031-2
+def agent_key(agent):
+    "The name an agent's results are filed under: its spec, else its name."
+    return agent.spec or agent.name
 
+# %% ../nbs/06_evaluate.ipynb #c031-3
 def _same_agent(a, b) -> bool:
     "Whether two agents are the same trader: one object, or one class with one `config()`."
     return a is b or (type(a) is type(b) and a.config() == b.config())
 
+# %% ../nbs/06_evaluate.ipynb #c031-4
 def _distinct_agents(task:str, agents:list) -> dict:
     "Label -> agent of one task's agents, each agent once; `ValueError` when two different agents would share a label."
     out = {}
     for a in agents:
-        key = _agent_key(a)
+        key = agent_key(a)
         if key not in out: out[key] = a
         elif not _same_agent(out[key], a):
             raise ValueError(f"two different agents would both be reported as {key!r} on {task}: {out[key]!r} and {a!r}; "
@@ -433,11 +458,13 @@ def _distinct_agents(task:str, agents:list) -> dict:
                              f"(e.g. 'random:7' for RandomAgent(seed=7))")
     return out
 
+# %% ../nbs/06_evaluate.ipynb #c031-5
 def _spec_text(s:str) -> str:
     "A spec as `make_agent` reads it: 'LLM:x' and 'llm:x' load one model."
     kind, sep, arg = str(s).strip().partition(':')
     return kind.lower().replace('-', '_') + sep + arg
 
+# %% ../nbs/06_evaluate.ipynb #c031-6
 def _log_artifacts(run, recs, key, task, row):
     "The agent's episode CSV and plots, as artifacts of its run."
     if run.client is None: return
@@ -448,6 +475,7 @@ def _log_artifacts(run, recs, key, task, row):
         plot_episode({key: recs[showcase_episode({key: recs})]}, d / f'episode_{task}.png')
         for f in sorted(d.iterdir()): run.log_artifact(f)
 
+# %% ../nbs/06_evaluate.ipynb #c031-7
 def evaluate(agents=BASELINES, # specs or `Agent`s for every task, or a dict task -> specs
              tasks=tuple(TASKS), # task names
              split:str='test', # 'train', 'val' or 'test'
@@ -469,7 +497,7 @@ def evaluate(agents=BASELINES, # specs or `Agent`s for every task, or a dict tas
     t0 = time.time()
     tasks = [get_task(t).name for t in ([tasks] if isinstance(tasks, str) else tasks)]
     if not tasks: raise ValueError("no task given; choose from " + ', '.join(TASKS))
-    _check_split(split); _check_episodes(episodes)
+    check_split(split); check_episodes(episodes)
     if isinstance(agents, (str, Agent)): agents = [agents]
     plan = {t: list(agents.get(t, [])) if isinstance(agents, dict) else list(agents) for t in tasks}
     if not any(plan.values()): raise ValueError("no agent given; choose from " + ', '.join(BASELINES))
@@ -546,16 +574,19 @@ def _default_llm_available() -> bool:
     try: return leaderboard_spec('llm', 'easy') is not None
     except Exception: return False
 
+# %% ../nbs/06_evaluate.ipynb #c039-1
 def _gpu_present() -> bool:
     "Whether torch sees a CUDA device (False without torch)."
     try: import torch
     except ImportError: return False
     return bool(torch.cuda.is_available())
 
+# %% ../nbs/06_evaluate.ipynb #c039-2
 def _ppo_spec(task) -> str|None:
     "'ppo:FOLDER' of the cached PPO model of `task`, when there is one (asked through the registered 'ppo' kind)."
     return leaderboard_spec('ppo', task)
 
+# %% ../nbs/06_evaluate.ipynb #c039-3
 def leaderboard_agents(tasks=tuple(TASKS), # tasks of the leaderboard
                        llm:bool|None=None, # include `llm:smollm2`: True, False, or None (when it is installed and a GPU is present)
                       ) -> dict:
@@ -568,6 +599,7 @@ def leaderboard_agents(tasks=tuple(TASKS), # tasks of the leaderboard
         if ppo is not None: plan[t].append(ppo)
     return plan
 
+# %% ../nbs/06_evaluate.ipynb #c039-4
 def leaderboard(episodes:int=50, # episodes per agent and task
                 out='results', # output folder (replaced atomically)
                 data=None, # prices (default: the data lookup)
@@ -610,14 +642,17 @@ def recorded_runs(uri:str|None=None) -> list:
         if not token: break
     return out
 
+# %% ../nbs/06_evaluate.ipynb #c042-1
 def _config_diff(agent, recorded:dict) -> list:
     "Where `agent.config()` differs from the `agent.*` params of a run (compared as MLflow stores them): 'key recorded X, now Y'."
     now = {k: str(v)[:6000] for k, v in agent.config().items()}
     return [f"{k} {recorded.get(k, '(none)')} recorded, {now.get(k, '(none)')} now"
             for k in sorted(set(now) | set(recorded)) if now.get(k) != recorded.get(k)]
 
+# %% ../nbs/06_evaluate.ipynb #c042-2
 def _stale(run): return run['env_version'] != ENV_VERSION or run['task_version'] != TASKS.get(run['task'], get_task('easy')).version
 
+# %% ../nbs/06_evaluate.ipynb #c042-3
 def rescore(episodes:int|None=None, # episodes per evaluation (default: as recorded)
             data=None, # prices
             tracking_uri:str|None=None, # MLflow store
@@ -625,7 +660,7 @@ def rescore(episodes:int|None=None, # episodes per evaluation (default: as recor
             progress:bool=True, # progress bars
            ) -> dict:
     "Re-evaluate every agent recorded in MLflow on the current versions; says which runs it re-scored, and which it skipped and why."
-    if episodes is not None: _check_episodes(episodes)
+    if episodes is not None: check_episodes(episodes)
     runs = [r for r in recorded_runs(tracking_uri) if r['agent']]
     stale = [r for r in runs if _stale(r)]
     rows, rescored, skipped, outcome = [], [], [], {}
@@ -672,6 +707,7 @@ def rescore(episodes:int|None=None, # episodes per evaluation (default: as recor
 # %% ../nbs/06_evaluate.ipynb #c044
 def _csv(s): return [x.strip() for x in s.split(',') if x.strip()]
 
+# %% ../nbs/06_evaluate.ipynb #c044-1
 def _common_args(p, episodes=50):
     p.add_argument('--episodes', type=int, default=episodes, help='episodes per agent and task (default %(default)s)')
     p.add_argument('--seed', type=int, default=0, help='env seed of the first episode; episode i uses seed + i (default 0)')
@@ -684,9 +720,11 @@ def _common_args(p, episodes=50):
     p.add_argument('--ray-address', default=None,
                    help="with --backend ray: the cluster's head HOST:PORT (default: $RAY_ADDRESS, else a Ray started for the run)")
 
+# %% ../nbs/06_evaluate.ipynb #c044-2
 def _summary_json(result, **extra) -> str:
     return json.dumps(dict(meta=result['meta'], out=result['out'], rows=result['rows'], **extra), indent=1, default=float)
 
+# %% ../nbs/06_evaluate.ipynb #c044-3
 def _report(result, args):
     if args.json:
         print(_summary_json(result))
@@ -699,6 +737,7 @@ def _report(result, args):
         print(f"MLflow: {len(result['rows'])} runs in {result['meta']['mlflow_uri']} (mlflow ui --backend-store-uri {result['meta']['mlflow_uri']})")
     print(f"took {result['meta']['seconds']:.0f} s")
 
+# %% ../nbs/06_evaluate.ipynb #c044-4
 def _run_cli(name, fn) -> int:
     "Run a command; bad input becomes one line on stderr and exit status 2."
     try: fn()
@@ -714,6 +753,7 @@ def _run_cli(name, fn) -> int:
         return 130
     return 0
 
+# %% ../nbs/06_evaluate.ipynb #c044-5
 def cli_evaluate(argv:list|None=None, # arguments after `tradellm evaluate`
                 ) -> int:
     "`tradellm evaluate`: agents x tasks on a split, N seeded episodes each."
@@ -731,6 +771,7 @@ def cli_evaluate(argv:list|None=None, # arguments after `tradellm evaluate`
                          track=not args.no_mlflow, progress=not args.quiet, backend=args.backend, ray_address=args.ray_address), args)
     return _run_cli('evaluate', run)
 
+# %% ../nbs/06_evaluate.ipynb #c044-6
 def cli_leaderboard(argv:list|None=None, # arguments after `tradellm leaderboard`
                    ) -> int:
     "`tradellm leaderboard`: every baseline on every task of the test split, into --out and MLflow."
@@ -747,6 +788,7 @@ def cli_leaderboard(argv:list|None=None, # arguments after `tradellm leaderboard
                             track=not args.no_mlflow, progress=not args.quiet, backend=args.backend, ray_address=args.ray_address), args)
     return _run_cli('leaderboard', run)
 
+# %% ../nbs/06_evaluate.ipynb #c044-7
 def cli_rescore(argv:list|None=None, # arguments after `tradellm rescore`
                ) -> int:
     "`tradellm rescore`: re-evaluate every agent recorded in MLflow on the current versions."

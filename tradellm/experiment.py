@@ -35,6 +35,7 @@ class TeacherSettings:
     episodes: int = 100 # train episodes per teacher and task
     val_episodes: int = 200 # val episodes of the chosen teachers against the two baselines
 
+# %% ../nbs/13_experiment.ipynb #e006-1
 @dataclass(frozen=True)
 class SFTDataSettings:
     "The teacher's examples (`build_sft_dataset`)."
@@ -45,6 +46,7 @@ class SFTDataSettings:
     style: str = 'compact' # prompt and reasoning style
     seed: int = 0 # first env seed
 
+# %% ../nbs/13_experiment.ipynb #e006-2
 @dataclass(frozen=True)
 class SFTSettings:
     "Supervised fine-tuning (`train_sft`)."
@@ -59,6 +61,7 @@ class SFTSettings:
     eval_examples: int = 64 # validation examples of the final eval loss
     seed: int = 0
 
+# %% ../nbs/13_experiment.ipynb #e006-3
 @dataclass(frozen=True)
 class GRPOSettings:
     "GRPO from the SFT adapter (`train_grpo`)."
@@ -75,6 +78,7 @@ class GRPOSettings:
     save_steps: int = 25 # checkpoint every this many steps
     seed: int = 0
 
+# %% ../nbs/13_experiment.ipynb #e006-4
 @dataclass(frozen=True)
 class PPOSettings:
     "The numeric-observation baseline (`train_ppo`), one model per evaluated task."
@@ -82,6 +86,7 @@ class PPOSettings:
     val_episodes: int = 64 # val episodes per checkpoint evaluation
     seed: int = 0
 
+# %% ../nbs/13_experiment.ipynb #e006-5
 @dataclass(frozen=True)
 class EvalSettings:
     "The paired test evaluation of every agent."
@@ -91,6 +96,7 @@ class EvalSettings:
     max_new_tokens: int|None = None # the token limit of every language model's answer (None: each agent's own: 96 zero-shot, an adapter's from its answers)
     batch_size: int|None = None # episodes stepped together (None: all)
 
+# %% ../nbs/13_experiment.ipynb #e006-6
 @dataclass(frozen=True)
 class Profile:
     "Every setting of the experiment, one block per stage."
@@ -132,6 +138,7 @@ PROFILES = {
                   note='Qwen2.5-0.5B-Instruct, 4-bit QLoRA on a Kaggle T4: the settings of kaggle_sft and kaggle_grpo'),
 }
 
+# %% ../nbs/13_experiment.ipynb #e006-7
 def get_profile(name:str, # 'smoke', 'cpu' or 't4'
                ) -> Profile:
     "The profile of that name; `ValueError` listing the choices otherwise."
@@ -149,6 +156,7 @@ class Stage:
     code: tuple = () # modules whose source is part of the key ('tradellm.sft', ...)
     description: str = '' # what it calls, for the report and the logs
 
+# %% ../nbs/13_experiment.ipynb #e010-1
 _LIBRARIES = ('torch', 'transformers', 'trl', 'peft', 'datasets', 'stable_baselines3', 'scipy', 'numpy', 'mlflow')
 
 def versions() -> dict:
@@ -168,6 +176,7 @@ def versions() -> dict:
         with contextlib.suppress(md.PackageNotFoundError): out[lib] = md.version(lib.replace('_', '-'))
     return out
 
+# %% ../nbs/13_experiment.ipynb #e010-2
 def code_fingerprint(modules:tuple, # importable module names
                     ) -> str:
     "sha256 (16 hex) of the source files of `modules`: a change to the code a stage calls re-runs it."
@@ -178,8 +187,10 @@ def code_fingerprint(modules:tuple, # importable module names
         h.update(m.encode() + b'\0' + (path.read_bytes() if path is not None and path.is_file() else b'missing'))
     return h.hexdigest()[:16]
 
+# %% ../nbs/13_experiment.ipynb #e010-3
 def _canonical(x) -> str: return json.dumps(x, sort_keys=True, default=str, separators=(',', ':'))
 
+# %% ../nbs/13_experiment.ipynb #e010-4
 def stage_key(stage:Stage, # the stage
               upstream_keys:dict, # name -> key of every stage before it
               version_info:dict|None=None, # `versions()` (computed once per experiment)
@@ -202,11 +213,13 @@ def read_stage(folder, # a stage's folder
     try: return json.loads(f.read_text())
     except ValueError: return None
 
+# %% ../nbs/13_experiment.ipynb #e013-1
 def _write_json(path:Path, obj):
     tmp = path.with_name(f'.{path.name}.tmp')
     tmp.write_text(json.dumps(obj, indent=1, default=str))
     tmp.replace(path)  # a reader never sees half a file
 
+# %% ../nbs/13_experiment.ipynb #e013-2
 def _flat(d:dict, prefix='') -> dict:
     out = {}
     for k, v in d.items():
@@ -214,8 +227,10 @@ def _flat(d:dict, prefix='') -> dict:
         else: out[f'{prefix}{k}'] = v
     return out
 
+# %% ../nbs/13_experiment.ipynb #e013-3
 def _utc(): return dt.datetime.now(dt.timezone.utc).strftime('%Y-%m-%dT%H:%M:%SZ')
 
+# %% ../nbs/13_experiment.ipynb #e013-4
 def run_stages(stages:list, # `Stage`s in order (each after the stages it reads)
                out, # the experiment's folder: stage s lives in out/s
                tracking:tuple=(None, None), # (uri, experiment id) from `check_tracking`; (None, None): no MLflow
@@ -278,6 +293,7 @@ def teacher_agent(teacher:dict, # the teacher stage's outputs
     from tradellm.agents import TaskTeachers
     return TaskTeachers(teacher['by_task'])
 
+# %% ../nbs/13_experiment.ipynb #e017-1
 def select_teacher_stage(folder:Path, upstream:dict, settings:TeacherSettings, panel, progress:bool=True) -> dict:
     "Stage `teacher`: one teacher per task, chosen on train by `select_teacher` (val reported, test untouched), or `DEFAULT_TEACHERS`."
     from tradellm.agents import DEFAULT_TEACHERS
@@ -293,6 +309,7 @@ def select_teacher_stage(folder:Path, upstream:dict, settings:TeacherSettings, p
     _write_json(folder / 'teacher.json', out)
     return out
 
+# %% ../nbs/13_experiment.ipynb #e017-2
 def sft_data_stage(folder:Path, upstream:dict, settings:SFTDataSettings, panel, progress:bool=True) -> dict:
     "Stage `sft_data`: the teacher's chat examples (`build_sft_dataset`)."
     from tradellm.sft import build_sft_dataset
@@ -302,6 +319,7 @@ def sft_data_stage(folder:Path, upstream:dict, settings:SFTDataSettings, panel, 
     return dict(data=str(folder / 'data'), fingerprint=card['fingerprint'], examples=card['splits']['train']['examples'],
                 warnings=card.get('warnings', []))
 
+# %% ../nbs/13_experiment.ipynb #e017-3
 def sft_stage(folder:Path, upstream:dict, model:str, settings:SFTSettings, track:bool=True, progress:bool=True) -> dict:
     "Stage `sft`: a LoRA adapter fine-tuned on the examples (`train_sft`)."
     from tradellm.sft import train_sft
@@ -311,6 +329,7 @@ def sft_stage(folder:Path, upstream:dict, model:str, settings:SFTSettings, track
                     qlora=s.qlora, seed=s.seed, track=track, progress=progress)
     return {k: res.get(k) for k in ('adapter', 'train_loss', 'eval_loss', 'steps', 'train_seconds', 'seconds_per_step', 'mlflow_run_id')}
 
+# %% ../nbs/13_experiment.ipynb #e017-4
 def grpo_stage(folder:Path, upstream:dict, model:str, settings:GRPOSettings, panel, track:bool=True, progress:bool=True) -> dict:
     "Stage `grpo`: GRPO from the SFT adapter with the environment as the reward (`train_grpo`)."
     from tradellm.grpo import train_grpo
@@ -321,6 +340,7 @@ def grpo_stage(folder:Path, upstream:dict, model:str, settings:GRPOSettings, pan
     return {k: res.get(k) for k in ('adapter_out', 'task', 'steps_done', 'seconds', 'seconds_per_step', 'zero_spread_share',
                                     'format_error_rate', 'truncated_share', 'reward_mean', 'max_completion_length', 'mlflow_run_id')}
 
+# %% ../nbs/13_experiment.ipynb #e017-5
 def ppo_stage(folder:Path, upstream:dict, settings:PPOSettings, tasks:tuple, panel, track:bool=True, progress:bool=True) -> dict:
     "Stage `ppo`: the numeric baseline, one model per task (`train_ppo`)."
     from tradellm.ppo import train_ppo
@@ -350,6 +370,7 @@ def _slim(rec:dict) -> dict:
                 score=float(rec['score']), days=len(rec['actions']), format_errors=int(rec['format_errors']),
                 **{k: float(m[k]) for k in _KEEP if k in m}, env_version=rec['env_version'], task_version=rec['task_version'])
 
+# %% ../nbs/13_experiment.ipynb #e019-1
 def _llm(model, adapter, label, max_new_tokens):
     from tradellm.llm import make_llm_agent
     kw = {} if max_new_tokens is None else {'max_new_tokens': max_new_tokens}
@@ -357,6 +378,7 @@ def _llm(model, adapter, label, max_new_tokens):
     agent.spec = label
     return agent
 
+# %% ../nbs/13_experiment.ipynb #e019-2
 def make_eval_agent(label:str, # a key of `AGENTS`
                     upstream:dict, # the outputs of the stages it reads
                     model:str, # the base model
@@ -376,6 +398,7 @@ def make_eval_agent(label:str, # a key of `AGENTS`
     if label in ('buy_and_hold', 'do_nothing'): return make_agent(label)
     raise ValueError(f"unknown agent {label!r}; choose from {', '.join(AGENTS)}")
 
+# %% ../nbs/13_experiment.ipynb #e019-3
 _PER_TASK = ('ppo',)  # agents built per task
 
 def evaluate_stage(folder:Path, upstream:dict, label:str, model:str, settings:EvalSettings, panel,
@@ -392,10 +415,13 @@ def evaluate_stage(folder:Path, upstream:dict, label:str, model:str, settings:Ev
                    progress=progress, title=f"experiment: {label}")
     full = [r for (key, _), rs in res['records'].items() if key == label for r in rs]
     recs = [_slim(r) for r in full]
-    if label in CHAIN:  # the share of its days on which it made the teacher's decision on the same state
+    if label in CHAIN:  # on how many of its days it made the teacher's decision on the same state, and of the teacher's trading days
         from tradellm.sft import teacher_agreement
         teacher = teacher_agent(upstream['teacher'])
-        for r, f in zip(recs, full): r['teacher_agreement'] = teacher_agreement([f], teacher, panel)['decision']
+        for r, f in zip(recs, full):
+            a = teacher_agreement([f], teacher, panel)
+            r |= dict(teacher_agreement=a['decision'], teacher_trades=a['teacher_trades'],
+                      same_on_teacher_trades=round((a['on_teacher_trades'] or 0) * a['teacher_trades']))
     with open(folder / 'episodes.jsonl', 'w') as f:
         for r in recs: f.write(json.dumps(r) + '\n')
     rows = [r for r in res['rows'] if r['spec'] == label]
@@ -403,6 +429,7 @@ def evaluate_stage(folder:Path, upstream:dict, label:str, model:str, settings:Ev
     return dict(episodes=str(folder / 'episodes.jsonl'), n=len(recs), seconds=round(res['meta']['seconds'], 1),
                 episode_days=sum(r['days'] for r in recs), mlflow_run_ids=[r.get('mlflow_run_id') for r in rows])
 
+# %% ../nbs/13_experiment.ipynb #e019-4
 def load_episodes(path) -> list:
     "The episodes an evaluation stage kept."
     with open(path) as f: return [json.loads(line) for line in f if line.strip()]
@@ -427,6 +454,8 @@ def task_rows(episodes:dict, # label -> that agent's episodes of one task (same 
                    task_version=recs[0]['task_version'], env_version=recs[0]['env_version'])
         if all('teacher_agreement' in r for r in recs):  # day-weighted over the episodes
             row['teacher_agreement'] = sum(r['teacher_agreement'] * r['days'] for r in recs) / max(1, sum(r['days'] for r in recs))
+        if all('teacher_trades' in r for r in recs) and sum(r['teacher_trades'] for r in recs):  # pooled over the teacher's BUY/SELL days
+            row['on_teacher_trades'] = sum(r['same_on_teacher_trades'] for r in recs) / sum(r['teacher_trades'] for r in recs)
         for ref, name in (('sft', 'vs_sft'), ('buy_and_hold', 'vs_bh')):
             if ref in score and ref != label:
                 d = paired_diff(sc, score[ref], n_resamples=n_resamples)
@@ -439,8 +468,10 @@ def _ci(m, lo, hi, digits=3, sign=False):
     f = f"{{:{'+' if sign else ''}.{digits}f}}"
     return f"{f.format(m)} [{f.format(lo)}, {f.format(hi)}]"
 
+# %% ../nbs/13_experiment.ipynb #e023-1
 def _pair(r, name): return _ci(r[name], r[f'{name}_lo'], r[f'{name}_hi'], sign=True) if name in r else '-'
 
+# %% ../nbs/13_experiment.ipynb #e023-2
 def results_markdown(result:dict, # what `experiment_report` builds
                      figure:str|None='chain.png', # the chain figure beside it (None: no image line)
                     ) -> str:
@@ -454,7 +485,9 @@ def results_markdown(result:dict, # what `experiment_report` builds
              "Intervals: 95% BCa bootstrap over episodes (paired for the differences). *vs SFT* and *vs B&H* are the mean score "
              "differences to the SFT model and to buy-and-hold on the same episodes; return, exposure and trades are means per "
              "episode; format errors is the share of days whose answer the parser could not fully read; *as teacher* is the share "
-             "of a language model's days on which it made the teacher's decision (HOLD, BUY or SELL) on the same state.", '']
+             "of a language model's days on which it made the teacher's decision (HOLD, BUY or SELL) on the same state, and after the "
+             "slash the share of the days on which the teacher would have bought or sold where the model did the same (HOLD days "
+             "dominate the first number: a model that never trades agrees on every day its teacher holds).", '']
     if m['episodes'] < 30:
         lines += [f"**{m['episodes']} episodes per agent: too few to cite (a pipeline check).**", '']
     for task, rows in result['tasks'].items():
@@ -463,7 +496,8 @@ def results_markdown(result:dict, # what `experiment_report` builds
         for r in rows:
             lines.append(f"| {r['agent']} | {_ci(r['score'], r['score_lo'], r['score_hi'])} | {_pair(r, 'vs_sft')} | {_pair(r, 'vs_bh')} | "
                          f"{100 * r['return_mean']:+.2f}% | {100 * r['exposure']:.0f}% | {r['trades']:.1f} | {100 * r['format_errors']:.1f}% | "
-                         + (f"{100 * r['teacher_agreement']:.0f}% |" if 'teacher_agreement' in r else '- |'))
+                         + (f"{100 * r['teacher_agreement']:.0f}%" if 'teacher_agreement' in r else '-')
+                         + (f" / {100 * r['on_teacher_trades']:.0f}% |" if 'on_teacher_trades' in r else ' |'))
         lines.append('')
     if m.get('skipped'): lines += ['Not run in this profile: ' + '; '.join(f"{k} ({v})" for k, v in m['skipped'].items()) + '.', '']
     lines += ([f'![the chain]({figure})', ''] if figure else []) + ['## How it was made', '',
@@ -573,11 +607,13 @@ def _data_meta(panel) -> dict:
                 data_range=f"{panel.dates[0].date()} .. {panel.dates[-1].date()}",
                 split_range=f"{panel.dates[sl.start].date()} .. {panel.dates[sl.stop - 1].date()}")
 
+# %% ../nbs/13_experiment.ipynb #e031-1
 def experiment_command(profile:str, out, data=None) -> str:
     "The command line that reproduces an experiment."
     return (f"tradellm experiment --profile {profile} --out {shlex.quote(str(out))}"
             + (f" --data {shlex.quote(str(data))}" if data is not None else ''))
 
+# %% ../nbs/13_experiment.ipynb #e031-2
 def run_experiment(profile:str|Profile='smoke', # a profile name or a `Profile`
                    out='experiment', # the experiment folder (stages in out/<stage>, results in out/results.*)
                    data=None, # prices: a folder or a loaded `Panel` (default: the data lookup)
@@ -616,11 +652,13 @@ def run_experiment(profile:str|Profile='smoke', # a profile name or a `Profile`
         for f in ('results.md', 'results.json', 'chain.png'): run.log_artifact(out / f)
     return result
 
+# %% ../nbs/13_experiment.ipynb #e031-3
 def _stage_summary(v:dict) -> dict:
     "A stage's line in the report's provenance: status, wall and CPU seconds, key, and its numeric outputs (steps, losses, episode-days...)."
     nums = {k: x for k, x in (v['outputs'] or {}).items() if isinstance(x, (int, float)) and not isinstance(x, bool)}
     return nums | dict(status=v['status'], seconds=v['seconds'] or 0.0, cpu_seconds=v.get('cpu_seconds'), key=v['key'])
 
+# %% ../nbs/13_experiment.ipynb #e031-4
 def _task_versions(tasks):
     from tradellm.tasks import TASKS
     return {t: TASKS[t].version for t in tasks}

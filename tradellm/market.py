@@ -28,6 +28,7 @@ class Order(NamedTuple):
         try: return f"{self.side} {self.symbol} {self.fraction:g}"
         except (TypeError, ValueError): return f"{self.side} {self.symbol} {self.fraction!r}"
 
+# %% ../nbs/02_market.ipynb #c006-1
 @dataclass
 class ParsedAction:
     "What `parse_action` read from an answer."
@@ -59,6 +60,7 @@ def _strip_token(t):
     "A word of an order line without the punctuation and markdown around it."
     return t.strip(' ,:()[]{}"\'`*').rstrip('.')
 
+# %% ../nbs/02_market.ipynb #c007-1
 def _strip_think(text):
     if '<' not in text: return text, None  # no tag at all (the usual case)
     low = text.lower()
@@ -67,6 +69,7 @@ def _strip_think(text):
     if '<think>' in low: return '', 'the <think> block was never closed, so there is no answer after it'
     return text, None
 
+# %% ../nbs/02_market.ipynb #c007-2
 def _size(tok):
     "Parse a size token: '0.5', '.5', '50%'. Returns (fraction or None, error or None)."
     pct = tok.endswith('%')
@@ -78,6 +81,7 @@ def _size(tok):
     if v > 1: return None, f"size {tok!r} is above 1: sizes are fractions (0.5 or 50%), not share counts"
     return v, None
 
+# %% ../nbs/02_market.ipynb #c007-3
 @functools.lru_cache(maxsize=256)
 def _known(symbols:tuple) -> dict:
     "Upper-cased symbol -> symbol, made once per episode's symbols (callers must not change it)."
@@ -248,10 +252,12 @@ def buy_room(cap:float, price:float, held:int) -> int:
     "Whole shares a BUY may add at `price` before the holding's value passes `cap` (the per-stock cap in money); can be below 0."
     return math.floor(cap / price + 1e-9) - held
 
+# %% ../nbs/02_market.ipynb #c018-1
 def shares_sold(fraction:float, held:int) -> int:
     "Shares a SELL of `fraction` of `held` whole shares sells: all of them at 1, else rounded down."
     return held if fraction >= 1 else math.floor(fraction * held + 1e-9)
 
+# %% ../nbs/02_market.ipynb #c018-2
 def _buy(pf, i, order, open_price, equity_open):
     price = open_price * (1 + pf.slippage)
     unit = price * (1 + pf.cost)
@@ -278,6 +284,7 @@ def _buy(pf, i, order, open_price, equity_open):
     pf.trades += 1
     return Fill(str(order), 'BUY', order.symbol, 'reduced' if reason else 'filled', n, price, fee, reason)
 
+# %% ../nbs/02_market.ipynb #c018-3
 def _sell(pf, i, order, open_price):
     held = int(pf._shares[i])
     price = open_price * (1 - pf.slippage)
@@ -298,6 +305,7 @@ def _sell(pf, i, order, open_price):
 # %% ../nbs/02_market.ipynb #c019
 def _is_real(x) -> bool: return type(x) is float or isinstance(x, numbers.Real)  # (numpy's scalars are registered as Real)
 
+# %% ../nbs/02_market.ipynb #c019-1
 def refusal(order, k:int, symbols, max_trades:int):
     "The `Fill` of an order refused before any price is read (the k-th of its day: past the daily limit, a symbol not in `symbols`, an invalid side or fraction), or None."
     if k >= max_trades:
@@ -309,6 +317,7 @@ def refusal(order, k:int, symbols, max_trades:int):
                     reason=f"invalid order: side must be BUY or SELL and the fraction in (0, 1], got {order.side} {order.fraction!r}")
     return None
 
+# %% ../nbs/02_market.ipynb #c019-2
 def execute(pf:Portfolio, # the portfolio, changed in place
             orders, # `Order`s in the order given
             open_prices:np.ndarray, # this day's open, one per symbol
@@ -334,6 +343,7 @@ def execute(pf:Portfolio, # the portfolio, changed in place
         out.append(f)
     return out
 
+# %% ../nbs/02_market.ipynb #c019-3
 def mark(pf:Portfolio, close_prices:np.ndarray, day:int) -> float:
     "Record equity at the close of `day`; returns it."
     eq = pf.equity(close_prices)

@@ -47,6 +47,7 @@ def _check_action(action, n:int) -> list:
         raise ValueError(f"action entries must lie in 0..{len(ACTIONS) - 1} (see ACTIONS), got {action.tolist()}")
     return action.tolist()
 
+# %% ../nbs/08_ppo.ipynb #c006-1
 def action_orders(action, # one entry of `ACTIONS` per stock (indices)
                   symbols, # the episode's symbols, in observation order
                   shares=None, # shares held per stock (a SELL of a stock not held, or of less than one share, becomes HOLD)
@@ -58,6 +59,7 @@ def action_orders(action, # one entry of `ACTIONS` per stock (indices)
     "The `Order`s of a `MultiDiscrete` action: sells first, then buys (`env_orders` is the rule the agents use)."
     return _orders(_check_action(action, len(symbols)), symbols, shares, buy_blocked, rng, max_orders, min_buy)
 
+# %% ../nbs/08_ppo.ipynb #c006-2
 def _orders(action:list, symbols, shares, buy_blocked, rng, max_orders, min_buy) -> list:
     "`action_orders` of a checked action."
     held = [1] * len(symbols) if shares is None else list(shares)
@@ -74,11 +76,13 @@ def _orders(action:list, symbols, shares, buy_blocked, rng, max_orders, min_buy)
     orders = sells + buys
     return orders if max_orders is None else orders[:max_orders]
 
+# %% ../nbs/08_ppo.ipynb #c006-3
 def order_rng(env:TradingEnv) -> np.random.Generator:
     "The generator that orders `env`'s sells and buys today: a function of the episode (first day, stocks) and the day only."
     cols = zlib.crc32(np.asarray(env.stock_columns, dtype=np.int64).tobytes())
     return np.random.default_rng([env.window_start, cols, env.day])
 
+# %% ../nbs/08_ppo.ipynb #c006-4
 def env_orders(action, # one entry of `ACTIONS` per stock of `env`
                env:TradingEnv, # the episode, on the day the action is decided
               ) -> list:
@@ -108,6 +112,7 @@ def policy_feature_names(task) -> list:
     n = get_task(task).n_stocks
     return [f'stock{i}.{f}' for i in range(n) for f in _STOCK_FEATURES] + list(_GLOBAL_POLICY)
 
+# %% ../nbs/08_ppo.ipynb #c011-1
 def policy_features(obs, # numeric observation(s) of `TradingEnv`: (features,) or (batch, features)
                     n_stocks:int, # stocks in the task
                    ) -> np.ndarray:
@@ -156,6 +161,7 @@ class ObsNormalizer:
 
     def as_dict(self) -> dict: return asdict(self)
 
+# %% ../nbs/08_ppo.ipynb #c015-1
 def fit_normalizer(task='easy', # task name
                    data=None, # folder or loaded `Panel` (default: the data lookup)
                    episodes:int=200, # train-split episodes played with random actions
@@ -270,6 +276,7 @@ class PPOAgent(Agent):
         actions, _ = self.model.predict(x, deterministic=True)
         return [env_orders(a, e) for a, e in zip(actions, envs)]  # the rule the training env applies
 
+# %% ../nbs/08_ppo.ipynb #c023-1
 def run_agent(agent, # anything with the agent protocol
               task='easy', # task name
               split:str='val', # split the episodes come from
@@ -298,10 +305,12 @@ def models_dir() -> Path:
     "Where trained models are saved by default: `models/` beside the price cache (`data/models`)."
     return cache_dir().parent / 'models'
 
+# %% ../nbs/08_ppo.ipynb #c025-1
 def default_model_dir(task='easy') -> Path:
     "Default folder of the PPO model of `task`."
     return models_dir() / 'ppo' / get_task(task).name
 
+# %% ../nbs/08_ppo.ipynb #c025-2
 def _curve_callback(curve, bar):
     from stable_baselines3.common.callbacks import BaseCallback
     class Curve(BaseCallback):
@@ -326,6 +335,7 @@ def torch_threads(n:int, # torch CPU threads inside the block
     try: yield
     finally: torch.set_num_threads(before)
 
+# %% ../nbs/08_ppo.ipynb #c026-1
 def train_ppo(task='easy', # task name
               timesteps:int=20_000, # environment steps of training, all envs together (rounded up to whole rollouts)
               seed:int=0, # seeds the normaliser's episodes, the training episodes and the network
@@ -395,6 +405,7 @@ def train_ppo(task='easy', # task name
         summary = {k: v for k, v in config.items() if k not in ('normalizer', 'learning_curve')}
         return {**summary, 'path': str(out), 'episodes_trained': len(curve)}
 
+# %% ../nbs/08_ppo.ipynb #c026-2
 def _write_atomic(path:Path, data:bytes):
     "Write `path` through a temporary file beside it and `os.replace`: a reader finds the old file or the new one, never a part."
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -406,6 +417,7 @@ def _write_atomic(path:Path, data:bytes):
         os.replace(tmp, path)
     finally: tmp.unlink(missing_ok=True)
 
+# %% ../nbs/08_ppo.ipynb #c026-3
 def _save_checkpoint(out:Path, model, config:dict):
     "model.zip and the config.json that goes with it (normaliser included); the config records the sha256 of the model."
     buf = io.BytesIO()
@@ -415,8 +427,10 @@ def _save_checkpoint(out:Path, model, config:dict):
     _write_atomic(out / 'model.zip', data)
     _write_atomic(out / 'config.json', json.dumps(config, indent=1).encode())
 
+# %% ../nbs/08_ppo.ipynb #c026-4
 def _seed_range(sel) -> str: return f"{sel['split']} {sel['seed']}..{sel['seed'] + sel['episodes'] - 1}"
 
+# %% ../nbs/08_ppo.ipynb #c026-5
 def _log_mlflow(config, out, uri, experiment_id) -> str:
     "One MLflow run: params, the learning curve, val score per checkpoint, the model files."
     from mlflow.entities import Metric
@@ -479,6 +493,7 @@ def agent_from_spec(arg:str, # the spec's text after 'ppo:': a model folder, its
     "The agent of spec 'ppo:PATH' (the entry point `tradellm.agents` registers for 'ppo')."
     return load_ppo_agent(arg)
 
+# %% ../nbs/08_ppo.ipynb #b1051664-1
 def leaderboard_spec(task) -> str|None:
     "'ppo:FOLDER' when a PPO model of `task` is cached in `default_model_dir(task)` (relative to here when it can be), else None."
     p = default_model_dir(task)

@@ -25,7 +25,7 @@ from .agents import Agent, make_agent
 from .data import Panel, load_panel
 from .evaluate import run_episodes
 from .tasks import ENV_VERSION, TASKS
-from .llm import (LLMAgent, ModelError, Generation, _eos_ids, _resolve_source, check_adapter, adapter_prompt_style,
+from .llm import (LLMAgent, ModelError, Generation, eos_ids, resolve_source, check_adapter, adapter_prompt_style,
                   adapter_max_new_tokens)
 
 # %% auto #0
@@ -41,6 +41,7 @@ def seed_chunks(episodes:int, # episodes in the run
     if chunk < 1: raise ValueError(f"chunk must be at least 1, got {chunk}")
     return [(s, min(chunk, episodes - s)) for s in range(0, episodes, chunk)]
 
+# %% ../nbs/06b_scale.ipynb #s006-1
 def play_chunk(agent, # an `Agent` or a spec
                task:str, # task name
                split:str, # split
@@ -60,6 +61,7 @@ INSTALL_RAY = "pip install 'tradellm[scale]'"
 class ScaleError(ValueError):
     "The scale-out backend cannot be used as asked (the message says what to do)."
 
+# %% ../nbs/06b_scale.ipynb #s009-1
 def import_ray():
     "The `ray` module, or a `ScaleError` that says how to install it."
     try: import ray
@@ -82,16 +84,19 @@ def _unbox(box):
         _WORKER_PANELS[key] = ray.get(ref)
     return _WORKER_PANELS[key]
 
+# %% ../nbs/06b_scale.ipynb #s011-1
 def _play_task(agent, task, split, seed, start, n, box):
     "A rule agent's chunk, as a Ray task."
     return play_chunk(agent, task, split, seed, start, n, _unbox(box))
 
+# %% ../nbs/06b_scale.ipynb #s011-2
 def _agent_info(agent) -> dict:
     "What the driver needs to report an agent that lives elsewhere."
     return dict(name=agent.name, spec=agent.spec, config=agent.config(), obs_mode=agent.obs_mode,
                 prompt_version=getattr(agent, 'prompt_version', None), batch_size=getattr(agent, 'batch_size', None),
                 episode_batch=getattr(agent, 'episode_batch', None), env_version=ENV_VERSION)
 
+# %% ../nbs/06b_scale.ipynb #s011-3
 class EpisodeActor:
     "Holds one agent (a model loaded once) and plays chunks of episodes with it; run as a Ray actor."
     def __init__(self, agent): self.agent = make_agent(agent)
@@ -111,6 +116,7 @@ class RemoteAgent(Agent):
     def act(self, envs, observations):
         raise ScaleError(f"{self.name} lives in Ray actors: its episodes run through RayEpisodes, not act() on this machine")
 
+# %% ../nbs/06b_scale.ipynb #s014-1
 def _first_error_line(e) -> str:
     "The most telling line of a Ray error (its cause's 'SomeError: message', else the first line)."
     lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
@@ -213,6 +219,7 @@ class RayEpisodes(RayEpisodes):
 # %% ../nbs/06b_scale.ipynb #s017
 def _holds_model(agent) -> bool: return hasattr(agent, 'model') or hasattr(agent, 'policy')
 
+# %% ../nbs/06b_scale.ipynb #s017-1
 class RayEpisodes(RayEpisodes):
     def _chunk(self, agent, episodes:int) -> int:
         if self.chunk is not None: c = self.chunk
@@ -252,11 +259,11 @@ class RayEpisodes(RayEpisodes):
 
     def episodes(self, agent, task, split:str='test', episodes:int=50, seed:int=0, data=None, progress=True) -> list:
         "What `run_episodes` returns for these arguments, played on the cluster (from the chunks `submit` queued)."
-        from tradellm.evaluate import _agent_key, _check_episodes, _check_split
-        _check_split(split); _check_episodes(episodes)
+        from tradellm.evaluate import agent_key, check_episodes, check_split
+        check_split(split); check_episodes(episodes)
         agent, panel = make_agent(agent), load_panel(data)
         self.connect()
-        refs = self._submit_one(agent, task, split, episodes, seed, panel, _agent_key(agent))
+        refs = self._submit_one(agent, task, split, episodes, seed, panel, agent_key(agent))
         own = not hasattr(progress, 'update')
         bar = tqdm(total=episodes * TASKS[task].days, unit='day', disable=not progress, leave=False) if own else progress
         try:
@@ -267,12 +274,13 @@ class RayEpisodes(RayEpisodes):
         finally:
             if own: bar.close()
         if [r['seed'] for r in recs] != list(range(seed, seed + episodes)):  # by construction; checked all the same
-            raise ScaleError(f"{_agent_key(agent)} {task}: the cluster returned episodes of seeds other than {seed}..{seed + episodes - 1}")
+            raise ScaleError(f"{agent_key(agent)} {task}: the cluster returned episodes of seeds other than {seed}..{seed + episodes - 1}")
         if recs and (recs[0]['env_version'], recs[0]['task_version']) != (ENV_VERSION, TASKS[task].version):
             raise ScaleError(f"the Ray workers run env {recs[0]['env_version']} (task {recs[0]['task_version']}), this driver "
                              f"env {ENV_VERSION} (task {TASKS[task].version}): install the same tradellm on every node")
         return recs
 
+# %% ../nbs/06b_scale.ipynb #s017-2
 def episode_backend(backend, # 'ray' or a `RayEpisodes`
                     ray_address:str|None=None, # the cluster of backend='ray'
                    ) -> RayEpisodes:
@@ -290,6 +298,7 @@ def free_port(host:str='127.0.0.1') -> int:
         s.bind((host, 0))
         return s.getsockname()[1]
 
+# %% ../nbs/06b_scale.ipynb #s022-1
 @contextlib.contextmanager
 def tracking_server(folder, # holds mlflow.db, the artifacts and server.log (created)
                     host:str='127.0.0.1', # the interface to listen on
@@ -332,6 +341,7 @@ INSTALL_VLLM = "pip install 'tradellm[gpu]'"
 class VLLMError(ModelError, ValueError):
     "vLLM cannot be used here (no CUDA, or vllm not installed); one line that says what to do instead."
 
+# %% ../nbs/06b_scale.ipynb #s026-1
 def check_vllm(what:str='vLLM'):
     "Raise `VLLMError` unless torch sees a CUDA GPU and vllm is installed."
     try: import torch
@@ -342,6 +352,7 @@ def check_vllm(what:str='vLLM'):
     if importlib.util.find_spec('vllm') is None:
         raise VLLMError(f"{what}: vllm is not installed: {INSTALL_VLLM} on this CUDA machine (or leave out @vllm)")
 
+# %% ../nbs/06b_scale.ipynb #s026-2
 def _vllm_sampling_params(**kw):
     from vllm import SamplingParams
     return SamplingParams(**kw)
@@ -359,7 +370,7 @@ class VLLMAgent(LLMAgent):
         super().__init__(engine, tok if tok is not None else engine.get_tokenizer(), **kwargs)
         self.engine, self.lora_request = engine, lora_request
         self.sampling_params = sampling_params or _vllm_sampling_params
-        self._stop = _eos_ids(SimpleNamespace(generation_config=SimpleNamespace(eos_token_id=self.tok.eos_token_id)), self.tok)
+        self._stop = eos_ids(SimpleNamespace(generation_config=SimpleNamespace(eos_token_id=self.tok.eos_token_id)), self.tok)
         if not self.name.endswith('@vllm'): self.name += '@vllm'
 
     def config(self) -> dict: return {**super().config(), 'engine': 'vllm'}
@@ -390,7 +401,7 @@ def make_vllm_agent(model:str|Path='smollm2', # 'smollm2', a folder or a hub id
     spec = f"llm:{model}" + (f"+{adapter}" if adapter else '') + '@vllm'
     check_vllm(spec)
     from vllm import LLM
-    src, kind = _resolve_source(model)
+    src, kind = resolve_source(model)
     engine_kw = dict(model=src, seed=0, gpu_memory_utilization=gpu_memory_utilization)
     lora = None
     if adapter is not None:
@@ -421,6 +432,7 @@ def process_device(device:str|None=None, # what the caller asked for (None: auto
     if device is None and rank is not None and world > 1: return f"cuda:{int(rank)}"
     return device
 
+# %% ../nbs/06b_scale.ipynb #s033-1
 def is_main_process() -> bool:
     "False in every process of a multi-process launch but the first (rank 0)."
     return int(os.environ.get('RANK', '0') or 0) == 0

@@ -45,6 +45,7 @@ class TradeAction(Action):
     "One day's orders as text: `BUY RELIANCE 0.5; SELL INFY 0.3`, or `HOLD`."
     text: str = Field('HOLD', max_length=MAX_ACTION_CHARS, description="orders, one per line or separated by ';'")
 
+# %% ../nbs/11_server.ipynb #c006-1
 class TradeObservation(Observation):
     "What the agent sees after a reset or a step, with the step's `info` and the versions."
     text: str|None = Field(None, description="the text observation (obs_mode 'text')")
@@ -56,6 +57,7 @@ class TradeObservation(Observation):
     env_version: str = ENV_VERSION
     task_version: str = ''
 
+# %% ../nbs/11_server.ipynb #c006-2
 class TradeState(State):
     "The episode a session is playing."
     task: str|None = None
@@ -69,6 +71,7 @@ class TradeState(State):
     env_version: str = ENV_VERSION
     task_version: str|None = None
 
+# %% ../nbs/11_server.ipynb #c006-3
 def view_to_dict(view:MarketView) -> dict:
     "A `MarketView` as plain JSON-ready data (`tradellm.client.view_from_dict` reverses it)."
     return dict(day=view.day, days=view.days, date=view.date, symbols=list(view.symbols), market=view.market.tolist(),
@@ -79,6 +82,7 @@ def view_to_dict(view:MarketView) -> dict:
 class EpisodeError(RuntimeError):
     "A request that does not fit the episode's state: a step before any reset, or after the episode ended."
 
+# %% ../nbs/11_server.ipynb #c009-1
 class TradingEnvironment(Environment):
     "`TradingEnv` as an OpenEnv `Environment`: one per session, all sharing one loaded `Panel`."
     SUPPORTS_CONCURRENT_SESSIONS = True  # sessions share only the read-only panel
@@ -145,10 +149,12 @@ class TradingEnvironment(Environment):
 class SessionLimitError(RuntimeError):
     "The server holds as many sessions as it may."
 
+# %% ../nbs/11_server.ipynb #c013-1
 class SessionNotFound(LookupError):
     "No session with that id: never opened, closed, or expired."
     def __str__(self): return str(self.args[0])
 
+# %% ../nbs/11_server.ipynb #c013-2
 @dataclass
 class Session:
     "One client's environment and its bookkeeping."
@@ -158,6 +164,7 @@ class Session:
     last_used: float
     lock: threading.Lock = field(default_factory=threading.Lock)
 
+# %% ../nbs/11_server.ipynb #c013-3
 class SessionStore:
     "HTTP sessions: one `TradingEnvironment` each, capped in number, dropped after `ttl` seconds idle."
     def __init__(self,
@@ -223,6 +230,7 @@ class ResetOptions(BaseModel):
     start: str|int|None = Field(None, description="first day: an ISO date or a day index of the panel")
     symbols: list[str]|None = Field(None, max_length=100, description="the episode's stocks (as many as the task trades)")
 
+# %% ../nbs/11_server.ipynb #c016-1
 class ResetRequest(BaseModel):
     "Body of `POST /reset`."
     model_config = ConfigDict(extra='forbid')
@@ -234,20 +242,24 @@ class ResetRequest(BaseModel):
     options: ResetOptions|None = None
     view: bool = Field(True, description='include the structured MarketView of each day')
 
+# %% ../nbs/11_server.ipynb #c016-2
 class StepRequest(BaseModel):
     "Body of `POST /step`."
     model_config = ConfigDict(extra='forbid')
     session_id: str|None = Field(None, max_length=64, description='the id POST /reset answered with')
     action: Any = Field(..., description="the orders: a string, or OpenEnv's action object {'text': ...}")
 
+# %% ../nbs/11_server.ipynb #c016-3
 class _JSON(Response):
     "JSON that tolerates NaN (Python's json reads it back), so no value can turn a reply into a 500."
     media_type = 'application/json'
     def render(self, content) -> bytes: return json.dumps(content, separators=(',', ':')).encode()
 
+# %% ../nbs/11_server.ipynb #c016-4
 def _error(status:int, kind:str, detail:str, headers:dict|None=None, **extra) -> _JSON:
     return _JSON({'error': kind, 'detail': detail, 'env_version': ENV_VERSION, **extra}, status_code=status, headers=headers)
 
+# %% ../nbs/11_server.ipynb #c016-5
 def _validation_message(errors) -> tuple[int, str, str]:
     "A 400 for JSON that does not parse, else a 422 naming each bad field."
     for e in errors:
@@ -260,6 +272,7 @@ def _validation_message(errors) -> tuple[int, str, str]:
         parts.append(f"{loc}: {e.get('msg', 'invalid')}")
     return 422, 'invalid_request', '; '.join(parts)
 
+# %% ../nbs/11_server.ipynb #c016-6
 def _payload(session:Session, obs:TradeObservation) -> dict:
     st = session.env.state
     return {'session_id': session.id, 'observation': obs.text if obs.text is not None else obs.vector,
@@ -454,6 +467,7 @@ def background_server(app:FastAPI, # the app to serve
         server.should_exit = True
         thread.join(timeout)
 
+# %% ../nbs/11_server.ipynb #c024-1
 def cli_serve(argv:list|None=None, # arguments after `tradellm serve`
              ) -> int: # exit status
     "`tradellm serve`: serve the environment over HTTP (OpenEnv API plus stateful sessions)."

@@ -52,11 +52,13 @@ def teacher_grid(grid:dict|None=None, # family -> {parameter: values}
             out.append(make_agent(f"teacher:{family}:{arg}").spec)
     return list(dict.fromkeys(out))
 
+# %% ../nbs/09_sft.ipynb #s011-1
 def _paired(agent_recs, base_recs) -> dict:
     from tradellm.evaluate import paired_diff
     d = paired_diff([r['score'] for r in agent_recs], [r['score'] for r in base_recs])
     return {k: d[k] for k in ('mean', 'lo', 'hi', 'wins')}
 
+# %% ../nbs/09_sft.ipynb #s011-2
 def select_teacher(data=None, # a folder of prices or a loaded `Panel`
                    tasks=('easy', 'medium'), # one teacher is chosen per task
                    episodes:int=100, # train episodes per teacher and task (seeds seed..seed+episodes-1)
@@ -104,6 +106,7 @@ def select_teacher(data=None, # a folder of prices or a loaded `Panel`
                 task_versions={t: TASKS[t].version for t in tasks}, data_source=panel.source, data_fingerprint=panel.fingerprint(),
                 grid={k: {p: [int(x) if isinstance(x, bool) else x for x in v] for p, v in g.items()} for k, g in (grid or TEACHER_GRID).items()})
 
+# %% ../nbs/09_sft.ipynb #s011-3
 def selection_markdown(res:dict, # what `select_teacher` returns
                        top:int=8, # train rows shown per task
                       ) -> str:
@@ -200,16 +203,19 @@ def _fmt(x:float, digits:int, sign:bool=False, lines=()) -> str:
     while d < digits + 3 and any(round(x, d) == t and x != t for t in lines): d += 1
     return f"{x:+.{d}f}" if sign else f"{x:.{d}f}"
 
+# %% ../nbs/09_sft.ipynb #c008-1
 def _veto_words(rules:dict) -> dict:
     "The thresholds, and how the trend veto reads: 'bearish' at the design's line of 0%, the line itself elsewhere."
     v = rules['veto']
     return dict(rules, no_veto='not bearish' if v == 0 else f"not under the veto line of {v:+g}%",
                 veto_hit='bearish' if v == 0 else f"under the veto line of {v:+g}%")
 
+# %% ../nbs/09_sft.ipynb #c008-2
 def _size_words(side:str, fraction:float) -> str:
     if side == 'SELL': return 'the whole position' if fraction >= 1 else f"{fraction:.0%} of the shares"
     return 'with all the cash' if fraction >= 1 else f"with {fraction:.0%} of the cash"
 
+# %% ../nbs/09_sft.ipynb #c008-3
 def _values(view, i:int, rules:dict, fraction:float, side:str) -> dict:
     "What the sentences about stock `i` may quote."
     rsi, trend, pnl = view.feature('rsi', i), view.feature('trend', i), view.feature('pnl_pct', i)
@@ -320,6 +326,7 @@ def _family_values(view, i:int, rules:dict, fraction:float, side:str) -> dict:
                 macd=_fmt(macd, 2, lines=(0.0, sig)), sig=_fmt(sig, 2, lines=(macd,)), hist=_fmt(hist, 2, True, (0.0,)),
                 zl=' and above 0' if rules.get('zero_line') else '', fr=_size_words(side, fraction))
 
+# %% ../nbs/09_sft.ipynb #s001-1
 def _explain_family(view, orders:dict, decisions:list, rng, rules:dict) -> list:
     "The reason sentences of a teacher family's day: one per rule that fired (several stocks under one rule share a sentence)."
     family, order = rules['family'], list(orders)
@@ -364,6 +371,7 @@ def _rule_params(agent) -> dict:
     return dict(buy=g('buy_below', 35.0), sell=g('sell_above', 65.0), tp=g('take_profit', 3.0), sl=g('stop_loss', 3.0),
                 veto=g('trend_veto', 0.0))
 
+# %% ../nbs/09_sft.ipynb #c009-1
 def explain(view, # the day's `MarketView`
             action:str, # the rule agent's action text
             decisions:list, # its decision dicts, one per stock (`RSIAgent.decide`)
@@ -387,6 +395,7 @@ def explain(view, # the day's `MarketView`
     lines.append(pick(_CLOSE_ORDERS) + ' ' + ', '.join(map(str, parsed.orders)) + '.' if parsed.orders else pick(_CLOSE_HOLD))
     return ' '.join(lines)
 
+# %% ../nbs/09_sft.ipynb #c009-2
 def _explain_rsi(view, orders:dict, decisions:list, rng, rules:dict) -> list:
     "The reason sentences of an RSI teacher's day."
     syms, by_sym = list(view.symbols), {d.get('symbol'): d for d in decisions}
@@ -425,16 +434,19 @@ def _system_prompt(task, style:str='compact') -> str:
     from tradellm.llm import system_prompt
     return system_prompt(task, style)
 
+# %% ../nbs/09_sft.ipynb #c017-1
 def _prompt_version() -> str:
     try:
         from tradellm.llm import PROMPT_VERSION
         return str(PROMPT_VERSION)
     except ImportError: return 'unknown'
 
+# %% ../nbs/09_sft.ipynb #c017-2
 def _decision_label(action:str, symbols) -> str:
     sides = {o.side for o in parse_action(action, symbols, symbols[0] if len(symbols) == 1 else None).orders}
     return 'HOLD' if not sides else sides.pop() if len(sides) == 1 else 'BUY+SELL'
 
+# %% ../nbs/09_sft.ipynb #c017-3
 def rule_examples(task:str='easy', # 'easy', 'medium' or 'hard'
                   split:str='train', # the split the episodes come from
                   steps:int=100, # examples (decisions) to record
@@ -514,6 +526,7 @@ def _stats(xs) -> dict:
     return {'mean': round(float(a.mean()), 1), 'p50': float(np.percentile(a, 50)), 'p95': float(np.percentile(a, 95)),
             'max': float(a.max())}
 
+# %% ../nbs/09_sft.ipynb #c023-1
 def data_card(rows:list, # examples of one split (from `rule_examples`)
              ) -> dict:
     "Counts per task, action and rule, dates and lengths (characters) of a list of examples."
@@ -553,6 +566,7 @@ def _card_markdown(card:dict) -> str:
         out.append("")
     return '\n'.join(out)
 
+# %% ../nbs/09_sft.ipynb #c026-1
 def _action_shares(rows:list) -> dict:
     "Share of the examples per decision (HOLD, BUY, SELL, BUY+SELL), per task and over all."
     out = {}
@@ -562,13 +576,14 @@ def _action_shares(rows:list) -> dict:
         out[t] = {k: round(c.get(k, 0) / n, 4) for k in ('HOLD', 'BUY', 'SELL', 'BUY+SELL')}
     return out
 
+# %% ../nbs/09_sft.ipynb #c026-2
 def _answer_tokens(tokenizer, rows:dict) -> dict|None:
     "Per split and task: mean, p99 and max answer tokens (end-of-turn included) under `tokenizer` (a model name or tokenizer); None where it cannot load."
     if isinstance(tokenizer, str):
         try:
             from transformers import AutoTokenizer
-            from tradellm.llm import _resolve_source
-            tokenizer = AutoTokenizer.from_pretrained(_resolve_source(tokenizer)[0])
+            from tradellm.llm import resolve_source
+            tokenizer = AutoTokenizer.from_pretrained(resolve_source(tokenizer)[0])
         except Exception: return None
     out = {}
     for k, v in rows.items():
@@ -580,6 +595,7 @@ def _answer_tokens(tokenizer, rows:dict) -> dict|None:
             out[k][t] = {'n': len(x), 'mean': round(float(x.mean()), 1), 'p99': int(np.ceil(np.percentile(x, 99))), 'max': int(x.max())}
     return out
 
+# %% ../nbs/09_sft.ipynb #c026-3
 def build_sft_dataset(out, # folder to write (created; files in it are replaced)
                       easy_steps:int=4000, # easy-task examples from `split`
                       medium_steps:int=3000, # medium-task examples from `split`
@@ -648,6 +664,7 @@ def dataset_fingerprint(path, # an SFT dataset folder
             for chunk in iter(lambda: fh.read(1 << 20), b''): h.update(chunk)
     return h.hexdigest()[:16]
 
+# %% ../nbs/09_sft.ipynb #c028-1
 def load_sft_dataset(path, # a folder written by `build_sft_dataset` / `tradellm sft-data`
                     ):
     "The `DatasetDict` of an SFT dataset folder, with a clear error when the folder is not one."
@@ -667,6 +684,7 @@ def load_sft_dataset(path, # a folder written by `build_sft_dataset` / `tradellm
 class SFTError(ValueError):
     "A fine-tuning run cannot start as asked; the message says how to fix it."
 
+# %% ../nbs/09_sft.ipynb #c031-1
 def resolve_backend(backend:str='auto', # 'auto', 'trl' or 'unsloth'
                     cuda:bool|None=None, # whether a CUDA GPU is present (default: ask torch)
                     qlora:bool=False, # 4-bit QLoRA asked for
@@ -704,6 +722,7 @@ def _tasks(ds) -> list:
     "Each example's task (`all` for a dataset without a task column)."
     return list(ds['task']) if 'task' in ds.column_names else ['all'] * ds.num_rows
 
+# %% ../nbs/09_sft.ipynb #c035-1
 def token_lengths(tok, # the tokenizer (with its chat template) the model is trained with
                   ds, # a `Dataset` with a `messages` column ending in the assistant turn (and a `task` column)
                  ) -> dict:
@@ -715,6 +734,7 @@ def token_lengths(tok, # the tokenizer (with its chat template) the model is tra
     return {'task': _tasks(ds),
             'total': [len(t) for t in total], 'answer': [len(a) + 1 for a in answers]}  # + 1: the end-of-turn token
 
+# %% ../nbs/09_sft.ipynb #c035-2
 def _fit_max_length(sets:dict, # name -> (Dataset, token_lengths of it)
                     max_length:int, drop:bool) -> tuple:
     "(the sets without examples longer than `max_length`, dropped counts per set and task); `SFTError` unless `drop`."
@@ -737,6 +757,7 @@ def _fit_max_length(sets:dict, # name -> (Dataset, token_lengths of it)
         out[name] = ds if len(keep) == ds.num_rows else ds.select(keep)
     return out, over
 
+# %% ../nbs/09_sft.ipynb #c035-3
 def eval_subset(val, # the validation `Dataset` (with a `task` column)
                 n:int, # examples to keep
                 seed:int=0, # which ones
@@ -755,11 +776,13 @@ def eval_subset(val, # the validation `Dataset` (with a `task` column)
     rng = np.random.default_rng([int(seed) % 2**32, 11])
     return val.select([i for t in by for i in sorted(rng.choice(by[t], quota[t], replace=False).tolist())])
 
+# %% ../nbs/09_sft.ipynb #c035-4
 def _by_task(ds) -> dict:
     "task -> the examples of that task (`all` without a task column)."
     tasks = _tasks(ds)
     return {t: ds.select([i for i, x in enumerate(tasks) if x == t]) for t in dict.fromkeys(tasks)}
 
+# %% ../nbs/09_sft.ipynb #c035-5
 def _length_stats(tasks, lengths) -> dict:
     "Per task: n, mean, p99 and max of `lengths` (tokens)."
     out = {}
@@ -799,10 +822,11 @@ def _no_template(model) -> str:
             "chat turns. Fix: use an instruct model (e.g. 'smollm2' or 'Qwen/Qwen2.5-0.5B-Instruct'), or set "
             "tokenizer.chat_template and save it beside the model (tok.save_pretrained(folder))")
 
+# %% ../nbs/09_sft.ipynb #c042-1
 def _load_for_training(model, backend, qlora, max_length, cuda):
     "(model, tokenizer, base name) for training."
     import torch
-    from tradellm.llm import load_model, _resolve_source, ModelError
+    from tradellm.llm import load_model, resolve_source, ModelError
     if backend == 'unsloth':
         from unsloth import FastLanguageModel
         src = 'HuggingFaceTB/SmolLM2-135M-Instruct' if str(model).lower().startswith('smollm2') else str(model)
@@ -810,7 +834,7 @@ def _load_for_training(model, backend, qlora, max_length, cuda):
     elif qlora:
         from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
         from peft import prepare_model_for_kbit_training
-        src, _ = _resolve_source(model)
+        src, _ = resolve_source(model)
         dt = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type='nf4', bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dt)
         tok = AutoTokenizer.from_pretrained(src)
@@ -834,10 +858,12 @@ def _data_prompt_style(data) -> str:
     try: return json.loads(f.read_text()).get('prompt_style', 'full') if f.is_file() else 'full'
     except ValueError: return 'full'
 
+# %% ../nbs/09_sft.ipynb #c043-1
 def _last_checkpoint(folder:Path):
     ck = [p for p in folder.glob('checkpoint-*') if p.is_dir() and p.name.split('-')[-1].isdigit()]
     return max(ck, key=lambda p: int(p.name.split('-')[-1])) if ck else None
 
+# %% ../nbs/09_sft.ipynb #c043-2
 def train_sft(model:str='smollm2', # 'smollm2', a model folder or a hub id (an instruct model with a chat template)
               data='sft_data', # an SFT dataset folder (`build_sft_dataset`)
               out='sft_adapter', # where the adapter (and checkpoints/) go
@@ -963,8 +989,8 @@ def tiny_chat_model(out, # folder to write
     "A tiny random Llama with `base`'s tokenizer, saved with save_pretrained (for fast pipeline tests)."
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-    from tradellm.llm import _resolve_source
-    src, _ = _resolve_source(base)
+    from tradellm.llm import resolve_source
+    src, _ = resolve_source(base)
     tok = AutoTokenizer.from_pretrained(src)
     torch.manual_seed(seed)
     cfg = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
@@ -980,11 +1006,16 @@ def teacher_agreement(records:list, # episode records of one agent (`run_episode
                       teacher='teacher', # the teacher (spec or agent; `teacher`: the one chosen per task)
                       data=None, # the panel the records were played on
                      ) -> dict:
-    "How often the agent did what the teacher would have done on the same states (its own episodes, replayed day by day)."
+    """How often the agent did what the teacher would have done on the same states (its own episodes, replayed day by day).
+
+    `decision`: share of all days with the teacher's decision (HOLD, BUY or SELL); `orders`: the same sides *and* stocks.
+    HOLD days dominate `decision` (an agent that never trades agrees on every day its teacher holds), so the trading
+    days are counted apart: `on_teacher_trades` is the share of the teacher's BUY/SELL days on which the agent made the
+    same decision (None without any), `on_agent_trades` the share of the agent's BUY/SELL days on which the teacher would have."""
     from tradellm.agents import make_agent
     teacher = make_agent(teacher)
     panel = load_panel(data)
-    same_decision = same_orders = days = 0
+    same_decision = same_orders = days = teacher_trades = agent_trades = same_on_teacher = same_on_agent = 0
     for r in records:
         env = TradingEnv(r['task'], r['split'], 'numeric', panel)
         env.reset(seed=r['seed'])
@@ -994,14 +1025,21 @@ def teacher_agreement(records:list, # episode records of one agent (`run_episode
         for action in r['actions']:
             want, _ = t.decide(env.view, env.task.max_position, env.task.max_trades)
             got = parse_action(action, syms, default)
-            same_decision += _decision_label(want, syms) == _decision_label(_orders_only(got), syms)
+            w, g = _decision_label(want, syms), _decision_label(_orders_only(got), syms)
+            same_decision += w == g
+            teacher_trades += w != 'HOLD'; same_on_teacher += w != 'HOLD' and w == g
+            agent_trades += g != 'HOLD'; same_on_agent += g != 'HOLD' and w == g
             same_orders += {(o.side, o.symbol) for o in parse_action(want, syms, default).orders} == {(o.side, o.symbol) for o in got.orders}
             env.step(action)
             days += 1
-    return dict(decision=same_decision / max(1, days), orders=same_orders / max(1, days), days=days)
+    return dict(decision=same_decision / max(1, days), orders=same_orders / max(1, days), days=days,
+                on_teacher_trades=same_on_teacher / teacher_trades if teacher_trades else None, teacher_trades=teacher_trades,
+                on_agent_trades=same_on_agent / agent_trades if agent_trades else None, agent_trades=agent_trades)
 
+# %% ../nbs/09_sft.ipynb #s021-1
 def _orders_only(parsed) -> str: return '; '.join(map(str, parsed.orders)) or 'HOLD'
 
+# %% ../nbs/09_sft.ipynb #s021-2
 def sft_eval(adapter, # the SFT adapter folder (`tradellm sft --out`)
              tasks=('easy',), # tasks it was trained on
              splits=('val', 'test'), # splits to evaluate on
@@ -1054,7 +1092,8 @@ def sft_eval_markdown(ev:dict, # what `sft_eval` returns (or several of its `res
             agree = a.get('teacher_agreement')
             out.append(f"| {key} ({r['episodes']} ep.) | {'SFT adapter' if name == 'sft' else 'teacher'} | {a['score']:.3f} "
                        f"[{a['score_lo']:.3f}, {a['score_hi']:.3f}] | {d(a['vs_do_nothing'])} | {d(a['vs_buy_and_hold'])} | {a['trades']:.1f} | "
-                       f"{a['format_error_rate']:.1%} | " + (f"{agree['decision']:.0%} decision, {agree['orders']:.0%} orders" if agree else '-') + " |")
+                       f"{a['format_error_rate']:.1%} | " + (f"{agree['decision']:.0%} decision, {agree['orders']:.0%} orders" if agree else '-')
+                       + (f", {agree['on_teacher_trades']:.0%} of its trades" if agree and agree.get('on_teacher_trades') is not None else '') + " |")
     return '\n'.join(out)
 
 # %% ../nbs/09_sft.ipynb #c054
@@ -1062,6 +1101,7 @@ def _fail(cmd, e) -> int:
     print(f"tradellm {cmd}: {e}", file=sys.stderr)
     return 2
 
+# %% ../nbs/09_sft.ipynb #c054-1
 def cli_sft_data(argv:list|None=None, # arguments after `tradellm sft-data`
                 ) -> int:
     "`tradellm sft-data`: write the SFT dataset from the rule agent's trajectories."
@@ -1096,6 +1136,7 @@ def cli_sft_data(argv:list|None=None, # arguments after `tradellm sft-data`
     else: print((Path(a.out) / 'README.md').read_text() + f"\nfingerprint {card['fingerprint']}; written to {a.out}")
     return 0
 
+# %% ../nbs/09_sft.ipynb #c054-2
 def cli_sft(argv:list|None=None, # arguments after `tradellm sft`
            ) -> int:
     "`tradellm sft`: fine-tune a LoRA adapter on an SFT dataset."

@@ -39,6 +39,8 @@ TASKS = {
     'medium': TaskSpec('medium', 10, 30, 200_000, 0.001, 0.001, 0.30, 10, risk_scale=5.8),
     'hard':   TaskSpec('hard',   25, 40, 500_000, 0.001, 0.002, 0.15,  5, regime_gate=True, risk_scale=5.7),
 }
+
+# %% ../nbs/03_tasks.ipynb #c005-1
 REGIME_FALL_SHARE = 0.70  # the gate shuts when more than this share of the stocks fell that day...
 REGIME_MEAN_CHANGE = -0.5  # ...or their mean change (percent) is below this
 
@@ -134,6 +136,7 @@ def buy_and_hold_curve(open_prices, # (days + 1, n) opens of the window
     o, c = o.reshape(len(o), -1), c.reshape(len(c), -1)
     return np.concatenate([[capital], capital * (c[1:] / o[1]).mean(axis=1)])
 
+# %% ../nbs/03_tasks.ipynb #c016-1
 def buy_and_hold_return(open_prices, # (days + 1, n) opens of the window
                         close_prices, # (days + 1, n) closes of the window
                        ) -> float:

@@ -27,13 +27,16 @@ EXPERIMENT = 'tradellm'
 class TrackingError(RuntimeError):
     "The MLflow tracking store cannot be used (the message says what to do)."
 
+# %% ../nbs/05b_tracking.ipynb #c019-1
 def default_tracking_uri() -> str:
     "`MLFLOW_TRACKING_URI`, else sqlite in the project's data folder."
     return os.environ.get('MLFLOW_TRACKING_URI') or f"sqlite:///{cache_dir().parent / 'mlflow.db'}"
 
+# %% ../nbs/05b_tracking.ipynb #c019-2
 def _quiet_mlflow():
     for name in ('alembic', 'mlflow', 'sqlalchemy'): logging.getLogger(name).setLevel(logging.WARNING)
 
+# %% ../nbs/05b_tracking.ipynb #c019-3
 _FIX = "set MLFLOW_TRACKING_URI to a store you can reach (e.g. sqlite:////tmp/mlflow.db) or pass --no-mlflow"
 
 def check_tracking(uri:str|None=None, # tracking URI (default: `default_tracking_uri()`)
@@ -88,6 +91,7 @@ class _Run:
     def log_artifact(self, path):
         if self.client is not None: self.client.log_artifact(self.run_id, str(path))
 
+# %% ../nbs/05b_tracking.ipynb #c020-1
 @contextlib.contextmanager
 def tracked_run(uri:str|None, # tracking URI; None: no tracking (a stand-in that logs nothing)
                 experiment_id:str|None=None, # from `check_tracking`
@@ -116,6 +120,7 @@ def tracked_run(uri:str|None, # tracking URI; None: no tracking (a stand-in that
     finally: _OPEN_RUN.reset(token)
     client.set_terminated(rid, 'FINISHED')
 
+# %% ../nbs/05b_tracking.ipynb #c020-2
 _OPEN_RUN = contextvars.ContextVar('tradellm_open_run', default=None)  # nests runs: an experiment's stage runs, the stages' own runs
 
 @contextlib.contextmanager
@@ -129,5 +134,6 @@ def sigterm_raises():
     try: yield
     finally: signal.signal(signal.SIGTERM, old)
 
+# %% ../nbs/05b_tracking.ipynb #c020-3
 class Terminated(KeyboardInterrupt):
     "The process was asked to stop (SIGTERM)."
