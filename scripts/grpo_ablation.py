@@ -79,17 +79,16 @@ def main(argv=None):
     ap.add_argument('--zero-shot', action='store_true', help='test: also evaluate zero-shot SmolLM2 (slow: its answers run to the limit)')
     a = ap.parse_args(argv)
     import torch
-    from dataclasses import asdict
+    from dataclasses import asdict, replace
     from tradellm.data import load_panel
     from tradellm.experiment import get_profile
     from tradellm.grpo import train_grpo
     torch.set_num_threads(a.threads)
     panel = load_panel(a.data)
     g = get_profile(a.profile).grpo
-    if a.steps is not None: g = g.__class__(**(asdict(g) | dict(steps=a.steps)))
+    if a.steps is not None: g = replace(g, steps=a.steps)
     a.steps, a.seed = g.steps, g.seed
-    settings = dict(steps=g.steps, group_size=g.group_size, horizon=g.horizon, max_completion_length=g.max_completion_length,
-                    prompts=g.prompts, lr=g.lr, beta=g.beta, seed=g.seed, save_steps=g.save_steps)
+    settings = {k: v for k, v in asdict(g).items() if k not in ('task', 'reward', 'multiturn')}  # the arms set the reward
     out, adapter = Path(a.out), Path(a.adapter)
     arms = [x for x in a.arms.split(',') if x]
     results = ROOT / 'nbs' / 'results'

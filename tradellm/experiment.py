@@ -420,8 +420,7 @@ def evaluate_stage(folder:Path, upstream:dict, label:str, model:str, settings:Ev
         teacher = teacher_agent(upstream['teacher'])
         for r, f in zip(recs, full):
             a = teacher_agreement([f], teacher, panel)
-            r |= dict(teacher_agreement=a['decision'], teacher_trades=a['teacher_trades'],
-                      same_on_teacher_trades=round((a['on_teacher_trades'] or 0) * a['teacher_trades']))
+            r |= dict(teacher_agreement=a['decision'], on_teacher_trades=a['on_teacher_trades'], teacher_trades=a['teacher_trades'])
     with open(folder / 'episodes.jsonl', 'w') as f:
         for r in recs: f.write(json.dumps(r) + '\n')
     rows = [r for r in res['rows'] if r['spec'] == label]
@@ -455,7 +454,7 @@ def task_rows(episodes:dict, # label -> that agent's episodes of one task (same 
         if all('teacher_agreement' in r for r in recs):  # day-weighted over the episodes
             row['teacher_agreement'] = sum(r['teacher_agreement'] * r['days'] for r in recs) / max(1, sum(r['days'] for r in recs))
         if all('teacher_trades' in r for r in recs) and sum(r['teacher_trades'] for r in recs):  # pooled over the teacher's BUY/SELL days
-            row['on_teacher_trades'] = sum(r['same_on_teacher_trades'] for r in recs) / sum(r['teacher_trades'] for r in recs)
+            row['on_teacher_trades'] = sum((r['on_teacher_trades'] or 0) * r['teacher_trades'] for r in recs) / sum(r['teacher_trades'] for r in recs)
         for ref, name in (('sft', 'vs_sft'), ('buy_and_hold', 'vs_bh')):
             if ref in score and ref != label:
                 d = paired_diff(sc, score[ref], n_resamples=n_resamples)
