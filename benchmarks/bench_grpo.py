@@ -14,10 +14,16 @@ same-run A/B; on a shared machine the absolute times are an upper bound, and the
     python benchmarks/bench_grpo.py                         # default vs before (tasks-1.x settings), 3 steps each
     python benchmarks/bench_grpo.py --steps 6 --json
     python benchmarks/bench_grpo.py --generation --adapter SFT   # one group's generation: TRL's vs one prefill per group
+    python benchmarks/bench_grpo.py --full --adapter SFT --data ../shared/data/nifty68 --json   # the default run itself
 
 `--generation` times only what the default changed: one group's sampling (4 completions of exactly the completion
 budget, from a real train-split prompt) by TRL's path (`generate` on the 4 identical rows) and with one prefill per
 group, alternating, in wall and in process CPU seconds (CPU seconds move less with the machine's load).
+
+`--full` runs the default run itself, end to end: `train_grpo` with `tradellm grpo`'s defaults (50 steps, 256 prompts,
+groups of 4, the score reward, checkpoints every 25 steps, completion tables) from `--adapter`, and reports its wall
+minutes (model loading and saving included), seconds per step, and the run's group statistics: the zero-spread share
+(groups whose four rewards are all equal, so GRPO learns nothing from them), format errors, truncation and KL.
 """
 import argparse
 import json
@@ -87,6 +93,23 @@ def generation_ab(a, panel):
     return res
 
 
+def full_run(a, panel):
+    "The default run from `a.adapter`, end to end: wall minutes, seconds per step and its group statistics."
+    from tradellm.grpo import train_grpo
+    out = Path(tempfile.mkdtemp(prefix='bench_grpo_full_'))
+    load0, t0 = os.getloadavg()[0], time.time()
+    s = train_grpo(adapter=a.adapter, out=out, data=panel, device='cpu', track=False, progress=True, seed=a.seed)
+    keep = ('steps', 'prompts', 'group_size', 'reward.reward', 'redraws', 'redraws_done', 'trained_zero_spread_share', 'max_completion_length', 'beta', 'lr', 'loss_type', 'scale_rewards', 'seed',
+            'seconds_per_step', 'zero_spread_share', 'trade_zero_spread_share', 'format_error_rate', 'truncated_share',
+            'group_reward_std', 'reward_mean', 'trade_mean', 'kl', 'task_version', 'env_version', 'torch_threads')
+    res = {k: s.get(k) for k in keep}
+    res.update(what='the default run (tradellm grpo defaults) end to end', adapter=a.adapter, data=panel.source,
+               data_fingerprint=panel.fingerprint(), wall_minutes=round((time.time() - t0) / 60, 2),
+               minutes_in_steps=round(sum(s['step_seconds']) / 60, 2), step_seconds=s['step_seconds'],
+               load_average_start=round(load0, 2), load_average_end=round(os.getloadavg()[0], 2), out=str(out))
+    return res
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     ap.add_argument('--adapter', default=None, help='SFT adapter folder (default: a fresh rank-64 LoRA stands in)')
@@ -98,6 +121,8 @@ def main(argv=None):
     ap.add_argument('--data', default=None, help='a folder of prices (default: the data lookup, else a synthetic panel)')
     ap.add_argument('--json', action='store_true', help='print the results as JSON')
     ap.add_argument('--generation', action='store_true', help="time one group's generation only: TRL's vs one prefill per group")
+    ap.add_argument('--full', action='store_true', help='run the default run itself (50 steps) from --adapter and time it end to end')
+    ap.add_argument('--seed', type=int, default=0, help='seed of the --full run (default 0)')
     a, unknown = ap.parse_known_args(argv)
     if unknown: print(f"bench_grpo: ignoring options meant for other benchmarks: {' '.join(unknown)}", file=sys.stderr)
     os.environ.setdefault('TOKENIZERS_PARALLELISM', 'false')
@@ -109,6 +134,10 @@ def main(argv=None):
     torch.set_num_threads(a.threads)
     try: panel = load_panel(a.data)
     except DataError: panel = synthetic_panel(n_days=1100, symbols=30, start='2021-01-04', seed=7)
+    if a.full:
+        if not a.adapter: ap.error('--full starts from an SFT adapter, as the default run does: pass --adapter DIR')
+        print(json.dumps(full_run(a, panel), indent=1))
+        return 0
     if a.generation:
         load0 = os.getloadavg()[0]
         res = generation_ab(a, panel)

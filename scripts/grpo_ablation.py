@@ -6,7 +6,9 @@
 
 Every arm starts from the same SFT adapter with the same seed, prompts, steps and settings (the GRPO stage of an
 experiment profile, `--profile cpu` by default: 20 steps, groups of 4, 80 prompts); only the reward design differs,
-so the `score` arm is the experiment's own GRPO stage. Stages are resumable: a trained arm (its adapter folder exists) is not retrained.
+so the `score` arm is the experiment's own GRPO stage. Stages are resumable: a trained arm (its adapter folder exists) is not retrained, an evaluated one (its
+`val_scores.json`) not re-evaluated, and `val --arms NEW` adds rows to the table of the same adapter, episodes and seed
+(the evaluations are deterministic: seeded episodes, seeded sampling).
 The results files record where they came from (commit, adapter and its metadata, settings, machine, times).
 """
 import argparse
@@ -20,7 +22,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-ARMS = {'pnl5': dict(reward='pnl5'), 'score': dict(reward='score'), 'multiturn': dict(reward='score', multiturn=True)}
+# score_redraws: the score reward with DAPO's dynamic sampling (a step whose groups all earned one reward draws fresh
+# prompts, up to twice), the default of train_grpo since; the other arms were trained without it
+ARMS = {'pnl5': dict(reward='pnl5', redraws=0), 'score': dict(reward='score', redraws=0),
+        'score_redraws': dict(reward='score', redraws=2), 'multiturn': dict(reward='score', multiturn=True, redraws=0)}
 
 
 def _provenance(a, adapter):
@@ -45,6 +50,19 @@ def _agent_scores(agent, split, episodes, seed, panel):
                 exposure=[r['metrics']['exposure'] for r in recs], format_errors=[r['format_errors'] for r in recs],
                 returns=[r['metrics']['total_return'] for r in recs],
                 agreement=teacher_agreement(recs, 'teacher', panel) if getattr(agent, 'obs_mode', '') == 'text' else None)
+
+
+def _cached_scores(path, make_agent, split, episodes, seed, panel):
+    "`_agent_scores`, kept in PATH (one evaluation per agent, episodes and seed) and read back on the next run."
+    path = Path(path)
+    key = dict(split=split, episodes=episodes, seed=seed, data_fingerprint=panel.fingerprint())
+    if path.is_file():
+        doc = json.loads(path.read_text())
+        if doc.get('key') == key: return doc['result']
+    res = _agent_scores(make_agent(), split, episodes, seed, panel)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(dict(key=key, result=res), indent=1))
+    return res
 
 
 def _row(name, res, ref=None):
@@ -88,7 +106,7 @@ def main(argv=None):
     g = get_profile(a.profile).grpo
     if a.steps is not None: g = replace(g, steps=a.steps)
     a.steps, a.seed = g.steps, g.seed
-    settings = {k: v for k, v in asdict(g).items() if k not in ('task', 'reward', 'multiturn')}  # the arms set the reward
+    settings = {k: v for k, v in asdict(g).items() if k not in ('task', 'reward', 'multiturn', 'redraws')}  # the arms set the reward
     out, adapter = Path(a.out), Path(a.adapter)
     arms = [x for x in a.arms.split(',') if x]
     results = ROOT / 'nbs' / 'results'
@@ -103,8 +121,13 @@ def main(argv=None):
                            resume=(out / arm / 'checkpoints').is_dir() and any((out / arm / 'checkpoints').glob('checkpoint-*')),
                            data=panel, progress=False, **ARMS[arm])
             print(f"{arm}: {s['steps_done']} steps in {time.time() - t0:.0f} s, zero-spread {s['zero_spread_share']:.0%}", file=sys.stderr)
+        old = results / 'grpo_ablation_train.json'  # arms trained before from the same adapter stay in the record
+        old = json.loads(old.read_text()) if old.is_file() else {}
         runs = {}
-        for arm in arms:  # what each arm's training did, step by step (the val and test stages say what it learnt)
+        if old.get('provenance', {}).get('adapter') == str(adapter):
+            runs = {x: r for x, r in old['runs'].items() if x not in arms}
+            arms = list(runs) + arms
+        for arm in [x for x in arms if x not in runs]:  # what each arm's training did, step by step (the val and test stages say what it learnt)
             summ = json.loads((out / arm / 'grpo.json').read_text())
             runs[arm] = {k: v for k, v in summ.items() if k not in ('history', 'last_samples')}
             runs[arm]['history'] = summ['history']
@@ -116,14 +139,21 @@ def main(argv=None):
         return 0
     if a.stage == 'val':
         from tradellm.llm import make_llm_agent
-        sft = _agent_scores(make_llm_agent('smollm2', adapter), 'val', a.episodes, a.seed, panel)
-        rows = [_row('SFT', sft)]
-        runs = {}
-        for arm in arms:
+        sft = _cached_scores(out / 'sft_val_scores.json', lambda: make_llm_agent('smollm2', adapter), 'val', a.episodes, a.seed, panel)
+        rows, runs = [_row('SFT', sft)], {}
+        old = results / 'grpo_ablation.json'  # arms evaluated before on the same adapter, episodes and seed keep their rows
+        old = json.loads(old.read_text()) if old.is_file() else {}
+        if (old.get('provenance', {}).get('adapter'), old.get('episodes'), old.get('seed')) == (str(adapter), a.episodes, a.seed):
+            keep = [x for x in old['arms'] if x not in arms]
+            rows += [r for r in old['rows'] if r['agent'].removeprefix('GRPO ') in keep]
+            runs.update({x: old['runs'][x] for x in keep})
+            arms = keep + arms
+        for arm in [x for x in arms if x not in runs]:
             summ = json.loads((out / arm / 'grpo.json').read_text())
             runs[arm] = {k: v for k, v in summ.items() if k not in ('history', 'last_samples')}
             runs[arm]['zero_spread_by_step'] = [h['zero_spread_share'] for h in summ['history']]
-            res = _agent_scores(make_llm_agent('smollm2', out / arm / 'adapter'), 'val', a.episodes, a.seed, panel)
+            res = _cached_scores(out / arm / 'val_scores.json', lambda arm=arm: make_llm_agent('smollm2', out / arm / 'adapter'),
+                                 'val', a.episodes, a.seed, panel)
             rows.append(_row(f'GRPO {arm}', res, sft))
             print(rows[-1], file=sys.stderr)
         best = max(rows[1:], key=lambda r: r['score'])['agent'].removeprefix('GRPO ')  # the rule fixed before test: best val mean

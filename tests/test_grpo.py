@@ -436,12 +436,15 @@ def test_train_grpo_end_to_end_with_a_tiny_model(tiny_model, panel, tmp_path, mo
     run = c.get_run(s['mlflow_run_id'])
     assert run.info.status == 'FINISHED' and run.data.tags['env_version'] == s['env_version']
     for k in ('reward', 'reward_std', 'frac_reward_zero_std', 'kl', 'completions/clipped_ratio', 'env/zero_spread_share',
-              'env/format_error_rate', 'env/group_reward_std', 'env/truncated_share', 'env/score_mean'):
+              'env/format_error_rate', 'env/group_reward_std', 'env/truncated_share', 'env/score_mean', 'env/redraws'):
         assert len(c.get_metric_history(run.info.run_id, k)) == 2, k  # per step: spread, zero-spread share, truncation, format, KL
     arts = [a.path for a in c.list_artifacts(run.info.run_id, 'samples')]
     assert 'samples/step_00001.md' in arts
     assert s['kl'] is not None and s['loss_type'] == 'dapo' and s['reward.reward'] == 'score'
-    assert s['shared_prefills'] == 2  # one prompt per step, run through the model once for its group
+    # a random model's answers never parse: every group earns format 0 and trade 0, so each step draws fresh prompts twice
+    # (redraws=2, the default) and trains on the last batch; shared prefills: one per generated group
+    assert s['zero_spread_share'] == 1.0 and s['trained_zero_spread_share'] == 1.0 and s['redraws'] == 2 and s['redraws_done'] == 4
+    assert s['shared_prefills'] == 6
     import pandas as pd  # TRL's completion table, with the episode scores the reward logged beside it
     tables = [a.path for a in c.list_artifacts(run.info.run_id, 'completions')]
     assert 'completions/completions_00002.parquet' in tables
@@ -512,6 +515,52 @@ def test_completion_length_comes_from_the_adapters_answers(tmp_path):
     assert completion_budget(tmp_path, 'hard') == (304, None)  # not recorded: 192, or more when another task needs more
     write_adapter_meta(tmp_path, prompt_style='compact', answer_tokens={'easy': {'max': 73}})
     assert completion_budget(tmp_path, 'easy') == (80, 73) and completion_budget(tmp_path, 'hard') == (192, None)
+
+
+def test_redraws_set_aside_batches_without_spread(monkeypatch):
+    "DAPO's dynamic sampling: a batch whose groups all earned one reward is set aside and fresh prompts drawn, at most `redraws` times."
+    from collections import defaultdict
+    from types import SimpleNamespace as NS
+    import torch
+    from trl import GRPOTrainer
+    from tradellm.grpo import _trainer_class
+    spread = {'flat': False, 'live': True}  # a 'live' state's group earns different rewards, a 'flat' one's the same
+    seen = []
+
+    def scored(self, inputs):  # stands in for TRL's generation and scoring: advantages 0 for a group without spread
+        seen.append([r['state_id'] for r in inputs])
+        return {'advantages': torch.tensor([(0.7 if i % 2 else -0.7) if spread[r['state_id']] else 0.0 for i, r in enumerate(inputs)])}
+    monkeypatch.setattr(GRPOTrainer, '_generate_and_score_completions', scored)
+
+    def trainer(rows, redraws=2, step=0):
+        tr = object.__new__(_trainer_class(share_prefill=False, redraws=redraws))
+        tr.num_generations, tr.model, tr.args, tr.state = 2, NS(training=True), NS(seed=0), NS(global_step=step)
+        tr.train_dataset, tr._metrics = [{'state_id': s} for s in rows], {'train': defaultdict(list)}
+        return tr
+    group = lambda s: [{'state_id': s}] * 2  # one prompt, its two completions
+    tr = trainer(['flat'] * 5)  # nothing in the train set has spread: two fresh batches, then the step takes the last
+    assert tr._generate_and_score_completions(group('flat'))['advantages'].abs().sum() == 0
+    assert len(seen) == 3 and tr.redraw_counts == [2] and tr.no_spread_batches == [True]
+    assert tr._metrics['train']['env/redraws'] == [2.0] and tr._metrics['train']['env/trained_zero_spread'] == [1.0]
+    seen.clear()
+    tr = trainer(['live'] * 5)  # the first fresh batch has spread: it is the one trained on
+    assert tr._generate_and_score_completions(group('flat'))['advantages'].abs().sum() == pytest.approx(1.4)
+    assert seen == [['flat', 'flat'], ['live', 'live']] and tr.redraw_counts == [1] and tr.no_spread_batches == [False]
+    seen.clear()
+    tr._generate_and_score_completions(group('live'))  # a batch with spread is kept: no redraw
+    assert seen == [['live', 'live']] and tr.redraw_counts == [1, 0]
+    seen.clear()
+    trainer(['flat'] * 5, redraws=0)._generate_and_score_completions(group('flat'))  # redraws=0: TRL's own step
+    assert seen == [['flat', 'flat']]
+    draws = []  # the fresh prompts are drawn from the train set, seeded by the step: a resumed run draws the same ones
+    rows = [f's{i}' for i in range(50)]
+    spread.update({s: False for s in rows})
+    for step in (3, 3, 4):
+        seen.clear()
+        trainer(rows, step=step)._generate_and_score_completions(group('flat'))
+        draws.append(seen[1:])
+    assert draws[0] == draws[1] and draws[0] != draws[2]
+    assert all(len(b) == 2 and b[0] == b[1] for d in draws for b in d)  # each fresh group is one prompt, repeated
 
 
 def test_resume_without_checkpoint_and_bad_adapter(tiny_model, panel, tmp_path):

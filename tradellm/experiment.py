@@ -75,6 +75,7 @@ class GRPOSettings:
     beta: float = 0.04 # KL coefficient against the SFT adapter
     reward: str = 'score' # 'score': the leaderboard's episode score minus the hold continuation's; 'pnl5': five-day P&L
     multiturn: bool = False # whole episodes through TRL's environment_factory instead of one day per prompt
+    redraws: int = 2 # DAPO's dynamic sampling: fresh prompts (up to this many times) for a step whose groups all earned one reward
     save_steps: int = 25 # checkpoint every this many steps
     seed: int = 0
 
@@ -336,9 +337,10 @@ def grpo_stage(folder:Path, upstream:dict, model:str, settings:GRPOSettings, pan
     s = settings
     res = train_grpo(model, upstream['sft']['adapter'], s.task, folder, s.steps, s.group_size, s.horizon, s.max_completion_length,
                      s.prompts, lr=s.lr, beta=s.beta, seed=s.seed, save_steps=s.save_steps, track=track, data=panel,
-                     progress=progress, reward=s.reward, multiturn=s.multiturn)
+                     progress=progress, reward=s.reward, multiturn=s.multiturn, redraws=s.redraws)
     return {k: res.get(k) for k in ('adapter_out', 'task', 'steps_done', 'seconds', 'seconds_per_step', 'zero_spread_share',
-                                    'format_error_rate', 'truncated_share', 'reward_mean', 'max_completion_length', 'mlflow_run_id')}
+                                    'format_error_rate', 'truncated_share', 'reward_mean', 'max_completion_length', 'mlflow_run_id',
+                                    'redraws_done', 'trained_zero_spread_share')}
 
 # %% ../nbs/13_experiment.ipynb #e017-5
 def ppo_stage(folder:Path, upstream:dict, settings:PPOSettings, tasks:tuple, panel, track:bool=True, progress:bool=True) -> dict:

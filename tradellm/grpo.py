@@ -8,6 +8,7 @@ import hashlib
 import inspect
 import json
 import math
+import os
 import sys
 import time
 import warnings
@@ -630,24 +631,45 @@ def _shared_prefill_generate(model, orig, group:int):
     return generate
 
 # %% ../nbs/10_grpo.ipynb #c038b-1
-def _trainer_class(share_prefill:bool=True):
-    "TRL's `GRPOTrainer`, or (share_prefill) one whose transformers generation runs each group's prompt once instead of once per completion."
+def _trainer_class(share_prefill:bool=True, # run each group's prompt through the model once when generating
+                   redraws:int=0, # up to this many fresh batches of prompts when every group of a batch earned one reward
+                  ):
+    "TRL's `GRPOTrainer`, with (share_prefill) one prefill per group and (redraws) DAPO's dynamic sampling of groups that teach something."
     from trl import GRPOTrainer
-    if not share_prefill: return GRPOTrainer
+    if not share_prefill and not redraws: return GRPOTrainer
 
-    class SharedPrefillGRPOTrainer(GRPOTrainer):
-        "`GRPOTrainer` with one prefill per group: the `num_generations` rows of a group share a prompt, so its KV cache is computed once and copied; sampling and everything after it are TRL's."
+    class TradingGRPOTrainer(GRPOTrainer):
+        """`GRPOTrainer` with two changes, everything else TRL's.
+        One prefill per group: the `num_generations` rows of a group share a prompt, so its KV cache is computed once and copied.
+        Redraws: a batch whose groups all have zero reward spread has zero advantages, so its step would only move the policy
+        by the KL term; it is set aside and a fresh batch of prompts drawn from the train set, up to `redraws` times."""
         def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):
             G, m = int(num_generations), self.accelerator.unwrap_model(self.model_wrapped)
             same = len(prompt_ids) % G == 0 and all(prompt_ids[i] == prompt_ids[i - i % G] for i in range(len(prompt_ids)))
-            if (self.use_vllm or self.use_transformers_continuous_batching or images is not None or multimodal_fields
-                    or G < 2 or not same):
+            if (not share_prefill or self.use_vllm or self.use_transformers_continuous_batching or images is not None
+                    or multimodal_fields or G < 2 or not same):
                 return super()._generate_single_turn(prompt_ids, images, multimodal_fields, num_generations, has_tool_images)
             m.generate = _shared_prefill_generate(m, type(m).generate.__get__(m), G)
             self.shared_prefills = getattr(self, 'shared_prefills', 0) + len(prompt_ids) // G
             try: return super()._generate_single_turn(prompt_ids, images, multimodal_fields, num_generations, has_tool_images)
             finally: del m.generate
-    return SharedPrefillGRPOTrainer
+
+        def _generate_and_score_completions(self, inputs):
+            batch = super()._generate_and_score_completions(inputs)
+            if not redraws or not self.model.training: return batch
+            G, n = self.num_generations, 0
+            while n < redraws and not bool((batch['advantages'].abs() > 1e-6).any()):
+                n += 1  # fresh prompts, the same number of groups; seeded by the step so a resumed run draws the same
+                rng = np.random.default_rng([self.args.seed, self.state.global_step, n])
+                rows = [self.train_dataset[int(i)] for i in rng.integers(0, len(self.train_dataset), len(inputs) // G)]
+                inputs = [r for r in rows for _ in range(G)]
+                batch = super()._generate_and_score_completions(inputs)
+            self.redraw_counts = getattr(self, 'redraw_counts', []) + [n]
+            self.no_spread_batches = getattr(self, 'no_spread_batches', []) + [not bool((batch['advantages'].abs() > 1e-6).any())]
+            self._metrics['train']['env/redraws'].append(float(n))
+            self._metrics['train']['env/trained_zero_spread'].append(float(self.no_spread_batches[-1]))
+            return batch
+    return TradingGRPOTrainer
 
 # %% ../nbs/10_grpo.ipynb #c039
 def train_grpo(model:str='smollm2', # 'smollm2', a folder written by save_pretrained, or a hub id
@@ -686,6 +708,7 @@ def train_grpo(model:str='smollm2', # 'smollm2', a folder written by save_pretra
                log_completions:bool=True, # TRL's completion tables (OUT/checkpoints/completions/*.parquet, logged to MLflow)
                steps_per_generation:int|None=None, # TRL: optimizer steps served by one generation batch (None: 1)
                share_prefill:bool=True, # run each group's prompt through the model once when generating (`_trainer_class`)
+               redraws:int=2, # DAPO's dynamic sampling: when a step's groups all earned one reward, draw fresh prompts, up to this many times (0: off)
               ) -> dict:
     "Fine-tune with GRPO, the environment as the reward; returns a summary (also written to OUT/grpo.json)."
     t = get_task(task)
@@ -701,10 +724,14 @@ def train_grpo(model:str='smollm2', # 'smollm2', a folder written by save_pretra
                       f"trades as HOLD, which teaches the policy to answer short (to hold). Leave max_completion_length unset (no "
                       f"--max-completion-length) to use {auto_length}, or pass at least {need}", stacklevel=2)
     for name, v, lo in (('steps', steps, 1), ('group_size', group_size, 2), ('max_completion_length', max_completion_length, 1),
-                        ('prompts', prompts, 1), ('prompts_per_step', prompts_per_step, 1), ('save_steps', save_steps, 1)):
+                        ('prompts', prompts, 1), ('prompts_per_step', prompts_per_step, 1), ('save_steps', save_steps, 1),
+                        ('redraws', redraws, 0)):
         if int(v) != v or v < lo: raise ValueError(f"{name} must be a whole number >= {lo}, got {v}")
     if beta < 0: raise ValueError(f"beta must be >= 0, got {beta}")
     if not temperature > 0: raise ValueError(f"temperature must be above 0 (GRPO samples its groups), got {temperature}")
+    if redraws and int(os.environ.get('WORLD_SIZE', '1')) > 1:
+        raise ValueError("redraws: each process would decide on its own groups whether to draw again, and the processes would "
+                         "fall out of step; pass redraws=0 (--redraws 0) under accelerate launch")
     if reward not in REWARDS: raise ValueError(f"reward must be one of {', '.join(REWARDS)}, got {reward!r}")
     if scale_rewards not in ('group', 'batch', 'none'): raise ValueError(f"scale_rewards must be 'group', 'batch' or 'none', got {scale_rewards!r}")
     cfg = env_config or GRPOEnvConfig(horizon=horizon, reward=reward)
@@ -749,7 +776,7 @@ def train_grpo(model:str='smollm2', # 'smollm2', a folder written by save_pretra
                   lora_rank=None if adapter else lora_rank, policy=policy, seed=seed, use_vllm=use_vllm, prompt_style=prompt_style, resumed_from=None if last is None else str(last),
                   multiturn=multiturn, loss_type=loss_type, scale_rewards=scale_rewards,
                   mask_truncated_completions=mask_truncated_completions, steps_per_generation=steps_per_generation,
-                  share_prefill=share_prefill,
+                  share_prefill=share_prefill, redraws=redraws,
                   **{f'reward.{k}': v for k, v in asdict(cfg).items()})
     tags = dict(kind='grpo', task=t.name, reward=cfg.reward, mode='multiturn' if multiturn else 'single', env_version=ENV_VERSION, task_version=t.version, prompt_version=PROMPT_VERSION)
     uri, exp = check_tracking() if track and main else (None, None)
@@ -760,7 +787,7 @@ def train_grpo(model:str='smollm2', # 'smollm2', a folder written by save_pretra
         env_factory = (lambda: TradingToolEnv(cfg, states)) if multiturn else None
         with warnings.catch_warnings():
             warnings.filterwarnings('ignore', message=".*environment_factory.*experimental")
-            trainer = _trainer_class(share_prefill)(model=lm, reward_funcs=rw.funcs, args=args, train_dataset=Dataset.from_list(rows),
+            trainer = _trainer_class(share_prefill, redraws)(model=lm, reward_funcs=rw.funcs, args=args, train_dataset=Dataset.from_list(rows),
                                   processing_class=tok, peft_config=peft_config, callbacks=[cb], environment_factory=env_factory)
         from transformers.trainer_callback import PrinterCallback
         trainer.remove_callback(PrinterCallback)  # the metrics go to MLflow and the bar, not to stdout
@@ -784,6 +811,9 @@ def train_grpo(model:str='smollm2', # 'smollm2', a folder written by save_pretra
                        shared_prefills=getattr(trainer, 'shared_prefills', 0),
                        steps_per_minute=round(60 / float(np.mean(times)), 3) if times else None,
                        zero_spread_share=float(np.mean([h['zero_spread_share'] for h in hist])) if hist else None,
+                       redraws_done=int(sum(getattr(trainer, 'redraw_counts', []))),
+                       trained_zero_spread_share=(float(np.mean(trainer.no_spread_batches)) if getattr(trainer, 'no_spread_batches', None)
+                                                  else float(np.mean([h['zero_spread_share'] for h in hist])) if hist else None),
                        trade_zero_spread_share=float(np.mean([h['trade_zero_spread_share'] for h in hist])) if hist else None,
                        format_error_rate=float(np.mean([h['format_error_rate'] for h in hist])) if hist else None,
                        truncated_share=float(np.mean([h['truncated_share'] for h in hist])) if hist else None,
@@ -794,7 +824,7 @@ def train_grpo(model:str='smollm2', # 'smollm2', a folder written by save_pretra
                        kl=_mean_log(cb.logs, 'kl'),
                        env_version=ENV_VERSION, task_version=t.version, prompt_version=PROMPT_VERSION,
                        torch_threads=torch.get_num_threads(), mlflow_run_id=getattr(run, 'run_id', None))
-        run.log_metrics({k: summary[k] for k in ('zero_spread_share', 'format_error_rate', 'truncated_share', 'steps_per_minute')
+        run.log_metrics({k: summary[k] for k in ('zero_spread_share', 'trained_zero_spread_share', 'format_error_rate', 'truncated_share', 'steps_per_minute')
                          if summary[k] is not None},
                         step=summary['steps_done'])
         if main: (out / 'grpo.json').write_text(json.dumps(dict(summary, history=hist, last_samples=rw.samples), indent=1))
@@ -825,6 +855,7 @@ def _parser():
     arg('scale_rewards', choices=['group', 'batch', 'none'])
     arg('mask_truncated_completions', '--no-mask-truncated')
     arg('steps_per_generation')
+    arg('redraws')
     env('horizon')
     for name in ('max_completion_length', 'prompts', 'prompts_per_step', 'lr', 'beta', 'temperature'): arg(name)
     arg('lora_rank', '--lora-r')
@@ -860,7 +891,7 @@ def cli_grpo(argv:list) -> int:
     if a.json: print(json.dumps(s, indent=1))
     else:
         print(f"GRPO {s['task']} ({s['reward.reward']} reward{', multi-turn' if s['multiturn'] else ''}): {s['steps_done']} steps, {s['seconds_per_step']} s/step, zero-spread groups "
-              f"{s['zero_spread_share']:.0%}, format errors {s['format_error_rate']:.0%}, completions cut at "
+              f"{s['zero_spread_share']:.0%} drawn, {s['trained_zero_spread_share']:.0%} of steps after {s['redraws_done']} redraws, format errors {s['format_error_rate']:.0%}, completions cut at "
               f"{s['max_completion_length']} tokens {s['truncated_share']:.0%}\nadapter: {s['adapter_out']}\n"
               f"evaluate: tradellm evaluate --agents llm:{s['model']}+{s['adapter_out']} --task {s['task']} --split val")
     return 0
