@@ -165,15 +165,17 @@ def main(argv=None):
         (results / 'grpo_ablation.json').write_text(json.dumps(doc, indent=1))
         return 0
     from tradellm.llm import make_llm_agent
-    grpo = _agent_scores(make_llm_agent('smollm2', out / a.arm / 'adapter'), 'test', a.episodes, a.seed, panel)
+    grpo = _cached_scores(out / a.arm / 'test_scores.json', lambda: make_llm_agent('smollm2', out / a.arm / 'adapter'), 'test',
+                          a.episodes, a.seed, panel)
     from tradellm.agents import make_agent
     teacher = make_agent('teacher')  # the chosen teacher of each task (agents.DEFAULT_TEACHERS), the one the SFT data imitated
-    others = [('SFT', make_llm_agent('smollm2', adapter)), (f"teacher ({teacher.teacher_for('easy').name})", teacher),
-              ('buy-and-hold', 'buy_and_hold'), ('doing nothing', 'do_nothing')]
-    if a.zero_shot: others.insert(0, ('zero-shot', make_llm_agent('smollm2')))
+    others = [('SFT', lambda: make_llm_agent('smollm2', adapter)), (f"teacher ({teacher.teacher_for('easy').name})", lambda: teacher),
+              ('buy-and-hold', lambda: 'buy_and_hold'), ('doing nothing', lambda: 'do_nothing')]
+    if a.zero_shot: others.insert(0, ('zero-shot', lambda: make_llm_agent('smollm2')))
     rows = [_row(f'GRPO {a.arm}', grpo)]
-    for name, agent in others:
-        res = _agent_scores(agent, 'test', a.episodes, a.seed, panel)
+    for name, agent in others:  # the language models' evaluations are kept beside the SFT adapter's arms (out/)
+        slug = name.split(' (')[0].replace(' ', '_')
+        res = _cached_scores(out / f'test_scores_{slug}.json', agent, 'test', a.episodes, a.seed, panel)
         r = _row(name, res)
         from tradellm.evaluate import paired_diff
         d = paired_diff(grpo['scores'], res['scores'])  # GRPO minus this agent, paired
