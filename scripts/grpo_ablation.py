@@ -65,6 +65,11 @@ def _cached_scores(path, make_agent, split, episodes, seed, panel):
     return res
 
 
+def _earlier(path):
+    "The results file a previous run of this script wrote at PATH, or {} (its arms are kept when the setup matches)."
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
 def _row(name, res, ref=None):
     import numpy as np
     from tradellm.evaluate import bootstrap_ci, paired_diff
@@ -121,8 +126,7 @@ def main(argv=None):
                            resume=(out / arm / 'checkpoints').is_dir() and any((out / arm / 'checkpoints').glob('checkpoint-*')),
                            data=panel, progress=False, **ARMS[arm])
             print(f"{arm}: {s['steps_done']} steps in {time.time() - t0:.0f} s, zero-spread {s['zero_spread_share']:.0%}", file=sys.stderr)
-        old = results / 'grpo_ablation_train.json'  # arms trained before from the same adapter stay in the record
-        old = json.loads(old.read_text()) if old.is_file() else {}
+        old = _earlier(results / 'grpo_ablation_train.json')  # arms trained before from the same adapter stay in the record
         runs = {}
         if old.get('provenance', {}).get('adapter') == str(adapter):
             runs = {x: r for x, r in old['runs'].items() if x not in arms}
@@ -141,8 +145,7 @@ def main(argv=None):
         from tradellm.llm import make_llm_agent
         sft = _cached_scores(out / 'sft_val_scores.json', lambda: make_llm_agent('smollm2', adapter), 'val', a.episodes, a.seed, panel)
         rows, runs = [_row('SFT', sft)], {}
-        old = results / 'grpo_ablation.json'  # arms evaluated before on the same adapter, episodes and seed keep their rows
-        old = json.loads(old.read_text()) if old.is_file() else {}
+        old = _earlier(results / 'grpo_ablation.json')  # arms evaluated before on the same adapter, episodes and seed keep their rows
         if (old.get('provenance', {}).get('adapter'), old.get('episodes'), old.get('seed')) == (str(adapter), a.episodes, a.seed):
             keep = [x for x in old['arms'] if x not in arms]
             rows += [r for r in old['rows'] if r['agent'].removeprefix('GRPO ') in keep]

@@ -657,17 +657,19 @@ def _trainer_class(share_prefill:bool=True, # run each group's prompt through th
         def _generate_and_score_completions(self, inputs):
             batch = super()._generate_and_score_completions(inputs)
             if not redraws or not self.model.training: return batch
-            G, n = self.num_generations, 0
-            while n < redraws and not bool((batch['advantages'].abs() > 1e-6).any()):
+            has_spread = lambda b: bool((b['advantages'].abs() > 1e-6).any())  # some completion scored apart from its group
+            G, n, spread = self.num_generations, 0, has_spread(batch)
+            while n < redraws and not spread:
                 n += 1  # fresh prompts, the same number of groups; seeded by the step so a resumed run draws the same
                 rng = np.random.default_rng([self.args.seed, self.state.global_step, n])
                 rows = [self.train_dataset[int(i)] for i in rng.integers(0, len(self.train_dataset), len(inputs) // G)]
                 inputs = [r for r in rows for _ in range(G)]
                 batch = super()._generate_and_score_completions(inputs)
+                spread = has_spread(batch)
             self.redraw_counts = getattr(self, 'redraw_counts', []) + [n]
-            self.no_spread_batches = getattr(self, 'no_spread_batches', []) + [not bool((batch['advantages'].abs() > 1e-6).any())]
+            self.no_spread_batches = getattr(self, 'no_spread_batches', []) + [not spread]
             self._metrics['train']['env/redraws'].append(float(n))
-            self._metrics['train']['env/trained_zero_spread'].append(float(self.no_spread_batches[-1]))
+            self._metrics['train']['env/trained_zero_spread'].append(float(not spread))
             return batch
     return TradingGRPOTrainer
 
