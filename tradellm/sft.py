@@ -1093,7 +1093,7 @@ def sft_eval_markdown(ev:dict, # what `sft_eval` returns (or several of its `res
             out.append(f"| {key} ({r['episodes']} ep.) | {'SFT adapter' if name == 'sft' else 'teacher'} | {a['score']:.3f} "
                        f"[{a['score_lo']:.3f}, {a['score_hi']:.3f}] | {d(a['vs_do_nothing'])} | {d(a['vs_buy_and_hold'])} | {a['trades']:.1f} | "
                        f"{a['format_error_rate']:.1%} | " + (f"{agree['decision']:.0%} decision, {agree['orders']:.0%} orders" if agree else '-')
-                       + (f", {agree['on_teacher_trades']:.0%} of its trades" if agree and agree.get('on_teacher_trades') is not None else '') + " |")
+                       + (f", {agree['on_teacher_trades']:.0%} of the teacher's trading days" if agree and agree.get('on_teacher_trades') is not None else '') + " |")
     return '\n'.join(out)
 
 # %% ../nbs/09_sft.ipynb #c054
