@@ -70,11 +70,6 @@ def _earlier(path):
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
-def _without_steps(summary):
-    "An arm's training summary (its grpo.json) without the per-step history and the last samples."
-    return {k: v for k, v in summary.items() if k not in ('history', 'last_samples')}
-
-
 def _row(name, res, ref=None):
     import numpy as np
     from tradellm.evaluate import bootstrap_ci, paired_diff
@@ -137,8 +132,7 @@ def main(argv=None):
             runs = {x: r for x, r in old['runs'].items() if x not in arms}
             arms = list(runs) + arms
         for arm in [x for x in arms if x not in runs]:  # what each arm's training did, step by step (the val and test stages say what it learnt)
-            summ = json.loads((out / arm / 'grpo.json').read_text())
-            runs[arm] = _without_steps(summ) | {'history': summ['history'], 'last_samples': summ['last_samples']}
+            runs[arm] = json.loads((out / arm / 'grpo.json').read_text())  # the whole summary, its history and last samples included
         doc = dict(what='GRPO ablation arms trained from the same SFT adapter (same seed, prompts, steps; only the reward design '
                    'differs): their training signals', profile=a.profile, settings=settings, steps=a.steps, seed=a.seed, arms=arms, runs=runs,
                    provenance=_provenance(a, adapter))
@@ -156,7 +150,8 @@ def main(argv=None):
             arms = keep + arms
         for arm in [x for x in arms if x not in runs]:
             summ = json.loads((out / arm / 'grpo.json').read_text())
-            runs[arm] = _without_steps(summ) | {'zero_spread_by_step': [h['zero_spread_share'] for h in summ['history']]}
+            runs[arm] = {k: v for k, v in summ.items() if k not in ('history', 'last_samples')}
+            runs[arm]['zero_spread_by_step'] = [h['zero_spread_share'] for h in summ['history']]
             res = _cached_scores(out / arm / 'val_scores.json', lambda arm=arm: make_llm_agent('smollm2', out / arm / 'adapter'),
                                  'val', a.episodes, a.seed, panel)
             rows.append(_row(f'GRPO {arm}', res, sft))
